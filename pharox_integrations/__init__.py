@@ -1,0 +1,1 @@
+"""Lease a proxy per request from a managed pharox pool."""
