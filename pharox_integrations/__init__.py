@@ -1,1 +1,43 @@
-"""Lease a proxy per request from a managed pharox pool."""
+"""Lease a proxy per request from a managed pharox pool.
+
+One leasing core (`LeaseBroker`) and thin doors for Scrapy, requests, urllib3 and httpx.
+"""
+
+from .broker import LeaseBroker, PoolHealth, ProxyLease
+from .errors import (
+    AllProxiesFailed,
+    ConfigurationError,
+    InvalidProxyURL,
+    NoProxyAvailable,
+    PharoxIntegrationError,
+    ProxyAttempt,
+    ProxyAuthenticationFailed,
+    StorageUnavailable,
+    UnknownStorage,
+)
+from .health import HealthPolicy, Verdict
+from .settings import PharoxSettings, ProxySpec, parse_proxy, parse_proxy_lines
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AllProxiesFailed",
+    "ConfigurationError",
+    "HealthPolicy",
+    "InvalidProxyURL",
+    "LeaseBroker",
+    "NoProxyAvailable",
+    "PharoxIntegrationError",
+    "PharoxSettings",
+    "PoolHealth",
+    "ProxyAttempt",
+    "ProxyAuthenticationFailed",
+    "ProxyLease",
+    "ProxySpec",
+    "StorageUnavailable",
+    "UnknownStorage",
+    "Verdict",
+    "__version__",
+    "parse_proxy",
+    "parse_proxy_lines",
+]

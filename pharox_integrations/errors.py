@@ -1,0 +1,76 @@
+"""One exception family for the package; every message is safe to log (no secrets)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+
+class PharoxIntegrationError(Exception):
+    """Base class of every error this package raises on purpose."""
+
+
+class ConfigurationError(PharoxIntegrationError, ValueError):
+    """A setting, proxy entry or storage URL is wrong; the message says which and why."""
+
+
+class InvalidProxyURL(ConfigurationError):
+    """A proxy entry cannot be parsed or uses a protocol we cannot lease."""
+
+
+class UnknownStorage(ConfigurationError):
+    """A storage URL names a scheme no storage handles."""
+
+
+class StorageUnavailable(PharoxIntegrationError):
+    """The storage cannot be reached (database down, driver missing at run time)."""
+
+
+class NoProxyAvailable(PharoxIntegrationError):
+    """No proxy of the pool could be leased before the acquire timeout.
+
+    The message names the pool, the filters and why (counts per reason, and when the
+    first benched proxy comes back), so the caller can decide to wait or stop.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        pool: str = "",
+        filters: str | None = None,
+        counts: Mapping[str, int] | None = None,
+        next_revival_in: float | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.pool = pool
+        self.filters = filters
+        self.counts: dict[str, int] = dict(counts or {})
+        self.next_revival_in = next_revival_in
+
+
+@dataclass(frozen=True)
+class ProxyAttempt:
+    """What happened on one proxy during a request that was moved between proxies."""
+
+    proxy: str  # the proxy URL without credentials
+    outcome: str  # verdict: "ban", "failure", ...
+    detail: str  # status code or exception summary, never a secret
+
+    def __str__(self) -> str:
+        return f"{self.proxy}: {self.outcome} ({self.detail})"
+
+
+class AllProxiesFailed(PharoxIntegrationError):
+    """Every proxy tried for one request was banned or failed; lists each attempt."""
+
+    def __init__(self, attempts: Sequence[ProxyAttempt], message: str | None = None) -> None:
+        self.attempts = list(attempts)
+        if message is None:
+            tried = "; ".join(str(a) for a in self.attempts) or "no attempt"
+            message = f"all {len(self.attempts)} proxies tried failed: {tried}"
+        super().__init__(message)
+
+
+class ProxyAuthenticationFailed(PharoxIntegrationError):
+    """The proxy refused our credentials (HTTP 407 or SOCKS authentication)."""
