@@ -1,0 +1,65 @@
+"""Moving one request between proxies: the decision every door shares.
+
+A door sends through a lease, then asks `ProxyAttempts.judge` whether to move the
+request to another proxy.  The broker's policy decides; this object only counts the
+tries left and keeps the per-proxy story for the final error.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .broker import LeaseBroker, ProxyLease
+from .errors import AllProxiesFailed, ProxyAttempt
+from .health import Verdict
+
+
+def describe_error(error: BaseException) -> str:
+    """`ExceptionName: first line of the message`, with any URL credentials masked."""
+    text = str(error).splitlines()[0] if str(error) else ""
+    return f"{type(error).__name__}: {mask_credentials(text)}" if text else type(error).__name__
+
+
+def mask_credentials(text: str) -> str:
+    """Replace `user:password@` in any URL inside `text` by `***@`."""
+    import re
+
+    return re.sub(r"(?P<scheme>[a-z][a-z0-9+.-]*://)[^/\s@]+@", r"\g<scheme>***@", text, flags=re.I)
+
+
+class ProxyAttempts:
+    """The tries of one request: at most `1 + retries` proxies."""
+
+    def __init__(self, broker: LeaseBroker, retries: int) -> None:
+        if retries < 0:
+            raise ValueError(f"retries={retries!r}: expected an integer >= 0")
+        self.broker = broker
+        self.retries_left = retries
+        self.attempts: list[ProxyAttempt] = []
+
+    def judge(
+        self,
+        lease: ProxyLease,
+        *,
+        status_code: int | None = None,
+        error: BaseException | None = None,
+        response: Any = None,
+        latency_ms: float | None = None,
+        verdict: Verdict | None = None,
+    ) -> Verdict:
+        """Report the outcome to the broker and record it; see `should_move`."""
+        verdict = self.broker.report(lease, status_code, error, latency_ms, response=response, verdict=verdict)
+        detail = f"HTTP {status_code}" if error is None else describe_error(error)
+        self.attempts.append(ProxyAttempt(lease.safe_url, verdict.value, detail))
+        return verdict
+
+    def should_move(self, verdict: Verdict) -> bool:
+        """True (and one try used) when the verdict asks for another proxy and tries remain."""
+        if verdict.moves_request and self.retries_left > 0:
+            self.retries_left -= 1
+            return True
+        return False
+
+    def failure(self, cls: type[AllProxiesFailed] = AllProxiesFailed) -> AllProxiesFailed:
+        """The error for a request whose every proxy failed (names each, no secret)."""
+        return cls(self.attempts)
