@@ -1,0 +1,1256 @@
+"""A pharox `IStorage` on SQLAlchemy Core for SQLite, PostgreSQL and MariaDB/MySQL.
+
+Why not pharox's `PostgresStorage`: its acquire path is several transactions that race,
+a full expired-lease sweep and a pool aggregate on every call, and it slows down as
+lease history grows.  Here the hot path is built so its cost does not depend on pool
+size or history:
+
+* `create_lease` is one short transaction: a guarded
+  ``UPDATE … SET current_leases = current_leases + 1 WHERE … current_leases < max``
+  (the guard is what makes over-leasing impossible, on every database) plus the lease
+  insert.  Losing the race raises `ProxyUnavailableError`, which the core retries.
+* `acquire_lease` (an extension the core prefers when present) picks, locks and leases
+  in ONE transaction; PostgreSQL and MariaDB >= 10.6 use ``FOR UPDATE SKIP LOCKED`` so
+  concurrent workers spread over different proxies instead of queueing on one row.
+* Round-robin is "least recently picked": each proxy carries a pick stamp in the
+  database, so every process sharing the database rotates through one pool.
+* Expired leases are swept by an indexed query at most once per `cleanup_interval`.
+* `get_pool_stats` is cached per pool for `stats_ttl` seconds; this object's own
+  leases and releases are applied to the cached numbers at once, so a single process
+  sees exact counts and other processes' changes show up within `stats_ttl`.
+* Released leases stay (for `get_lease` and audits) but only an index on
+  (status, expires_at) is ever used on the hot path, so old rows cost nothing;
+  `purge_released_leases` compacts history when wanted.
+* Health records live in a ring of `health_history` slots per proxy.
+
+The schema is created by Alembic migrations shipped in ``storage/migrations``
+(`init_schema(url)`, or ``create_schema=True``).
+"""
+
+from __future__ import annotations
+
+import functools
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+from typing import Any, Concatenate, ParamSpec, TypeVar
+from uuid import UUID, uuid4
+
+import sqlalchemy as sa
+from pharox import (
+    HealthCheckResult,
+    InvalidLeaseError,
+    IStorage,
+    Lease,
+    LeaseStatus,
+    PoolNotFoundError,
+    PoolStatsSnapshot,
+    Proxy,
+    ProxyFilters,
+    ProxyHealthRecord,
+    ProxyNotFoundError,
+    ProxyPool,
+    ProxyProtocol,
+    ProxyStatus,
+    ProxyUnavailableError,
+    SelectorStrategy,
+)
+from sqlalchemy import event
+from sqlalchemy.engine import Connection, Engine, RowMapping
+from sqlalchemy.engine.interfaces import DBAPIConnection
+from sqlalchemy.exc import DBAPIError, IntegrityError, InterfaceError, OperationalError
+from sqlalchemy.pool import ConnectionPoolEntry
+from sqlalchemy.sql.elements import ColumnElement
+
+from pharox_integrations.errors import StorageUnavailable
+from pharox_integrations.filters import ProtocolFilter
+
+__all__ = ["SCHEMA_PREFIX", "SqlStorage", "StorageUnavailable", "init_schema"]
+
+SCHEMA_PREFIX = "pxi_"
+ALEMBIC_VERSION_TABLE = f"{SCHEMA_PREFIX}alembic_version"
+_MIGRATIONS_DIR = Path(__file__).with_name("migrations")
+_NO_LATENCY = 2_147_483_647  # sorts last; an int column so one index serves LOWEST_LATENCY
+_ACTIVE = ProxyStatus.ACTIVE.value
+_LEASE_ACTIVE = LeaseStatus.ACTIVE.value
+_LEASE_RELEASED = LeaseStatus.RELEASED.value
+_CANDIDATE_BATCH = 64  # rows examined per round when a Python predicate must run
+
+
+class _UtcDateTime(sa.types.TypeDecorator[datetime]):
+    """Naive UTC in the database, aware UTC in Python (SQLite and MariaDB keep no zone)."""
+
+    impl = sa.DateTime
+    cache_ok = True
+
+    def load_dialect_impl(self, dialect: sa.Dialect) -> sa.types.TypeEngine[Any]:
+        if dialect.name in ("mysql", "mariadb"):
+            from sqlalchemy.dialects.mysql import DATETIME
+
+            return dialect.type_descriptor(DATETIME(fsp=6))
+        return dialect.type_descriptor(sa.DateTime())
+
+    def process_bind_param(self, value: datetime | None, dialect: sa.Dialect) -> datetime | None:
+        if value is not None and value.tzinfo is not None:
+            value = value.astimezone(timezone.utc).replace(tzinfo=None)
+        return value
+
+    def process_result_value(
+        self, value: datetime | None, dialect: sa.Dialect
+    ) -> datetime | None:
+        if value is not None and value.tzinfo is None:
+            value = value.replace(tzinfo=timezone.utc)
+        return value
+
+
+# MariaDB's native UUID sorts by byte-swapped groups, not like Python's UUID ordering
+# (round-robin and the contract depend on that order): store 32 hex characters there.
+_UUID: sa.types.TypeEngine[UUID] = sa.Uuid().with_variant(
+    sa.Uuid(native_uuid=False), "mysql", "mariadb"
+)
+
+# Query-side view of the tables; the DDL lives in the migrations (frozen per revision).
+_meta = sa.MetaData()
+pools = sa.Table(
+    f"{SCHEMA_PREFIX}pools",
+    _meta,
+    sa.Column("id", _UUID, primary_key=True),
+    sa.Column("name", sa.String(255), nullable=False, unique=True),
+    sa.Column("description", sa.Text),
+)
+consumers = sa.Table(
+    f"{SCHEMA_PREFIX}consumers",
+    _meta,
+    sa.Column("id", _UUID, primary_key=True),
+    sa.Column("name", sa.String(255), nullable=False, unique=True),
+)
+proxies = sa.Table(
+    f"{SCHEMA_PREFIX}proxies",
+    _meta,
+    sa.Column("id", _UUID, primary_key=True),
+    sa.Column("pool_id", _UUID, nullable=False),
+    sa.Column("host", sa.String(255), nullable=False),
+    sa.Column("port", sa.Integer, nullable=False),
+    sa.Column("protocol", sa.String(16), nullable=False),
+    sa.Column("status", sa.String(16), nullable=False),
+    sa.Column("checked_at", _UtcDateTime, nullable=False),
+    sa.Column("cred_user", sa.String(255)),
+    sa.Column("cred_password", sa.String(255)),
+    sa.Column("source", sa.String(255)),
+    sa.Column("country", sa.String(64)),
+    sa.Column("city", sa.String(255)),
+    sa.Column("latitude", sa.Float),
+    sa.Column("longitude", sa.Float),
+    sa.Column("isp", sa.String(255)),
+    sa.Column("asn", sa.BigInteger),
+    sa.Column("max_concurrency", sa.Integer),
+    sa.Column("current_leases", sa.Integer, nullable=False),
+    sa.Column("pick_stamp", sa.BigInteger, nullable=False),
+    sa.Column("latency_rank", sa.Integer, nullable=False),
+    sa.Column("health_seq", sa.BigInteger, nullable=False),
+)
+leases = sa.Table(
+    f"{SCHEMA_PREFIX}leases",
+    _meta,
+    sa.Column("id", _UUID, primary_key=True),
+    sa.Column("proxy_id", _UUID, nullable=False),
+    sa.Column("pool_id", _UUID, nullable=False),
+    sa.Column("consumer_id", _UUID, nullable=False),
+    sa.Column("status", sa.String(16), nullable=False),
+    sa.Column("acquired_at", _UtcDateTime, nullable=False),
+    sa.Column("expires_at", _UtcDateTime, nullable=False),
+    sa.Column("released_at", _UtcDateTime),
+)
+health = sa.Table(
+    f"{SCHEMA_PREFIX}health",
+    _meta,
+    sa.Column("proxy_id", _UUID, primary_key=True),
+    sa.Column("slot", sa.Integer, primary_key=True),
+    sa.Column("seq", sa.BigInteger, nullable=False),
+    sa.Column("record_id", _UUID, nullable=False),
+    sa.Column("checked_at", _UtcDateTime, nullable=False),
+    sa.Column("reachable", sa.Boolean, nullable=False),
+    sa.Column("latency_ms", sa.Integer),
+    sa.Column("protocol", sa.String(16), nullable=False),
+    sa.Column("status_before", sa.String(16)),
+    sa.Column("status_after", sa.String(16), nullable=False),
+    sa.Column("status_code", sa.Integer),
+    sa.Column("attempts", sa.Integer, nullable=False),
+    sa.Column("error", sa.Text),
+)
+
+_P = ParamSpec("_P")
+_R = TypeVar("_R")
+
+
+def _now() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+def _stamp() -> int:
+    """Pick stamp for round-robin: microseconds, comparable across local processes."""
+    return time.time_ns() // 1000
+
+
+def _guarded(
+    method: Callable[Concatenate[SqlStorage, _P], _R],
+) -> Callable[Concatenate[SqlStorage, _P], _R]:
+    """Turn "the database is unreachable" into one clear `StorageUnavailable`."""
+
+    @functools.wraps(method)
+    def wrapper(self: SqlStorage, /, *args: _P.args, **kwargs: _P.kwargs) -> _R:
+        try:
+            return method(self, *args, **kwargs)
+        except (OperationalError, InterfaceError) as exc:
+            raise self._unavailable(exc) from exc
+        except DBAPIError as exc:
+            if exc.connection_invalidated:
+                raise self._unavailable(exc) from exc
+            raise
+
+    return wrapper
+
+
+@dataclass
+class _Stats:
+    """Cached pool counters, adjusted in place by this object's own leases."""
+
+    pool_id: UUID
+    pool_name: str
+    total: int
+    active: int
+    available: int
+    leased: int
+    leases: int
+    fetched: float
+
+    def snapshot(self) -> PoolStatsSnapshot:
+        return PoolStatsSnapshot(
+            pool_name=self.pool_name,
+            total_proxies=self.total,
+            active_proxies=self.active,
+            available_proxies=max(0, self.available),
+            leased_proxies=max(0, self.leased),
+            total_leases=max(0, self.leases),
+        )
+
+
+@dataclass(frozen=True)
+class _Counts:
+    """A proxy's lease counter after a change, to keep cached stats exact."""
+
+    pool_id: UUID
+    current: int
+    max_concurrency: int | None
+    active: bool
+
+
+def make_engine(url: str | sa.URL, *, pool_size: int = 20) -> Engine:
+    """An engine tuned for short leasing transactions on any of the three databases."""
+    url = sa.make_url(url)
+    kwargs: dict[str, Any] = {"pool_pre_ping": True, "hide_parameters": True}
+    backend = url.get_backend_name()
+    if backend == "sqlite":
+        if url.database in (None, "", ":memory:") or url.database.startswith("file::memory:"):
+            raise ValueError(
+                "SqlStorage needs a SQLite file (sqlite:///path/to/file.db): an in-memory "
+                "database is private to one connection; use memory:// instead"
+            )
+        kwargs["connect_args"] = {"timeout": 30, "check_same_thread": False}
+    else:
+        kwargs["pool_recycle"] = 1800
+    if backend in ("mysql", "mariadb"):
+        kwargs["isolation_level"] = "READ COMMITTED"
+    kwargs["pool_size"] = pool_size
+    kwargs["max_overflow"] = pool_size
+    kwargs["pool_timeout"] = 30
+    engine = sa.create_engine(url, **kwargs)
+    _prepare_engine(engine)
+    return engine
+
+
+def _prepare_engine(engine: Engine) -> None:
+    """SQLite: WAL, foreign keys, and writers that take the lock up front (no deadlocks)."""
+    if engine.dialect.name != "sqlite" or getattr(engine, "_pxi_prepared", False):
+        return
+
+    @event.listens_for(engine, "connect")
+    def _on_connect(dbapi_conn: DBAPIConnection, record: ConnectionPoolEntry) -> None:
+        # Take transaction control away from pysqlite so BEGIN IMMEDIATE below is ours.
+        dbapi_conn.isolation_level = None
+        cur = dbapi_conn.cursor()
+        cur.execute("PRAGMA journal_mode=WAL")
+        cur.execute("PRAGMA synchronous=NORMAL")
+        cur.execute("PRAGMA foreign_keys=ON")
+        cur.execute("PRAGMA busy_timeout=30000")
+        cur.close()
+
+    @event.listens_for(engine, "begin")
+    def _on_begin(conn: Connection) -> None:
+        # A deferred transaction that later writes can fail with SQLITE_BUSY without
+        # waiting; reads opt out with execution_options(pxi_read=True).
+        if conn.get_execution_options().get("pxi_read"):
+            conn.exec_driver_sql("BEGIN")
+        else:
+            conn.exec_driver_sql("BEGIN IMMEDIATE")
+
+    engine._pxi_prepared = True  # type: ignore[attr-defined]
+
+
+def _run_migrations(engine: Engine) -> None:
+    from alembic import command
+    from alembic.config import Config
+
+    config = Config()
+    config.set_main_option("script_location", str(_MIGRATIONS_DIR))
+    with engine.connect() as conn:
+        config.attributes["connection"] = conn
+        config.attributes["version_table"] = ALEMBIC_VERSION_TABLE
+        command.upgrade(config, "head")
+        if conn.in_transaction():
+            conn.commit()
+
+
+def init_schema(url: str | sa.URL | Engine) -> None:
+    """Create or upgrade the SqlStorage tables (Alembic ``upgrade head``); idempotent."""
+    if isinstance(url, Engine):
+        _prepare_engine(url)
+        _run_migrations(url)
+        return
+    engine = make_engine(url, pool_size=1)
+    try:
+        _run_migrations(engine)
+    finally:
+        engine.dispose()
+
+
+class SqlStorage(IStorage):
+    """Shared proxy pool in a SQL database; safe for many threads and processes.
+
+    `url_or_engine` is a SQLAlchemy URL (``sqlite:///file.db``,
+    ``postgresql+psycopg://…``, ``mysql+pymysql://…``) or a ready `Engine`.
+    """
+
+    def __init__(
+        self,
+        url_or_engine: str | sa.URL | Engine,
+        *,
+        create_schema: bool = False,
+        pool_size: int = 20,
+        stats_ttl: float = 1.0,
+        cleanup_interval: float = 1.0,
+        health_history: int = 20,
+    ) -> None:
+        if isinstance(url_or_engine, Engine):
+            self._engine = url_or_engine
+            self._owns_engine = False
+            _prepare_engine(self._engine)
+        else:
+            self._engine = make_engine(url_or_engine, pool_size=pool_size)
+            self._owns_engine = True
+        self._dialect = self._engine.dialect.name
+        self._where = self._describe(self._engine.url)
+        self._stats_ttl = stats_ttl
+        self._cleanup_interval = cleanup_interval
+        self._health_history = max(1, health_history)
+        self._lock = threading.Lock()
+        self._stats: dict[UUID, _Stats] = {}
+        self._consumer_ids: dict[str, UUID] = {}
+        self._pool_names: dict[UUID, str] = {}
+        self._next_cleanup = 0.0
+        self._skip_locked: bool | None = None
+        if create_schema:
+            try:
+                _run_migrations(self._engine)
+            except (OperationalError, InterfaceError) as exc:
+                raise self._unavailable(exc) from exc
+
+    # ------------------------------------------------------------------ plumbing
+
+    @staticmethod
+    def _describe(url: sa.URL) -> str:
+        if url.get_backend_name() == "sqlite":
+            return f"sqlite file {url.database}"
+        port = f":{url.port}" if url.port else ""
+        return f"{url.get_backend_name()} at {url.host or 'localhost'}{port}/{url.database or ''}"
+
+    def _unavailable(self, exc: DBAPIError) -> StorageUnavailable:
+        reason = str(exc.orig).strip().splitlines()[0][:200] if exc.orig is not None else ""
+        kind = type(exc.orig).__name__ if exc.orig is not None else type(exc).__name__
+        err = StorageUnavailable(
+            f"proxy storage unavailable: {self._where} ({kind}: {reason}); "
+            "leasing resumes by itself once the database answers again"
+        )
+        err.database = self._where  # type: ignore[attr-defined]
+        return err
+
+    @property
+    def engine(self) -> Engine:
+        """The SQLAlchemy engine (for tests, admin tools and migrations)."""
+        return self._engine
+
+    def close(self) -> None:
+        """Close pooled connections (only when this object created the engine)."""
+        if self._owns_engine:
+            self._engine.dispose()
+
+    def __repr__(self) -> str:
+        return f"SqlStorage({self._where})"
+
+    def _read(self) -> Any:
+        return self._engine.connect().execution_options(pxi_read=True)
+
+    def _can_skip_locked(self) -> bool:
+        if self._skip_locked is None:
+            dialect = self._engine.dialect
+            version = dialect.server_version_info or ()
+            if self._dialect == "postgresql":
+                self._skip_locked = True
+            elif self._dialect in ("mysql", "mariadb"):
+                is_maria = bool(getattr(dialect, "is_mariadb", False))
+                self._skip_locked = version >= ((10, 6) if is_maria else (8, 0))
+            else:
+                self._skip_locked = False  # SQLite: BEGIN IMMEDIATE already serialises
+        return self._skip_locked
+
+    # ------------------------------------------------------------------ rows
+
+    @staticmethod
+    def _proxy_from_row(row: RowMapping) -> Proxy:
+        data: dict[str, Any] = {
+            key: row[key]
+            for key in (
+                "id", "pool_id", "host", "port", "protocol", "status", "checked_at",
+                "source", "country", "city", "latitude", "longitude", "isp", "asn",
+                "max_concurrency", "current_leases",
+            )
+        }
+        if row["cred_user"] is not None:
+            data["credentials"] = {"user": row["cred_user"], "password": row["cred_password"]}
+        return Proxy.model_validate(data)
+
+    @staticmethod
+    def _proxy_values(proxy: Proxy) -> dict[str, Any]:
+        creds = proxy.credentials
+        return {
+            "pool_id": proxy.pool_id,
+            "host": str(proxy.host),
+            "port": proxy.port,
+            "protocol": ProxyProtocol(proxy.protocol).value,
+            "status": ProxyStatus(proxy.status).value,
+            "checked_at": proxy.checked_at,
+            "cred_user": creds.user if creds else None,
+            "cred_password": creds.password if creds else None,
+            "source": proxy.source,
+            "country": proxy.country,
+            "city": proxy.city,
+            "latitude": proxy.latitude,
+            "longitude": proxy.longitude,
+            "isp": proxy.isp,
+            "asn": proxy.asn,
+            "max_concurrency": proxy.max_concurrency,
+        }
+
+    def _lease_from_row(self, conn: Connection, row: RowMapping) -> Lease:
+        return Lease(
+            id=row["id"],
+            proxy_id=row["proxy_id"],
+            consumer_id=row["consumer_id"],
+            pool_id=row["pool_id"],
+            pool_name=self._pool_name(conn, row["pool_id"]),
+            status=LeaseStatus(row["status"]),
+            acquired_at=row["acquired_at"],
+            expires_at=row["expires_at"],
+            released_at=row["released_at"],
+        )
+
+    def _pool_name(self, conn: Connection, pool_id: UUID) -> str | None:
+        name = self._pool_names.get(pool_id)
+        if name is None:
+            name = conn.execute(
+                sa.select(pools.c.name).where(pools.c.id == pool_id)
+            ).scalar_one_or_none()
+            if name is not None:
+                self._pool_names[pool_id] = name
+        return name
+
+    # ------------------------------------------------------------------ filters
+
+    def _filter_clause(self, filters: ProxyFilters) -> tuple[ColumnElement[bool] | None, bool]:
+        """SQL for `filters` and whether it is exact (else Python must re-check).
+
+        An inexact clause is always a superset of the matches, so Python only ever
+        narrows the candidates down.
+        """
+        c = proxies.c
+        clauses: list[ColumnElement[bool]] = []
+        exact = True
+        for attr in ("source", "country", "city", "isp"):
+            value = getattr(filters, attr)
+            if value:
+                clauses.append(c[attr] == value)
+        if filters.asn is not None:
+            clauses.append(c.asn == filters.asn)
+        if filters.latitude is not None and filters.longitude is not None:
+            # Bounding box in SQL (index-friendly, cheap); the exact distance in Python.
+            exact = False
+            radius = filters.radius_km or 0.001
+            dlat = radius / 111.0 + 1e-6
+            clauses.append(c.latitude.between(filters.latitude - dlat, filters.latitude + dlat))
+            clauses.append(c.longitude.is_not(None))
+        if filters.predicate is not None:
+            if isinstance(filters.predicate, ProtocolFilter):
+                allowed = sorted(p.value for p in filters.predicate.protocols)
+                clauses.append(c.protocol.in_(allowed))
+            else:
+                exact = False
+        for child in filters.all_of or ():
+            clause, child_exact = self._filter_clause(child)
+            exact = exact and child_exact
+            if clause is not None:
+                clauses.append(clause)
+        if filters.any_of:
+            options: list[ColumnElement[bool]] = []
+            unrestricted = False
+            for child in filters.any_of:
+                clause, child_exact = self._filter_clause(child)
+                exact = exact and child_exact
+                if clause is None:
+                    unrestricted = True
+                else:
+                    options.append(clause)
+            if options and not unrestricted:
+                clauses.append(sa.or_(*options))
+        for child in filters.none_of or ():
+            clause, child_exact = self._filter_clause(child)
+            if not child_exact:
+                exact = False  # NOT(superset) would drop real matches: leave it to Python
+            elif clause is not None:
+                clauses.append(sa.not_(clause))
+            else:
+                clauses.append(sa.false())
+        if not clauses:
+            return None, exact
+        return sa.and_(*clauses), exact
+
+    def _candidates(
+        self,
+        pool_name: str,
+        filters: ProxyFilters | None,
+        selector: SelectorStrategy | None,
+    ) -> tuple[sa.Select[Any], bool]:
+        """Available proxies of the pool, in selector order; plus "needs Python"."""
+        c = proxies.c
+        pool_id = sa.select(pools.c.id).where(pools.c.name == pool_name).scalar_subquery()
+        stmt = sa.select(proxies).where(
+            c.pool_id == pool_id,
+            c.status == _ACTIVE,
+            sa.or_(c.max_concurrency.is_(None), c.current_leases < c.max_concurrency),
+        )
+        needs_python = False
+        if filters is not None:
+            clause, exact = self._filter_clause(filters)
+            if clause is not None:
+                stmt = stmt.where(clause)
+            needs_python = not exact
+        strategy = selector or SelectorStrategy.FIRST_AVAILABLE
+        if strategy == SelectorStrategy.ROUND_ROBIN:
+            order: tuple[Any, ...] = (c.pick_stamp, c.id)
+        elif strategy == SelectorStrategy.LEAST_USED:
+            order = (c.current_leases, c.checked_at, c.id)
+        elif strategy == SelectorStrategy.LOWEST_LATENCY:
+            order = (c.latency_rank, c.id)
+        else:
+            order = (c.id,)
+        return stmt.order_by(*order), needs_python
+
+    def _pick(
+        self,
+        conn: Connection,
+        pool_name: str,
+        filters: ProxyFilters | None,
+        selector: SelectorStrategy | None,
+        *,
+        lock: bool,
+    ) -> RowMapping | None:
+        stmt, needs_python = self._candidates(pool_name, filters, selector)
+        batch = _CANDIDATE_BATCH if needs_python else 1
+        offset = 0
+        while True:
+            page = stmt.limit(batch).offset(offset)
+            if lock:
+                page = page.with_for_update(skip_locked=self._can_skip_locked())
+            rows = conn.execute(page).mappings().all()
+            for row in rows:
+                if not needs_python or filters is None:
+                    return row
+                if filters.matches(self._proxy_from_row(row)):
+                    return row
+            if len(rows) < batch:
+                return None
+            offset += batch
+
+    # ------------------------------------------------------------------ leasing
+
+    def _consumer_id(self, conn: Connection, name: str) -> UUID:
+        cached = self._consumer_ids.get(name)
+        if cached is not None:
+            return cached
+        found = conn.execute(
+            sa.select(consumers.c.id).where(consumers.c.name == name)
+        ).scalar_one_or_none()
+        if found is None:
+            found = uuid4()
+            try:
+                with conn.begin_nested():
+                    conn.execute(consumers.insert().values(id=found, name=name))
+            except IntegrityError:  # another process created it first
+                found = conn.execute(
+                    sa.select(consumers.c.id).where(consumers.c.name == name)
+                ).scalar_one()
+        self._consumer_ids[name] = found
+        return found
+
+    @_guarded
+    def ensure_consumer(self, consumer_name: str) -> UUID:
+        """Create the consumer if needed; cached, so the per-acquire call is free."""
+        cached = self._consumer_ids.get(consumer_name)
+        if cached is not None:
+            return cached
+        with self._engine.begin() as conn:
+            return self._consumer_id(conn, consumer_name)
+
+    def _bump(self, conn: Connection, proxy_id: UUID, delta: int, **extra: Any) -> _Counts | None:
+        """Guarded counter change; None when the guard refused it (no free slot)."""
+        c = proxies.c
+        stmt = sa.update(proxies).where(c.id == proxy_id)
+        if delta > 0:
+            stmt = stmt.where(
+                c.status == _ACTIVE,
+                sa.or_(c.max_concurrency.is_(None), c.current_leases + delta <= c.max_concurrency),
+            )
+        else:
+            stmt = stmt.where(c.current_leases + delta >= 0)
+        stmt = stmt.values(current_leases=c.current_leases + delta, **extra)
+        cols = (c.pool_id, c.current_leases, c.max_concurrency, c.status)
+        if self._dialect in ("postgresql", "sqlite"):
+            row = conn.execute(stmt.returning(*cols)).first()
+        else:
+            if conn.execute(stmt).rowcount != 1:
+                return None
+            row = conn.execute(sa.select(*cols).where(c.id == proxy_id)).first()
+        if row is None:
+            return None
+        return _Counts(row[0], row[1], row[2], row[3] == _ACTIVE)
+
+    def _insert_lease(
+        self,
+        conn: Connection,
+        proxy_id: UUID,
+        pool_id: UUID,
+        consumer_id: UUID,
+        duration_seconds: int,
+    ) -> Lease:
+        acquired = _now()
+        lease = Lease(
+            id=uuid4(),
+            proxy_id=proxy_id,
+            consumer_id=consumer_id,
+            pool_id=pool_id,
+            pool_name=self._pool_name(conn, pool_id),
+            acquired_at=acquired,
+            expires_at=acquired + timedelta(seconds=duration_seconds),
+        )
+        conn.execute(
+            leases.insert().values(
+                id=lease.id,
+                proxy_id=proxy_id,
+                pool_id=pool_id,
+                consumer_id=consumer_id,
+                status=_LEASE_ACTIVE,
+                acquired_at=lease.acquired_at,
+                expires_at=lease.expires_at,
+            )
+        )
+        return lease
+
+    @_guarded
+    def find_available_proxy(
+        self,
+        pool_name: str,
+        filters: ProxyFilters | None = None,
+        selector: SelectorStrategy | None = None,
+    ) -> Proxy | None:
+        """Find (not lease) a proxy; round-robin also moves the shared rotation on."""
+        if selector != SelectorStrategy.ROUND_ROBIN:
+            with self._read() as conn:
+                row = self._pick(conn, pool_name, filters, selector, lock=False)
+                return self._proxy_from_row(row) if row is not None else None
+        with self._engine.begin() as conn:
+            row = self._pick(conn, pool_name, filters, selector, lock=True)
+            if row is None:
+                return None
+            conn.execute(
+                sa.update(proxies).where(proxies.c.id == row["id"]).values(pick_stamp=_stamp())
+            )
+            return self._proxy_from_row(row)
+
+    @_guarded
+    def create_lease(self, proxy: Proxy, consumer_name: str, duration_seconds: int) -> Lease:
+        """Lease `proxy` if it still has a free slot, else `ProxyUnavailableError`."""
+        if duration_seconds <= 0:
+            raise InvalidLeaseError("duration_seconds must be positive.")
+        with self._engine.begin() as conn:
+            consumer_id = self._consumer_id(conn, consumer_name)
+            counts = self._bump(conn, proxy.id, +1)
+            if counts is None:
+                raise ProxyUnavailableError(f"Proxy {proxy.id} is no longer available.")
+            lease = self._insert_lease(conn, proxy.id, counts.pool_id, consumer_id, duration_seconds)
+        self._count_lease(counts, +1)
+        return lease
+
+    @_guarded
+    def acquire_lease(
+        self,
+        pool_name: str,
+        consumer_name: str,
+        duration_seconds: int,
+        filters: ProxyFilters | None = None,
+        selector: SelectorStrategy | None = None,
+    ) -> Lease | None:
+        """Find and lease in ONE transaction (extension; the core prefers it).
+
+        Runs the rate-limited expired-lease sweep first, so callers that bypass
+        `pharox.ProxyManager` still get lost leases back.
+        """
+        if duration_seconds <= 0:
+            raise InvalidLeaseError("duration_seconds must be positive.")
+        self.cleanup_expired_leases()
+        with self._engine.begin() as conn:
+            consumer_id = self._consumer_id(conn, consumer_name)
+            row = self._pick(conn, pool_name, filters, selector, lock=True)
+            if row is None:
+                return None
+            counts = self._bump(conn, row["id"], +1, pick_stamp=_stamp())
+            if counts is None:  # only without row locks (e.g. old MySQL): let the core retry
+                return None
+            lease = self._insert_lease(conn, row["id"], counts.pool_id, consumer_id, duration_seconds)
+        self._count_lease(counts, +1)
+        return lease
+
+    @_guarded
+    def release_lease(self, lease: Lease) -> None:
+        """Release once: a second release, or one after expiry, changes nothing."""
+        released_at = lease.released_at or _now()
+        with self._engine.begin() as conn:
+            done = conn.execute(
+                sa.update(leases)
+                .where(
+                    leases.c.id == lease.id,
+                    leases.c.proxy_id == lease.proxy_id,
+                    leases.c.status == _LEASE_ACTIVE,
+                )
+                .values(status=_LEASE_RELEASED, released_at=released_at)
+            ).rowcount
+            if done != 1:
+                return
+            counts = self._bump(conn, lease.proxy_id, -1)
+        if counts is not None:
+            self._count_lease(counts, -1)
+
+    @_guarded
+    def cleanup_expired_leases(self, *, force: bool = False) -> int:
+        """Return expired leases to the pool, at most once per `cleanup_interval`.
+
+        Between sweeps it returns 0 at once: pharox calls this on every acquire, and a
+        lost process's lease coming back a second later changes nothing.  `force`
+        sweeps now.
+        """
+        now_mono = time.monotonic()
+        with self._lock:
+            if not force and now_mono < self._next_cleanup:
+                return 0
+            self._next_cleanup = now_mono + self._cleanup_interval
+        total = 0
+        while True:
+            swept = self._sweep(500)
+            total += swept
+            if swept < 500:
+                break
+        if total:
+            with self._lock:
+                self._stats.clear()
+        return total
+
+    def _sweep(self, limit: int) -> int:
+        now = _now()
+        with self._engine.begin() as conn:
+            rows = conn.execute(
+                sa.select(leases.c.id, leases.c.proxy_id)
+                .where(leases.c.status == _LEASE_ACTIVE, leases.c.expires_at <= now)
+                .order_by(leases.c.expires_at)
+                .limit(limit)
+                .with_for_update(skip_locked=self._can_skip_locked())
+            ).all()
+            if not rows:
+                return 0
+            swept: Counter[UUID] = Counter()
+            for lease_id, proxy_id in rows:
+                # Row by row so a lease released meanwhile is never counted twice.
+                done = conn.execute(
+                    sa.update(leases)
+                    .where(leases.c.id == lease_id, leases.c.status == _LEASE_ACTIVE)
+                    .values(status=_LEASE_RELEASED, released_at=now)
+                ).rowcount
+                if done == 1:
+                    swept[proxy_id] += 1
+            for proxy_id in sorted(swept):  # fixed order: no deadlock between sweepers
+                n = swept[proxy_id]
+                conn.execute(
+                    sa.update(proxies)
+                    .where(proxies.c.id == proxy_id)
+                    .values(
+                        current_leases=sa.case(
+                            (proxies.c.current_leases >= n, proxies.c.current_leases - n),
+                            else_=0,
+                        )
+                    )
+                )
+            return sum(swept.values())
+
+    @_guarded
+    def purge_released_leases(self, older_than: timedelta = timedelta(days=1)) -> int:
+        """Delete released leases older than `older_than` (history compaction)."""
+        cutoff = _now() - older_than
+        with self._engine.begin() as conn:
+            return int(
+                conn.execute(
+                    sa.delete(leases).where(
+                        leases.c.status == _LEASE_RELEASED, leases.c.expires_at < cutoff
+                    )
+                ).rowcount
+            )
+
+    # ------------------------------------------------------------------ stats
+
+    def _count_lease(self, counts: _Counts, delta: int) -> None:
+        """Apply our own lease change to the cached snapshot so it stays exact for us."""
+        with self._lock:
+            entry = self._stats.get(counts.pool_id)
+            if entry is None:
+                return
+            before = counts.current - delta
+            entry.leases += delta
+            if before == 0 and counts.current > 0:
+                entry.leased += 1
+            elif before > 0 and counts.current == 0:
+                entry.leased -= 1
+            if counts.active and counts.max_concurrency is not None:
+                if before < counts.max_concurrency <= counts.current:
+                    entry.available -= 1
+                elif counts.current < counts.max_concurrency <= before:
+                    entry.available += 1
+
+    def _forget_stats(self, pool_id: UUID | None = None) -> None:
+        with self._lock:
+            if pool_id is None:
+                self._stats.clear()
+            else:
+                self._stats.pop(pool_id, None)
+
+    @_guarded
+    def get_pool_stats(self, pool_name: str) -> PoolStatsSnapshot | None:
+        """Pool counters, at most `stats_ttl` seconds old for other processes' changes."""
+        now_mono = time.monotonic()
+        with self._lock:
+            for entry in self._stats.values():
+                if entry.pool_name == pool_name and now_mono - entry.fetched < self._stats_ttl:
+                    return entry.snapshot()
+        c = proxies.c
+        active = c.status == _ACTIVE
+        free = sa.or_(c.max_concurrency.is_(None), c.current_leases < c.max_concurrency)
+
+        def count(cond: ColumnElement[bool]) -> Any:
+            return sa.func.coalesce(sa.func.sum(sa.case((cond, 1), else_=0)), 0)
+
+        with self._read() as conn:
+            pool_id = conn.execute(
+                sa.select(pools.c.id).where(pools.c.name == pool_name)
+            ).scalar_one_or_none()
+            if pool_id is None:
+                return None
+            row = conn.execute(
+                sa.select(
+                    sa.func.count(),
+                    count(active),
+                    count(sa.and_(active, free)),
+                    count(c.current_leases > 0),
+                    sa.func.coalesce(sa.func.sum(c.current_leases), 0),
+                ).where(c.pool_id == pool_id)
+            ).one()
+        entry = _Stats(
+            pool_id, pool_name, int(row[0]), int(row[1]), int(row[2]), int(row[3]),
+            int(row[4]), now_mono,
+        )
+        with self._lock:
+            self._stats[pool_id] = entry
+            self._pool_names[pool_id] = pool_name
+            return entry.snapshot()
+
+    # ------------------------------------------------------------------ health
+
+    def _record_health(
+        self,
+        conn: Connection,
+        proxy_id: UUID,
+        seq: int,
+        values: dict[str, Any],
+    ) -> None:
+        """Write into the proxy's ring of `health_history` slots (bounded table)."""
+        slot = seq % self._health_history
+        values = {**values, "seq": seq}
+        done = conn.execute(
+            sa.update(health)
+            .where(health.c.proxy_id == proxy_id, health.c.slot == slot)
+            .values(**values)
+        ).rowcount
+        if done == 0:
+            conn.execute(health.insert().values(proxy_id=proxy_id, slot=slot, **values))
+
+    @_guarded
+    def apply_health_check_result(self, result: HealthCheckResult) -> Proxy | None:
+        """Store the status and a health record; shared with every process at once."""
+        status = ProxyStatus(result.status)
+        reachable = status in (ProxyStatus.ACTIVE, ProxyStatus.SLOW)
+        with self._engine.begin() as conn:
+            row = (
+                conn.execute(
+                    sa.select(proxies).where(proxies.c.id == result.proxy_id).with_for_update()
+                )
+                .mappings()
+                .first()
+            )
+            if row is None:
+                return None
+            seq = int(row["health_seq"]) + 1
+            changes: dict[str, Any] = {
+                "status": status.value,
+                "checked_at": result.checked_at,
+                "health_seq": seq,
+            }
+            if reachable:
+                changes["latency_rank"] = min(max(0, result.latency_ms), _NO_LATENCY - 1)
+            conn.execute(sa.update(proxies).where(proxies.c.id == result.proxy_id).values(**changes))
+            self._record_health(
+                conn,
+                result.proxy_id,
+                seq,
+                {
+                    "record_id": uuid4(),
+                    "checked_at": result.checked_at,
+                    "reachable": reachable,
+                    "latency_ms": result.latency_ms,
+                    "protocol": ProxyProtocol(result.protocol).value,
+                    "status_before": row["status"],
+                    "status_after": status.value,
+                    "status_code": result.status_code,
+                    "attempts": result.attempts,
+                    "error": result.error_message,
+                },
+            )
+        if row["status"] != status.value:
+            self._forget_stats(row["pool_id"])
+        proxy = self._proxy_from_row(row)
+        proxy.status = status
+        proxy.checked_at = result.checked_at
+        return proxy
+
+    @_guarded
+    def save_health_record(self, record: ProxyHealthRecord) -> None:
+        """Add an observation to the proxy's bounded history (status unchanged)."""
+        with self._engine.begin() as conn:
+            seq = conn.execute(
+                sa.select(proxies.c.health_seq)
+                .where(proxies.c.id == record.proxy_id)
+                .with_for_update()
+            ).scalar_one_or_none()
+            if seq is None:
+                raise ProxyNotFoundError(f"Proxy {record.proxy_id} not found.")
+            seq = int(seq) + 1
+            conn.execute(
+                sa.update(proxies).where(proxies.c.id == record.proxy_id).values(health_seq=seq)
+            )
+            self._record_health(
+                conn,
+                record.proxy_id,
+                seq,
+                {
+                    "record_id": record.id,
+                    "checked_at": record.checked_at,
+                    "reachable": record.reachable,
+                    "latency_ms": record.latency_ms,
+                    "protocol": ProxyProtocol(record.protocol).value,
+                    "status_before": record.status_before.value if record.status_before else None,
+                    "status_after": ProxyStatus(record.status_after).value,
+                    "status_code": None,
+                    "attempts": 1,
+                    "error": record.error,
+                },
+            )
+
+    @_guarded
+    def list_health_records(self, proxy_id: UUID, limit: int = 100) -> Sequence[ProxyHealthRecord]:
+        """Newest first; at most `health_history` are kept per proxy."""
+        with self._read() as conn:
+            rows = (
+                conn.execute(
+                    sa.select(health)
+                    .where(health.c.proxy_id == proxy_id)
+                    .order_by(health.c.seq.desc())
+                    .limit(limit)
+                )
+                .mappings()
+                .all()
+            )
+        return [
+            ProxyHealthRecord(
+                id=r["record_id"],
+                proxy_id=r["proxy_id"],
+                checked_at=r["checked_at"],
+                reachable=r["reachable"],
+                latency_ms=r["latency_ms"],
+                protocol=ProxyProtocol(r["protocol"]),
+                status_before=ProxyStatus(r["status_before"]) if r["status_before"] else None,
+                status_after=ProxyStatus(r["status_after"]),
+                error=r["error"],
+            )
+            for r in rows
+        ]
+
+    @_guarded
+    def get_last_health_result(self, proxy_id: UUID) -> HealthCheckResult | None:
+        """The newest health record as a `HealthCheckResult`."""
+        with self._read() as conn:
+            r = (
+                conn.execute(
+                    sa.select(health)
+                    .where(health.c.proxy_id == proxy_id)
+                    .order_by(health.c.seq.desc())
+                    .limit(1)
+                )
+                .mappings()
+                .first()
+            )
+        if r is None:
+            return None
+        return HealthCheckResult(
+            proxy_id=r["proxy_id"],
+            status=ProxyStatus(r["status_after"]),
+            latency_ms=r["latency_ms"] or 0,
+            protocol=ProxyProtocol(r["protocol"]),
+            attempts=r["attempts"],
+            status_code=r["status_code"],
+            checked_at=r["checked_at"],
+            error_message=r["error"],
+        )
+
+    # ------------------------------------------------------------------ pools & proxies
+
+    @_guarded
+    def save_pool(self, pool: ProxyPool) -> None:
+        """Insert or update a pool by id."""
+        with self._engine.begin() as conn:
+            done = conn.execute(
+                sa.update(pools)
+                .where(pools.c.id == pool.id)
+                .values(name=pool.name, description=pool.description)
+            ).rowcount
+            if done == 0:
+                conn.execute(
+                    pools.insert().values(id=pool.id, name=pool.name, description=pool.description)
+                )
+        with self._lock:
+            self._pool_names[pool.id] = pool.name
+            self._stats.pop(pool.id, None)
+
+    add_pool = save_pool
+
+    @_guarded
+    def get_pool(self, pool_id: str) -> ProxyPool:
+        """A pool by id, or `PoolNotFoundError`."""
+        with self._read() as conn:
+            row = conn.execute(sa.select(pools).where(pools.c.id == UUID(str(pool_id)))).first()
+        if row is None:
+            raise PoolNotFoundError(f"Pool {pool_id!r} not found.")
+        return ProxyPool(id=row.id, name=row.name, description=row.description)
+
+    @_guarded
+    def get_pool_by_name(self, name: str) -> ProxyPool | None:
+        """A pool by name, or None."""
+        with self._read() as conn:
+            row = conn.execute(sa.select(pools).where(pools.c.name == name)).first()
+        if row is None:
+            return None
+        return ProxyPool(id=row.id, name=row.name, description=row.description)
+
+    @_guarded
+    def list_pools(self) -> Sequence[ProxyPool]:
+        """All pools, by name."""
+        with self._read() as conn:
+            rows = conn.execute(sa.select(pools).order_by(pools.c.name)).all()
+        return [ProxyPool(id=r.id, name=r.name, description=r.description) for r in rows]
+
+    @_guarded
+    def delete_pool(self, pool_id: str) -> None:
+        """Delete a pool with its proxies, their leases and health records."""
+        pid = UUID(str(pool_id))
+        with self._engine.begin() as conn:
+            proxy_ids = sa.select(proxies.c.id).where(proxies.c.pool_id == pid)
+            conn.execute(sa.delete(health).where(health.c.proxy_id.in_(proxy_ids)))
+            conn.execute(sa.delete(leases).where(leases.c.pool_id == pid))
+            conn.execute(sa.delete(proxies).where(proxies.c.pool_id == pid))
+            done = conn.execute(sa.delete(pools).where(pools.c.id == pid)).rowcount
+        if done == 0:
+            raise PoolNotFoundError(f"Pool {pool_id!r} not found.")
+        with self._lock:
+            self._pool_names.pop(pid, None)
+            self._stats.pop(pid, None)
+
+    @_guarded
+    def save_proxy(self, proxy: Proxy) -> None:
+        """Insert or update a proxy by id; lease counters stay the storage's own."""
+        values = self._proxy_values(proxy)
+        with self._engine.begin() as conn:
+            pool_ok = conn.execute(
+                sa.select(pools.c.id).where(pools.c.id == proxy.pool_id)
+            ).scalar_one_or_none()
+            if pool_ok is None:
+                raise PoolNotFoundError(f"Pool {proxy.pool_id} not found.")
+            done = conn.execute(
+                sa.update(proxies).where(proxies.c.id == proxy.id).values(**values)
+            ).rowcount
+            if done == 0:
+                conn.execute(proxies.insert().values(self._new_proxy_row(proxy)))
+        self._forget_stats(proxy.pool_id)
+
+    add_proxy = save_proxy
+
+    def _new_proxy_row(self, proxy: Proxy) -> dict[str, Any]:
+        return {
+            "id": proxy.id,
+            **self._proxy_values(proxy),
+            "current_leases": 0,
+            "pick_stamp": 0,
+            "latency_rank": _NO_LATENCY,
+            "health_seq": 0,
+        }
+
+    @_guarded
+    def add_proxies_bulk(self, proxies_: Sequence[Proxy]) -> int:
+        """Insert many proxies in one transaction (executemany)."""
+        if not proxies_:
+            return 0
+        rows = [self._new_proxy_row(p) for p in proxies_]
+        with self._engine.begin() as conn:
+            for start in range(0, len(rows), 1000):
+                conn.execute(proxies.insert(), rows[start : start + 1000])
+        for pool_id in {p.pool_id for p in proxies_}:
+            self._forget_stats(pool_id)
+        return len(rows)
+
+    @_guarded
+    def get_proxy(self, proxy_id: str) -> Proxy:
+        """A proxy by id, or `ProxyNotFoundError`."""
+        with self._read() as conn:
+            row = (
+                conn.execute(sa.select(proxies).where(proxies.c.id == UUID(str(proxy_id))))
+                .mappings()
+                .first()
+            )
+        if row is None:
+            raise ProxyNotFoundError(f"Proxy {proxy_id!r} not found.")
+        return self._proxy_from_row(row)
+
+    @_guarded
+    def list_proxies(self, pool_id: str) -> Sequence[Proxy]:
+        """All proxies of a pool, or `PoolNotFoundError`."""
+        pid = UUID(str(pool_id))
+        with self._read() as conn:
+            if conn.execute(sa.select(pools.c.id).where(pools.c.id == pid)).first() is None:
+                raise PoolNotFoundError(f"Pool {pool_id!r} not found.")
+            rows = (
+                conn.execute(sa.select(proxies).where(proxies.c.pool_id == pid).order_by(proxies.c.id))
+                .mappings()
+                .all()
+            )
+        return [self._proxy_from_row(r) for r in rows]
+
+    @_guarded
+    def list_proxies_by_status(
+        self, pool_name: str, statuses: Iterable[ProxyStatus | str]
+    ) -> list[Proxy]:
+        """Proxies of a pool in the given statuses (indexed; used for revival)."""
+        wanted = sorted({ProxyStatus(s).value for s in statuses})
+        if not wanted:
+            return []
+        pool_id = sa.select(pools.c.id).where(pools.c.name == pool_name).scalar_subquery()
+        with self._read() as conn:
+            rows = (
+                conn.execute(
+                    sa.select(proxies)
+                    .where(proxies.c.pool_id == pool_id, proxies.c.status.in_(wanted))
+                    .order_by(proxies.c.id)
+                )
+                .mappings()
+                .all()
+            )
+        return [self._proxy_from_row(r) for r in rows]
+
+    @_guarded
+    def delete_proxy(self, proxy_id: str) -> None:
+        """Delete a proxy with its leases and health records."""
+        pid = UUID(str(proxy_id))
+        with self._engine.begin() as conn:
+            conn.execute(sa.delete(health).where(health.c.proxy_id == pid))
+            conn.execute(sa.delete(leases).where(leases.c.proxy_id == pid))
+            done = conn.execute(sa.delete(proxies).where(proxies.c.id == pid)).rowcount
+        if done == 0:
+            raise ProxyNotFoundError(f"Proxy {proxy_id!r} not found.")
+        self._forget_stats()
+
+    # ------------------------------------------------------------------ leases (admin)
+
+    @_guarded
+    def get_lease(self, lease_id: str) -> Lease | None:
+        """A lease by id (active or released), or None."""
+        with self._read() as conn:
+            row = (
+                conn.execute(sa.select(leases).where(leases.c.id == UUID(str(lease_id))))
+                .mappings()
+                .first()
+            )
+            return self._lease_from_row(conn, row) if row is not None else None
+
+    @_guarded
+    def list_leases(self, consumer_id: str | None = None) -> Sequence[Lease]:
+        """Leases, optionally of one consumer (an admin call: it reads history)."""
+        stmt = sa.select(leases).order_by(leases.c.acquired_at)
+        if consumer_id is not None:
+            stmt = stmt.where(leases.c.consumer_id == UUID(str(consumer_id)))
+        with self._read() as conn:
+            rows = conn.execute(stmt).mappings().all()
+            return [self._lease_from_row(conn, r) for r in rows]
+
+    @_guarded
+    def count_active_leases(self, pool_name: str | None = None) -> int:
+        """Active lease rows (indexed); for tests, admin tools and the broker's diagnostics."""
+        stmt = sa.select(sa.func.count()).select_from(leases).where(leases.c.status == _LEASE_ACTIVE)
+        if pool_name is not None:
+            pool_id = sa.select(pools.c.id).where(pools.c.name == pool_name).scalar_subquery()
+            stmt = stmt.where(leases.c.pool_id == pool_id)
+        with self._read() as conn:
+            return int(conn.execute(stmt).scalar_one())
