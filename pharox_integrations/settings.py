@@ -32,7 +32,7 @@ class SettingsSource(Protocol):
 # Proxy entries
 # ---------------------------------------------------------------------------
 
-_HOSTPORT = re.compile(r"^(?:\[(?P<v6>[0-9A-Fa-f:.]+)\]|(?P<host>[^\s:/\[\]@]+)):(?P<port>\d{1,5})/?$")
+_HOSTPORT = re.compile(r"^(?:\[(?P<v6>[^\]/@]+)\]|(?P<host>[^\s:/\[\]@]+)):(?P<port>\d{1,5})/?$")
 
 
 @dataclass(frozen=True)
