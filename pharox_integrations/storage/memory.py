@@ -172,15 +172,18 @@ class _SortedKeys:
         return self._chunks[0][0] if self._chunks else None
 
     def iter_from(self, key: _Key | None = None) -> Iterator[_Key]:
-        """Keys >= `key` (all keys when None), in order."""
+        """Keys >= `key` (all keys when None), in order; do not mutate meanwhile."""
         chunks = self._chunks
-        if key is None:
-            return chain.from_iterable(chunks)
-        pos = bisect_left(self._maxes, key)
-        if pos == len(chunks):
-            return iter(())
-        head = chunks[pos]
-        return chain(islice(head, bisect_left(head, key), None), *chunks[pos + 1 :])
+        pos = 0
+        if key is not None:
+            pos = bisect_left(self._maxes, key)
+            if pos == len(chunks):
+                return
+            head = chunks[pos]
+            yield from islice(head, bisect_left(head, key), None)
+            pos += 1
+        for index in range(pos, len(chunks)):
+            yield from chunks[index]
 
 
 class _Entry:
