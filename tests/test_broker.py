@@ -70,7 +70,9 @@ def test_protocols_restrict_to_what_the_client_speaks() -> None:
         with broker.lease(protocols=HTTP_PROTOCOLS) as lease:
             assert lease.protocol.value == "http"
     only_socks = make(["socks5://127.0.0.9:1080"])
-    with pytest.raises(NoProxyAvailable, match=r"1 use a protocol this client cannot speak \(socks5; it speaks http, https\)"):
+    with pytest.raises(
+        NoProxyAvailable, match=r"1 use a protocol this client cannot speak \(socks5; it speaks http, https\)"
+    ):
         only_socks.acquire(protocols=HTTP_PROTOCOLS, timeout=0)
 
 
@@ -162,9 +164,18 @@ def test_failures_in_a_row_make_inactive_and_success_resets() -> None:
     assert broker.proxies()[0].status == ProxyStatus.INACTIVE
 
 
-@pytest.mark.parametrize(("code", "verdict"), [(200, Verdict.OK), (404, Verdict.TARGET_ERROR), (500, Verdict.TARGET_ERROR),
-                                               (503, Verdict.TARGET_ERROR), (403, Verdict.BAN), (429, Verdict.BAN),
-                                               (407, Verdict.FAILURE)])
+@pytest.mark.parametrize(
+    ("code", "verdict"),
+    [
+        (200, Verdict.OK),
+        (404, Verdict.TARGET_ERROR),
+        (500, Verdict.TARGET_ERROR),
+        (503, Verdict.TARGET_ERROR),
+        (403, Verdict.BAN),
+        (429, Verdict.BAN),
+        (407, Verdict.FAILURE),
+    ],
+)
 def test_status_code_verdicts(code: int, verdict: Verdict) -> None:
     assert HealthPolicy().judge(code) is verdict
 
