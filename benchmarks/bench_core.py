@@ -20,7 +20,7 @@ import time
 import tracemalloc
 from collections.abc import Callable
 
-from pharox import HealthCheckResult, InMemoryStorage, ProxyManager, ProxyPool, ProxyStatus, SelectorStrategy
+from pharox import HealthCheckResult, InMemoryStorage, ProxyManager, ProxyStatus, SelectorStrategy
 
 from pharox_integrations import LeaseBroker
 

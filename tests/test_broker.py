@@ -55,7 +55,7 @@ def test_lease_url_keeps_credentials_exactly_and_repr_hides_them() -> None:
 
 def test_release_is_idempotent_and_close_releases_the_rest() -> None:
     broker = make(max_concurrency=1)
-    a, b = broker.acquire(), broker.acquire()
+    a, _b = broker.acquire(), broker.acquire()
     assert broker.held == 2
     assert broker.release(a) is True and broker.release(a) is False
     assert broker.close() == 1

@@ -12,7 +12,6 @@ import time
 from collections import Counter
 from typing import Any
 
-import pytest
 import urllib3
 from pharox import ProxyStatus
 
