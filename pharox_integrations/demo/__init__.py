@@ -1,0 +1,1 @@
+"""The `pharox-integrations demo`: a local site, real local proxies, every door through one pool."""
