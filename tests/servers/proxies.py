@@ -98,6 +98,7 @@ class KitProxy:
         self._proc: subprocess.Popen[bytes] | None = None
         self._log_offset = 0
         self._started_at = 0.0
+        self._group_gone = False
         self.port = 0
 
     # -- addresses -------------------------------------------------------
@@ -164,9 +165,7 @@ class KitProxy:
             auth_file = self._workdir / f"{self._name}.auth"
             auth_file.write_text(":".join(spec.auth) + "\n")
             uri += f"##{auth_file}"
-        # --auth=-1: pproxy otherwise trusts a client IP for 30 days after one
-        # good login, and every test client is 127.0.0.1.
-        return [sys.executable, "-m", "pproxy", "-l", uri, "--auth=-1"]
+        return [sys.executable, "-m", "pproxy_main", uri]
 
     def _spawn(self, port: int | None = None) -> None:
         """Start the process without waiting; ``_wait_ready`` finishes the job."""
@@ -176,6 +175,7 @@ class KitProxy:
         else:
             self.port = port or _free_port()
         self._log_offset = self._log_path.stat().st_size if self._log_path.exists() else 0
+        self._group_gone = False
         with open(self._log_path, "ab") as log:
             self._proc = subprocess.Popen(
                 self._argv(self.port),
@@ -203,10 +203,9 @@ class KitProxy:
                 return False
             self.port = int(first.split()[0])
         else:
-            # pproxy keeps running when it cannot bind; only this line (with the
-            # socket's own address) means it listens.
+            # Printed by pproxy_main.py once its socket listens.
             text = self.log(tail=None, since=self._log_offset)
-            if f"127.0.0.1:{self.port} by" not in text or "Start server failed" in text:
+            if f"pharox-kit listening 127.0.0.1:{self.port}" not in text:
                 return False
         return _accepts(self.port)
 
@@ -215,7 +214,7 @@ class KitProxy:
         deadline = self._started_at + timeout
         while time.monotonic() < deadline:
             if self._proc.poll() is not None or "Start server failed" in self.log(tail=None, since=self._log_offset):
-                self._signal(signal.SIGKILL)
+                self.kill()
                 raise ProxyStartError(
                     f"{self.kind} proxy {self.safe_url} failed to start (exit code "
                     f"{self._proc.poll()}); its log:\n{self.log(since=self._log_offset)}"
@@ -223,7 +222,7 @@ class KitProxy:
             if self._listening():
                 return
             time.sleep(0.02)
-        self._signal(signal.SIGKILL)
+        self.kill()
         raise ProxyStartError(
             f"{self.kind} proxy {self.safe_url} did not accept connections within "
             f"{timeout:.0f}s; its log:\n{self.log(since=self._log_offset)}"
@@ -239,7 +238,7 @@ class KitProxy:
             except ProxyStartError:
                 # A pre-picked free port can be taken by someone else before
                 # pproxy binds it: retry on a fresh one unless the port was fixed.
-                if port is not None or attempt == 2 or "in use" not in self.log():
+                if port is not None or attempt == 2 or "in use" not in self.log(since=self._log_offset):
                     raise
         raise AssertionError("unreachable")
 
@@ -249,31 +248,41 @@ class KitProxy:
             return self
         return self.start(self.port)
 
-    def _signal(self, sig: int) -> None:
+    def _signal(self, sig: int) -> bool:
+        """Signal the whole process group (proxy.py forks workers that hold the
+        listening socket too); False once the group is gone."""
         proc = self._proc
-        if proc is None or proc.poll() is not None:
-            return
-        with contextlib.suppress(ProcessLookupError):
+        if proc is None or self._group_gone:
+            return False
+        try:
             os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            self._group_gone = True
+            return False
+        return True
+
+    def _wait_group(self, timeout: float) -> bool:
+        """Reap the leader, then wait for every process of the group to exit."""
+        assert self._proc is not None
+        deadline = time.monotonic() + timeout
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self._proc.wait(timeout)
+        while self._signal(0):
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(0.01)
+        return True
 
     def stop(self, timeout: float = 5.0) -> None:
-        """Graceful stop (SIGTERM to its process group, SIGKILL if it lingers)."""
-        proc = self._proc
-        if proc is None or proc.poll() is not None:
-            return
-        self._signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout)
-        except subprocess.TimeoutExpired:
+        """Graceful stop: SIGTERM to its process group, SIGKILL if it lingers.
+        Returns once no process of the proxy is left (the port refuses)."""
+        if self._signal(signal.SIGTERM) and not self._wait_group(timeout):
             self.kill()
 
     def kill(self) -> None:
-        """Crash it: SIGKILL, no goodbye; clients see refused/reset connections."""
-        proc = self._proc
-        if proc is None:
-            return
-        self._signal(signal.SIGKILL)
-        proc.wait()
+        """Crash it: SIGKILL to its process group, no goodbye."""
+        if self._signal(signal.SIGKILL):
+            self._wait_group(5.0)
 
     def log(self, tail: int | None = 4000, since: int = 0) -> str:
         """The proxy's own stdout/stderr (the last ``tail`` bytes), for messages."""
