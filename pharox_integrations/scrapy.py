@@ -1,0 +1,271 @@
+"""Scrapy door: `PharoxProxyMiddleware` leases one proxy per request from a managed pool.
+
+    DOWNLOADER_MIDDLEWARES = {"pharox_integrations.scrapy.PharoxProxyMiddleware": 610}
+    PHAROX_PROXIES = ["http://user:pass@10.0.0.1:8080", ...]  # or PHAROX_STORAGE_URL / PHAROX_BROKER
+
+Per request: `meta["pharox_pool"]`, `meta["pharox_filters"]` (ProxyFilters or a
+mapping), `meta["pharox_session"]` (sticky proxy), `meta["pharox_retry_times"]`;
+`meta["dont_proxy"]` or a spider-set `meta["proxy"]` leaves the request alone.
+After download `meta["pharox_proxy"]` names the proxy that served it (no secret).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any, NoReturn
+from uuid import UUID
+
+from pharox import ProxyFilters
+from scrapy import signals
+from scrapy.exceptions import IgnoreRequest, NotConfigured
+from scrapy.utils.defer import deferred_from_coro
+from twisted.internet import defer
+
+from .attempts import ProxyAttempts, describe_error
+from .broker import LeaseBroker, ProxyLease
+from .errors import NoProxyAvailable
+from .health import Verdict
+from .scrapy_support import (
+    HealthLog,
+    acquire,
+    custom_verdict,
+    httpproxy_after,
+    load_ban_policy,
+    off_reactor,
+    slot_key,
+)
+from .settings import PharoxSettings, filters_from_mapping
+
+if TYPE_CHECKING:
+    from scrapy import Request
+    from scrapy.crawler import Crawler
+    from scrapy.http import Response
+
+__all__ = ["PharoxProxyMiddleware"]
+
+logger = logging.getLogger("pharox_integrations.scrapy")
+
+LEASE = "_pharox_lease"  # the held ProxyLease; popped when the lease is settled
+MANAGED = "_pharox_managed"  # meta["proxy"] was set by us, so a copy may be re-leased
+SLOT = "_pharox_slot"  # the download slot we set
+RETRIES_LEFT = "_pharox_retries_left"
+ATTEMPTS = "_pharox_attempts"
+NO_REPORT = (IgnoreRequest, defer.CancelledError, asyncio.CancelledError)  # not the proxy's doing
+
+
+class PharoxProxyMiddleware:
+    """Downloader middleware: acquire → download → report → release, one proxy per request."""
+
+    def __init__(self, crawler: Crawler, broker: LeaseBroker, settings: PharoxSettings, *, owns_broker: bool) -> None:
+        self.crawler = crawler
+        self.stats = crawler.stats
+        self.broker = broker
+        self.owns_broker = owns_broker
+        self.retry_times = settings.retry_times
+        self.close_on_exhausted = settings.on_exhausted == "close_spider"
+        self.per_proxy_slot = settings.download_slot
+        self.ban_policy = load_ban_policy(settings.ban_policy, crawler)
+        self.header_by_scrapy = httpproxy_after(crawler.settings, type(self))
+        self._held: dict[UUID, ProxyLease] = {}
+        self._closing = False
+        self._health_log = HealthLog(broker, settings.logstats_interval, lambda: len(self._held))
+        crawler.signals.connect(self._spider_opened, signal=signals.spider_opened)
+        crawler.signals.connect(self._spider_closed, signal=signals.spider_closed)
+        crawler.signals.connect(self._engine_stopped, signal=signals.engine_stopped)
+
+    @classmethod
+    def from_crawler(cls, crawler: Crawler) -> PharoxProxyMiddleware:
+        settings = PharoxSettings.from_mapping(crawler.settings)  # bad values raise here, at start-up
+        ready = crawler.settings.get("PHAROX_BROKER")
+        if isinstance(ready, LeaseBroker):
+            return cls(crawler, ready, settings, owns_broker=False)
+        if not settings.configured:
+            logger.info(
+                "PharoxProxyMiddleware disabled: set PHAROX_PROXIES, PHAROX_PROXIES_FILE, "
+                "PHAROX_STORAGE_URL (with PHAROX_POOL) or PHAROX_BROKER"
+            )
+            raise NotConfigured("no PHAROX_PROXIES, PHAROX_PROXIES_FILE, PHAROX_STORAGE_URL or PHAROX_BROKER")
+        return cls(crawler, LeaseBroker.from_settings(settings), settings, owns_broker=not settings.broker)
+
+    # ------------------------------------------------------------------ request
+
+    async def process_request(self, request: Request, spider: object = None) -> None:
+        meta = request.meta
+        stale = meta.pop(LEASE, None)
+        if stale is not None:  # a copy of a request whose lease was never settled
+            await self._settle(stale, None)
+        if meta.get("dont_proxy") or ("proxy" in meta and not meta.get(MANAGED)):
+            return None
+        try:
+            lease = await acquire(
+                self.broker,
+                request.url,
+                pool=meta.get("pharox_pool"),
+                filters=_filters(meta.get("pharox_filters")),
+                session=meta.get("pharox_session"),
+            )
+        except NoProxyAvailable as exc:
+            self._exhausted(exc)
+        self._held[lease.lease.id] = lease
+        self.stats.inc_value("pharox/leases/acquired")
+        self.stats.max_value("pharox/leases/peak_active", len(self._held))
+        meta[LEASE] = lease
+        meta[MANAGED] = True
+        meta["pharox_proxy"] = lease.safe_url
+        if self.header_by_scrapy:
+            meta["proxy"] = lease.url  # HttpProxyMiddleware (750) turns the credentials into the header
+        else:
+            meta["proxy"] = lease.safe_url
+            auth = lease.proxy_authorization
+            if auth is None:
+                request.headers.pop(b"Proxy-Authorization", None)
+            else:
+                request.headers[b"Proxy-Authorization"] = auth
+        if self.per_proxy_slot and meta.get("download_slot") in (None, meta.get(SLOT)):
+            meta["download_slot"] = meta[SLOT] = slot_key(lease)
+        return None
+
+    def _exhausted(self, exc: NoProxyAvailable) -> NoReturn:
+        self.stats.inc_value("pharox/no_proxy_available")
+        if self.close_on_exhausted and not self._closing:
+            self._closing = True
+            logger.error("pharox: no proxy available, closing the spider: %(why)s", {"why": exc})
+            engine = self.crawler.engine
+            if engine is not None:
+                closer = getattr(engine, "close_spider_async", None)
+                if closer is not None:
+                    deferred_from_coro(closer(reason="pharox_no_proxies"))
+                elif self.crawler.spider is not None:  # Scrapy 2.13
+                    engine.close_spider(self.crawler.spider, "pharox_no_proxies")
+        elif not self.close_on_exhausted:
+            logger.warning("pharox: no proxy available, request ignored: %(why)s", {"why": exc})
+        raise IgnoreRequest(f"no proxy available: {exc}") from None
+
+    # ------------------------------------------------------------------ outcome
+
+    async def process_response(self, request: Request, response: Response, spider: object = None) -> Any:
+        lease = request.meta.pop(LEASE, None)
+        if lease is None:
+            return response
+        latency = request.meta.get("download_latency")
+        hook = self._hook("response_is_ban")
+        moved = await self._settle(
+            lease,
+            request,
+            status_code=response.status,
+            response=response,
+            latency_ms=latency * 1000.0 if isinstance(latency, (int, float)) else None,
+            answer=hook(request, response) if hook else None,
+        )
+        return moved or response
+
+    async def process_exception(self, request: Request, exception: Exception, spider: object = None) -> Any:
+        lease = request.meta.pop(LEASE, None)
+        if lease is None:
+            return None
+        if isinstance(exception, NO_REPORT):
+            await self._settle(lease, None)
+            return None
+        hook = self._hook("exception_is_ban")
+        return await self._settle(lease, request, error=exception, answer=hook(request, exception) if hook else None)
+
+    def _hook(self, name: str) -> Any:
+        """The spider's own method first (scrapy-rotating-proxies style), then PHAROX_BAN_POLICY."""
+        return getattr(self.crawler.spider, name, None) or getattr(self.ban_policy, name, None)
+
+    async def _settle(self, lease: ProxyLease, request: Request | None, **outcome: Any) -> Request | None:
+        """Report (unless `request` is None), release, and maybe move the request to another proxy."""
+        self._held.pop(lease.lease.id, None)
+        if request is None:
+            await off_reactor(self.broker.storage_blocks, self._release, lease)
+            return None
+        meta = request.meta
+        if meta.get("proxy") == lease.url:  # never leave credentials in meta (errbacks, logs)
+            meta["proxy"] = lease.safe_url
+        retries = meta.get(RETRIES_LEFT, meta.get("pharox_retry_times", self.retry_times))
+        attempts = ProxyAttempts(self.broker, retries)
+        attempts.attempts = list(meta.get(ATTEMPTS, ()))
+        verdict = await off_reactor(self.broker.storage_blocks, self._report_release, lease, attempts, outcome)
+        self.stats.inc_value(f"pharox/verdict/{verdict.value}/{_detail(outcome)}")
+        if verdict is Verdict.BAN:
+            self.stats.inc_value("pharox/bans")
+        elif verdict is Verdict.FAILURE:
+            self.stats.inc_value("pharox/failures")
+        if attempts.should_move(verdict):
+            self.stats.inc_value("pharox/moved")
+            self.stats.inc_value(f"pharox/moved/{verdict.value}")
+            moved = request.replace(dont_filter=True)
+            moved.meta[RETRIES_LEFT] = attempts.retries_left
+            moved.meta[ATTEMPTS] = attempts.attempts
+            logger.debug(
+                "pharox: %(request)s moved off %(proxy)s (%(verdict)s)",
+                {"request": request, "proxy": lease.safe_url, "verdict": verdict.value},
+            )
+            return moved
+        if verdict.moves_request:
+            self.stats.inc_value("pharox/moved/gave_up")
+            logger.warning("pharox: %(request)s: %(why)s", {"request": request, "why": attempts.failure()})
+        return None
+
+    def _report_release(self, lease: ProxyLease, attempts: ProxyAttempts, outcome: dict[str, Any]) -> Verdict:
+        """One trip off the reactor for both calls (SQL storages)."""
+        try:
+            status_code = outcome.get("status_code")
+            verdict = None
+            if outcome.get("answer") is not None:
+                default = self.broker.policy.judge(status_code, outcome.get("error"))
+                verdict = custom_verdict(outcome["answer"], status_code, default)
+            return attempts.judge(
+                lease,
+                status_code=status_code,
+                error=outcome.get("error"),
+                response=outcome.get("response"),
+                latency_ms=outcome.get("latency_ms"),
+                verdict=verdict,
+            )
+        finally:
+            self._release(lease)
+
+    def _release(self, lease: ProxyLease) -> None:
+        if self.broker.release(lease):
+            self.stats.inc_value("pharox/leases/released")
+
+    # ------------------------------------------------------------------ life cycle
+
+    def _spider_opened(self) -> None:
+        self._health_log.start()
+
+    def _spider_closed(self, reason: str) -> defer.Deferred[None]:
+        self._health_log.stop()
+        return deferred_from_coro(self._release_all("spider close"))
+
+    def _engine_stopped(self) -> defer.Deferred[None]:
+        return deferred_from_coro(self._release_all("engine stop"))
+
+    async def _release_all(self, when: str) -> None:
+        left = list(self._held.values())
+        self._held.clear()
+        for lease in left:
+            await off_reactor(self.broker.storage_blocks, self._release, lease)
+        if left:
+            self.stats.inc_value("pharox/leases/released_at_close", len(left))
+            logger.info("pharox: released %(n)d lease(s) still held at %(when)s", {"n": len(left), "when": when})
+        if self.owns_broker:
+            await off_reactor(self.broker.storage_blocks, self.broker.close)
+
+
+def _filters(value: object) -> ProxyFilters | None:
+    if value is None or isinstance(value, ProxyFilters):
+        return value
+    if isinstance(value, Mapping):
+        return filters_from_mapping(value, key='meta["pharox_filters"]')
+    raise TypeError(f'meta["pharox_filters"]={value!r}: expected ProxyFilters or a mapping')
+
+
+def _detail(outcome: Mapping[str, Any]) -> str:
+    error = outcome.get("error")
+    if error is not None:
+        return describe_error(error).split(":", 1)[0]
+    return str(outcome.get("status_code"))

@@ -1,0 +1,203 @@
+"""Helpers of the Scrapy door: reactor-safe calls, ban-policy hooks, the health log line.
+
+Kept apart from `scrapy.py` so the middleware reads as the life cycle of one request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any, Protocol, TypeVar
+
+from scrapy.utils.conf import build_component_list
+from scrapy.utils.defer import maybe_deferred_to_future
+from scrapy.utils.misc import load_object
+from twisted.internet import task, threads
+
+from .broker import HTTP_PROTOCOLS, LeaseBroker, ProxyLease
+from .errors import ConfigurationError, NoProxyAvailable
+from .health import Verdict
+
+logger = logging.getLogger("pharox_integrations.scrapy")
+
+T = TypeVar("T")
+
+HTTPPROXY_MIDDLEWARE = "scrapy.downloadermiddlewares.httpproxy.HttpProxyMiddleware"
+
+
+def asyncio_running() -> bool:
+    """True when the caller runs on an asyncio loop (the asyncio reactor).
+
+    Checked per call rather than per reactor so it works on every Scrapy >= 2.13
+    without the reactor helpers that later releases deprecate.
+    """
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return False
+    return True
+
+
+async def off_reactor(blocking: bool, fn: Callable[..., T], *args: Any) -> T:
+    """Run `fn` inline for memory storages, in a worker thread for blocking ones."""
+    if not blocking:
+        return fn(*args)
+    if asyncio_running():
+        return await asyncio.to_thread(fn, *args)
+    result: T = await maybe_deferred_to_future(threads.deferToThread(fn, *args))
+    return result
+
+
+async def acquire(broker: LeaseBroker, url: str, **kwargs: Any) -> ProxyLease:
+    """Lease an http/https proxy without blocking the reactor.
+
+    On asyncio the broker waits with `asyncio.sleep`.  On another reactor a memory
+    storage is tried inline first; waiting (or any blocking storage) happens in a
+    Twisted worker thread.
+    """
+    kwargs["protocols"] = HTTP_PROTOCOLS
+    if asyncio_running():
+        if not broker.storage_blocks:
+            return await broker.acquire_async(url, **kwargs)
+        # A task, shielded: if the download is cancelled while a worker thread is
+        # leasing, the lease it gets is released instead of being lost.
+        pending = asyncio.ensure_future(broker.acquire_async(url, **kwargs))
+        try:
+            return await asyncio.shield(pending)
+        except asyncio.CancelledError:
+            pending.add_done_callback(lambda done: _release_late(broker, done))
+            raise
+    if not broker.storage_blocks:
+        try:
+            return broker.acquire(url, timeout=0, **kwargs)
+        except NoProxyAvailable:
+            if broker.acquire_timeout <= 0:
+                raise
+    lease: ProxyLease = await maybe_deferred_to_future(threads.deferToThread(broker.acquire, url, **kwargs))
+    return lease
+
+
+def _release_late(broker: LeaseBroker, done: asyncio.Future[ProxyLease]) -> None:
+    if not done.cancelled() and done.exception() is None:
+        loop = asyncio.get_running_loop()
+        loop.run_in_executor(None, broker.release, done.result())
+
+
+class BanPolicy(Protocol):
+    """What `PHAROX_BAN_POLICY` (or the spider) may implement; either method is optional.
+
+    Each returns True (a ban: move the request), False (not the proxy's fault) or
+    None (let the broker's `HealthPolicy` decide).
+    """
+
+    def response_is_ban(self, request: Any, response: Any) -> bool | None: ...
+
+    def exception_is_ban(self, request: Any, exception: BaseException) -> bool | None: ...
+
+
+def load_ban_policy(path: str | None, crawler: Any) -> Any:
+    """Import `PHAROX_BAN_POLICY`: an object, or a class built with `from_crawler` or no arguments."""
+    if not path:
+        return None
+    try:
+        obj: Any = load_object(path)
+    except (ImportError, NameError, ValueError, AttributeError) as exc:
+        raise ConfigurationError(f"PHAROX_BAN_POLICY={path!r}: cannot import it ({exc})") from None
+    if isinstance(obj, type):
+        obj = obj.from_crawler(crawler) if hasattr(obj, "from_crawler") else obj()
+    if not (hasattr(obj, "response_is_ban") or hasattr(obj, "exception_is_ban")):
+        raise ConfigurationError(
+            f"PHAROX_BAN_POLICY={path!r}: {type(obj).__name__} has neither response_is_ban(request, response) "
+            "nor exception_is_ban(request, exception)"
+        )
+    return obj
+
+
+def custom_verdict(answer: object, status_code: int | None, default: Verdict) -> Verdict | None:
+    """Translate a ban hook's answer into a verdict (None: no opinion).
+
+    False overrides a ban the status code alone would have given: the user knows
+    their site; the answer is then judged like any other status.
+    """
+    if answer is None:
+        return None
+    if answer:
+        return Verdict.BAN
+    if status_code is None:
+        return Verdict.TARGET_ERROR
+    if default is Verdict.BAN:
+        return Verdict.TARGET_ERROR if status_code >= 400 else Verdict.OK
+    return default
+
+
+def httpproxy_after(settings: Any, ours: type) -> bool:
+    """True when Scrapy's HttpProxyMiddleware is enabled and runs after this middleware.
+
+    Then it turns the credentials of `meta["proxy"]` into `Proxy-Authorization`
+    (and drops a stale header when a request moves); otherwise the middleware sets
+    the header itself.
+    """
+    if not settings.getbool("HTTPPROXY_ENABLED"):
+        return False
+    order = [
+        load_object(c) if isinstance(c, str) else c
+        for c in build_component_list(settings.getwithbase("DOWNLOADER_MIDDLEWARES"))
+    ]
+    proxy_mw = load_object(HTTPPROXY_MIDDLEWARE)
+    found = [i for i, c in enumerate(order) if isinstance(c, type) and issubclass(c, proxy_mw)]
+    mine = [i for i, c in enumerate(order) if isinstance(c, type) and issubclass(c, ours)]
+    return bool(found) and (not mine or found[0] > mine[0])
+
+
+def slot_key(lease: ProxyLease) -> str:
+    """One download slot per proxy.
+
+    Gateways often serve many accounts (one exit each) on one host:port, so entries
+    with credentials get a short id suffix rather than sharing one slot.
+    """
+    if lease.username is None:
+        return lease.safe_url
+    return f"{lease.safe_url}#{lease.proxy_id.hex[:8]}"
+
+
+class HealthLog:
+    """A periodic INFO line with the pool's health, like Scrapy's LogStats."""
+
+    def __init__(self, broker: LeaseBroker, interval: float, held: Callable[[], int]) -> None:
+        self.broker = broker
+        self.interval = interval
+        self.held = held
+        self._loop: task.LoopingCall | None = None
+        self._last = (time.monotonic(), 0)
+
+    def start(self) -> None:
+        if self.interval > 0 and self._loop is None:
+            self._last = (time.monotonic(), self.broker.counters["acquired"])
+            self._loop = task.LoopingCall(self._tick)
+            self._loop.start(self.interval, now=False).addErrback(
+                lambda failure: logger.error("pharox health log stopped: %(e)s", {"e": failure.value})
+            )
+
+    def stop(self) -> None:
+        loop, self._loop = self._loop, None
+        if loop is not None and loop.running:
+            loop.stop()
+
+    def _tick(self) -> Awaitable[None] | None:
+        if self.broker.storage_blocks:
+            return threads.deferToThread(self.log_once)
+        self.log_once()
+        return None
+
+    def log_once(self) -> None:
+        health = self.broker.health()
+        now, acquired = time.monotonic(), self.broker.counters["acquired"]
+        then, before = self._last
+        self._last = (now, acquired)
+        rate = (acquired - before) * 60.0 / max(now - then, 1e-9)
+        logger.info(
+            "pharox: %(health)s; %(held)d lease(s) held by this crawl, %(rate).0f leases/min",
+            {"health": health, "held": self.held(), "rate": rate},
+        )
