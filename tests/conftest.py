@@ -12,12 +12,20 @@ from pathlib import Path
 import pytest
 
 if not __package__:  # pytest's default rootdir import: tests/ is on sys.path
-    from servers import SPECIAL_AUTH, KitProxy, ProxyKit, TargetServer, make_tls_target
+    from servers import (
+        SPECIAL_AUTH,
+        KitProxy,
+        ProxyKit,
+        ProxyStartError,
+        TargetServer,
+        make_tls_target,
+    )
 else:  # tests/ became a package
     from .servers import (  # type: ignore[import-not-found,no-redef]
         SPECIAL_AUTH,
         KitProxy,
         ProxyKit,
+        ProxyStartError,
         TargetServer,
         make_tls_target,
     )
@@ -102,15 +110,25 @@ def _shared_single(kit: ProxyKit, cache: dict[str, KitProxy], key: str) -> KitPr
         else:
             proxy = kit.socks4()
         cache[key] = proxy
-    return proxy.restart()  # a test may have stopped or killed it
+    return _ensure_alive(proxy)
+
+
+def _ensure_alive(proxy: KitProxy) -> KitProxy:
+    """Undo a previous test's stop()/kill(): same port if still free, else a new one."""
+    if proxy.alive:
+        return proxy
+    try:
+        return proxy.restart()
+    except ProxyStartError:
+        return proxy.start()
 
 
 @pytest.fixture
 def proxy_trio(_shared_trio: list[KitProxy]) -> list[KitProxy]:
     """Three proxy.py HTTP proxies, each with its own credentials (special
     characters) and outbound IP. Shared by the session; a member a test stopped
-    or killed is restarted on the same port before the next test."""
-    return [p.restart() for p in _shared_trio]
+    or killed is restarted (same port if free) before the next test."""
+    return [_ensure_alive(p) for p in _shared_trio]
 
 
 @pytest.fixture

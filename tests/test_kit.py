@@ -5,10 +5,12 @@ from __future__ import annotations
 import json
 import os
 import socket
+import ssl
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
+import httpx
 import pytest
 import requests
 import urllib3
@@ -39,6 +41,10 @@ TIMEOUT = 10
 def _echo(resp: Any) -> dict[str, Any]:
     data = resp.data if isinstance(resp, urllib3.BaseHTTPResponse) else resp.content
     return json.loads(data)  # type: ignore[no-any-return]
+
+
+def ssl_context(server: TargetServer) -> ssl.SSLContext:
+    return ssl.create_default_context(cafile=server.ca_bundle)
 
 
 def _via(proxy: KitProxy | Any) -> dict[str, str]:
@@ -190,6 +196,19 @@ def test_banning_one_ip_bans_one_proxy(
     assert statuses(target) == [200, 200, 200]
 
 
+# These two run in file order: the second checks the first's damage was undone.
+def test_trio_member_killed_by_a_test(proxy_trio: list[KitProxy]) -> None:
+    proxy_trio[0].kill()
+    proxy_trio[2].stop()
+    assert not proxy_trio[0].alive and not proxy_trio[2].alive
+
+
+def test_trio_is_whole_again_for_the_next_test(proxy_trio: list[KitProxy], target: TargetServer) -> None:
+    for proxy in proxy_trio:
+        r = requests.get(f"{target.url}/echo", proxies=_via(proxy), timeout=TIMEOUT)
+        assert r.json()["peer_ip"] == proxy.outbound_ip
+
+
 def test_fifty_concurrent_requests_through_one_proxy(http_proxy: KitProxy, target: TargetServer) -> None:
     with urllib3.ProxyManager(http_proxy.url, maxsize=50, block=True) as pm:
 
@@ -200,6 +219,26 @@ def test_fifty_concurrent_requests_through_one_proxy(http_proxy: KitProxy, targe
             statuses = list(ex.map(fetch, range(50)))
     assert statuses == [200] * 50
     assert target.hits == {http_proxy.outbound_ip: 50}
+
+
+def test_explicit_outbound_ip(proxy_kit: ProxyKit, target: TargetServer) -> None:
+    proxy = proxy_kit.http(outbound_ip="127.0.3.7")
+    socks = proxy_kit.socks5(outbound_ip="127.0.3.8")
+    for p in (proxy, socks):
+        r = requests.get(f"{target.url}/echo", proxies=_via(p), timeout=TIMEOUT)
+        assert r.json()["peer_ip"] == p.outbound_ip
+    assert target.hits == {"127.0.3.7": 1, "127.0.3.8": 1}
+
+
+@pytest.mark.parametrize("kind", ["http", "socks5"])
+def test_httpx_through_the_kit(
+    auth_http_proxy: KitProxy, socks5_proxy: KitProxy, tls_target: TargetServer, kind: str
+) -> None:
+    proxy = auth_http_proxy if kind == "http" else socks5_proxy
+    with httpx.Client(proxy=proxy.url, verify=ssl_context(tls_target)) as client:
+        r = client.get(f"{tls_target.url}/echo", timeout=TIMEOUT)
+    assert r.json()["peer_ip"] == proxy.outbound_ip
+    assert not tls_target.saw_header("Proxy-Authorization")
 
 
 # -- SOCKS proxies (pproxy) ---------------------------------------------------
