@@ -16,7 +16,7 @@ from proxy.http.proxy import HttpProxyBasePlugin
 SOURCE_IP_ENV = "PHAROX_DEMO_SOURCE_IP"
 
 
-class SourceAddressPlugin(HttpProxyBasePlugin):  # type: ignore[misc]
+class SourceAddressPlugin(HttpProxyBasePlugin):
     """Open upstream connections from `$PHAROX_DEMO_SOURCE_IP` (any free port)."""
 
     def resolve_dns(self, host: str, port: int) -> tuple[str | None, tuple[str, int] | None]:

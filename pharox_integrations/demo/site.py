@@ -44,7 +44,7 @@ class _Handler(BaseHTTPRequestHandler):
     server: _Server
     protocol_version = "HTTP/1.1"
 
-    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - stdlib signature
+    def log_message(self, format: str, *args: Any) -> None:
         """Quiet: the demo prints its own progress."""
 
     def do_GET(self) -> None:
@@ -124,7 +124,9 @@ class DemoSite:
             self.proxy_auth_seen += proxy_auth
 
     def index_html(self) -> str:
-        links = "\n".join(f'<li><a href="/page/{i}">{html.escape(product(i)["name"])}</a></li>' for i in range(1, self.pages + 1))
+        links = "\n".join(
+            f'<li><a href="/page/{i}">{html.escape(product(i)["name"])}</a></li>' for i in range(1, self.pages + 1)
+        )
         return f"<!doctype html><title>Demo shop</title><h1>Demo shop</h1><ul>{links}</ul>"
 
     def page_html(self, i: int) -> str:
