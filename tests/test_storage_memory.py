@@ -371,6 +371,16 @@ def test_protocol_filter_answered_from_index(storage: MemoryStorage, pool: Proxy
     core = with_protocols(ProxyFilters(predicate=lambda p: p.port == https.port), ["https"])
     assert pick(storage, pool, filters=core) == https.id
     assert pick(storage, pool, filters=ProxyFilters(predicate=_MustNotBeCalled(["socks4"]))) is None
+    # Indexes built above must keep other protocols out as proxies come and change.
+    late_http = add(storage, pool, protocol=ProxyProtocol.HTTP)
+    health(storage, late_http, ProxyStatus.ACTIVE, latency_ms=1)
+    for selector in SelectorStrategy:
+        assert pick(storage, pool, filters=only_socks, selector=selector) == socks.id
+    health(storage, socks, ProxyStatus.BANNED)
+    assert pick(storage, pool, filters=only_socks) is None
+    health(storage, socks, ProxyStatus.ACTIVE, latency_ms=2)
+    assert pick(storage, pool, filters=only_socks, selector=LOWEST_LATENCY) == socks.id
+    assert pick(storage, pool, selector=LOWEST_LATENCY) == late_http.id
 
 
 # -- concurrency limits, expiry, status changes ---------------------------
