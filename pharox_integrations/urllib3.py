@@ -1,0 +1,530 @@
+"""urllib3 door: `PharoxProxyManager`, a `urllib3.ProxyManager` that leases a proxy per request.
+
+Code that holds ``urllib3.ProxyManager("http://proxy:3128")`` switches to
+``PharoxProxyManager(broker)`` and nothing else changes::
+
+    broker = LeaseBroker.from_proxies(["http://user:pass@10.0.0.1:3128", "socks5://10.0.0.2:1080"])
+    with PharoxProxyManager(broker, headers={"User-Agent": "shop-bot"}) as http:
+        r = http.request("GET", "https://example.com/")
+
+How it is built: each leased proxy gets a *route*, a plain urllib3 `ProxyManager` (or
+`SOCKSProxyManager`) for that one proxy, so urllib3 itself decides forwarding vs CONNECT
+tunnels, HTTPS-to-proxy and SOCKS.  Routes hold no pools of their own: every pool lives
+in this manager's single `pools` LRU, whose keys already carry the proxy, so
+`num_pools` bounds the pools across all proxies and an evicted pool is closed (a
+response still streaming keeps its connection until it is done).
+
+urllib3 follows redirects by calling `urlopen` again from inside `PoolManager.urlopen`;
+routes send that call back here, so every hop leases, reports and releases its own
+proxy.  A per-thread stack of hops tells a redirect hop from a new request.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import ssl
+import threading
+import weakref
+from collections import OrderedDict
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any, Literal
+from uuid import UUID
+
+import urllib3
+from pharox import ProxyFilters, ProxyProtocol
+from urllib3._collections import RecentlyUsedContainer
+from urllib3.connection import ProxyConfig
+from urllib3.connectionpool import HTTPConnectionPool
+from urllib3.exceptions import HTTPError, MaxRetryError, ResponseError
+from urllib3.poolmanager import PoolKey
+from urllib3.response import BaseHTTPResponse
+from urllib3.util.retry import Retry
+
+from .attempts import ProxyAttempts, describe_error, mask_credentials
+from .broker import ALL_PROTOCOLS, HTTP_PROTOCOLS, LeaseBroker, ProxyLease
+from .errors import AllProxiesFailed, NoProxyAvailable, PharoxIntegrationError
+from .health import Verdict
+
+__all__ = [
+    "AllProxiesFailedError",
+    "LeaseFailedError",
+    "NoProxyAvailableError",
+    "PharoxProxyManager",
+    "PharoxUrllib3Error",
+    "ProxyNotLeasedError",
+]
+
+logger = logging.getLogger("pharox_integrations.urllib3")
+
+_SOCKS = frozenset({ProxyProtocol.SOCKS4, ProxyProtocol.SOCKS5})
+_ROUTES_MAX = 1024  # route objects are ~13 µs to build; this only saves rebuilding them
+
+
+# ---------------------------------------------------------------------------- errors
+
+
+class PharoxUrllib3Error(PharoxIntegrationError, HTTPError):
+    """Base of this door's own errors: caught by ``except urllib3.exceptions.HTTPError``."""
+
+
+class NoProxyAvailableError(NoProxyAvailable, PharoxUrllib3Error):
+    """No proxy could be leased in time; the message names the pool and why."""
+
+    @classmethod
+    def wrap(cls, exc: NoProxyAvailable, note: str = "") -> NoProxyAvailableError:
+        return cls(
+            f"{exc}{note}",
+            pool=exc.pool,
+            filters=exc.filters,
+            counts=exc.counts,
+            next_revival_in=exc.next_revival_in,
+        )
+
+
+class LeaseFailedError(PharoxUrllib3Error):
+    """The broker could not lease a proxy (storage down, broker closed)."""
+
+
+class ProxyNotLeasedError(PharoxUrllib3Error):
+    """`connection_from_*` was called with no proxy leased on this thread."""
+
+
+class AllProxiesFailedError(AllProxiesFailed, MaxRetryError):
+    """The request was moved between proxies and every one failed.
+
+    A `MaxRetryError`, as plain urllib3 raises when its one proxy fails, so
+    ``except MaxRetryError`` keeps working; `attempts` lists each proxy's outcome and
+    `reason` is the last underlying error.
+    """
+
+    def __init__(
+        self,
+        attempts: Any,
+        pool: HTTPConnectionPool | None = None,
+        url: str | None = None,
+        reason: Exception | None = None,
+    ) -> None:
+        # Both bases want to set the message; take AllProxiesFailed's and skip
+        # MaxRetryError's constructor (it formats pool and url instead).
+        self.attempts = list(attempts)
+        Exception.__init__(self, str(AllProxiesFailed(self.attempts)))
+        self.pool = pool  # type: ignore[assignment]
+        self.url = url
+        self.reason = reason
+
+    def __reduce__(self) -> tuple[Any, tuple[Any, ...]]:
+        return (type(self), (self.attempts, None, self.url, self.reason))
+
+
+# ---------------------------------------------------------------------------- routes
+
+
+class _HTTPRoute(urllib3.ProxyManager):
+    """urllib3's own ProxyManager for one leased HTTP(S) proxy, pooling into its owner."""
+
+    def __init__(self, owner: PharoxProxyManager, proxy_url: str, **kw: Any) -> None:
+        super().__init__(proxy_url, num_pools=1, **kw)
+        self.owner = owner
+        self.pool_classes_by_scheme = owner.pool_classes_by_scheme
+        self.key_fn_by_scheme = owner.key_fn_by_scheme
+
+    def connection_from_pool_key(self, pool_key: PoolKey, request_context: dict[str, Any]) -> HTTPConnectionPool:
+        return self.owner._shared_pool(self, pool_key, request_context)
+
+    def urlopen(self, method: str, url: str, redirect: bool = True, **kw: Any) -> BaseHTTPResponse:  # type: ignore[override]
+        # Reached only by urllib3's redirect recursion: the next hop leases anew.
+        return self.owner.urlopen(method, url, redirect=redirect, **kw)
+
+    def send(self, method: str, url: str, redirect: bool, **kw: Any) -> BaseHTTPResponse:
+        return super().urlopen(method, url, redirect=redirect, **kw)
+
+
+def _socks_route_class() -> type[Any]:
+    """Built on first use so the door imports without PySocks (the `socks` extra)."""
+    from urllib3.contrib.socks import SOCKSProxyManager
+
+    class _SOCKSRoute(SOCKSProxyManager):
+        def __init__(self, owner: PharoxProxyManager, proxy_url: str, **kw: Any) -> None:
+            super().__init__(proxy_url, num_pools=1, **kw)
+            self.owner = owner
+            self.key_fn_by_scheme = owner.key_fn_by_scheme
+
+        def connection_from_pool_key(self, pool_key: PoolKey, request_context: dict[str, Any]) -> HTTPConnectionPool:
+            return self.owner._shared_pool(self, pool_key, request_context)
+
+        def urlopen(  # type: ignore[override]
+            self, method: str, url: str, redirect: bool = True, **kw: Any
+        ) -> BaseHTTPResponse:
+            return self.owner.urlopen(method, url, redirect=redirect, **kw)
+
+        def send(self, method: str, url: str, redirect: bool, **kw: Any) -> BaseHTTPResponse:
+            response: BaseHTTPResponse = super().urlopen(method, url, redirect=redirect, **kw)
+            return response
+
+    return _SOCKSRoute
+
+
+_Route = Any  # _HTTPRoute or the SOCKS route class
+
+
+@dataclass
+class _Hop:
+    """One proxy carrying one hop of a request on this thread."""
+
+    lease: ProxyLease
+    route: _Route
+    explicit: bool = False  # from `leased()`: not part of a redirect chain
+    handed_off: bool = False  # urllib3 went on to the next redirect hop
+
+
+class _LeaseOnResponse:
+    """Releases a streamed response's lease once, when urllib3 gives its connection back."""
+
+    __slots__ = ("lease", "manager")
+
+    def __init__(self, manager: PharoxProxyManager, lease: ProxyLease) -> None:
+        self.manager = manager
+        self.lease = lease
+
+    def __call__(self) -> None:
+        self.manager._release(self.lease)
+
+
+def _bind_lease(response: BaseHTTPResponse, release: _LeaseOnResponse) -> None:
+    """Tie `release` to the moment the response lets go of its connection.
+
+    urllib3 calls `release_conn()` when the body is read to the end (and from
+    `drain_conn()`); users call `release_conn()` or `close()`; a response dropped
+    unread is covered by a finalizer.  The wrappers hold the response weakly, so
+    the response stays free of reference cycles.
+    """
+    ref = weakref.ref(response)
+    cls = type(response)
+
+    def release_conn() -> None:
+        target = ref()
+        try:
+            if target is not None:
+                cls.release_conn(target)
+        finally:
+            release()
+
+    def close() -> None:
+        target = ref()
+        try:
+            if target is not None:
+                cls.close(target)
+        finally:
+            release()
+
+    response.release_conn = release_conn  # type: ignore[method-assign]
+    response.close = close  # type: ignore[method-assign]
+    weakref.finalize(response, release)
+
+
+def _replayable(kw: Mapping[str, Any]) -> bool:
+    """Only bodies we can send again may move to another proxy."""
+    return isinstance(kw.get("body"), (type(None), bytes, str))
+
+
+def _verdict_for(error: Exception) -> Verdict | None:
+    """urllib3 errors that say nothing against the proxy.
+
+    `MaxRetryError` caused by `ResponseError` means the *target* answered too many
+    redirects or retryable statuses: the proxy delivered every one of them.
+    """
+    if isinstance(error, MaxRetryError) and isinstance(error.reason, ResponseError):
+        return Verdict.TARGET_ERROR
+    return None
+
+
+# ---------------------------------------------------------------------------- manager
+
+
+class PharoxProxyManager(urllib3.ProxyManager):
+    """A drop-in `urllib3.ProxyManager` that leases a proxy from `broker` for each request.
+
+    Takes the arguments of `urllib3.ProxyManager`, with `broker` in place of the proxy
+    URL, plus:
+
+    - `proxy_retries`: how many other proxies a request banned (403/429 by default)
+      or failed by its proxy moves to before giving up; target errors and urllib3's
+      `Retry` stay urllib3's business.
+    - `pool`, `filters`, `session`: what to lease (defaults: the broker's).
+
+    With ``preload_content=False`` the lease is held until the body is read to the
+    end, or `release_conn()`, `drain_conn()` or `close()` is called; otherwise it is
+    released before `request()` returns.  `clear()` (and leaving a ``with`` block)
+    releases any lease still held by a response.  `proxy` is always None: there is
+    no single proxy; see `current_lease` inside a request or a `leased()` block.
+    """
+
+    def __init__(
+        self,
+        broker: LeaseBroker,
+        num_pools: int = 10,
+        headers: Mapping[str, str] | None = None,
+        proxy_headers: Mapping[str, str] | None = None,
+        proxy_ssl_context: ssl.SSLContext | None = None,
+        use_forwarding_for_https: bool = False,
+        proxy_assert_hostname: str | Literal[False] | None = None,
+        proxy_assert_fingerprint: str | None = None,
+        *,
+        proxy_retries: int = 2,
+        pool: str | None = None,
+        filters: ProxyFilters | None = None,
+        session: str | None = None,
+        **connection_pool_kw: Any,
+    ) -> None:
+        if proxy_retries < 0:
+            raise ValueError(f"proxy_retries={proxy_retries!r}: expected an integer >= 0")
+        # Not ProxyManager.__init__: it wants one fixed proxy URL.  The per-proxy
+        # settings it would store are kept here and handed to each route.
+        urllib3.PoolManager.__init__(self, num_pools, headers, **connection_pool_kw)
+        self.pools = RecentlyUsedContainer(num_pools, dispose_func=lambda p: p.close())
+        self.proxy = None
+        self.proxy_headers = dict(proxy_headers or {})
+        self.proxy_ssl_context = proxy_ssl_context
+        self.proxy_config = self._proxy_options = ProxyConfig(
+            proxy_ssl_context, use_forwarding_for_https, proxy_assert_hostname, proxy_assert_fingerprint
+        )
+        self.broker = broker
+        self.proxy_retries = proxy_retries
+        self.lease_pool = pool
+        self.lease_filters = filters
+        self.lease_session = session
+        self._socks = importlib.util.find_spec("socks") is not None
+        self.protocols = ALL_PROTOCOLS if self._socks else HTTP_PROTOCOLS
+        self._lock = threading.Lock()
+        self._routes: OrderedDict[tuple[Any, ...], _Route] = OrderedDict()
+        self._held: dict[UUID, ProxyLease] = {}
+        self._local = threading.local()
+
+    # ------------------------------------------------------------------ urllib3 surface
+
+    def urlopen(  # type: ignore[override]
+        self, method: str, url: str, redirect: bool = True, **kw: Any
+    ) -> BaseHTTPResponse:
+        """`urllib3.ProxyManager.urlopen` through a leased proxy (``url`` must be absolute)."""
+        stack = self._stack()
+        if stack and not stack[-1].explicit and not stack[-1].handed_off:
+            self._finish_redirected(stack[-1], kw.get("retries"))
+        kw.setdefault("headers", self.headers)
+        attempts = ProxyAttempts(self.broker, self.proxy_retries)
+        while True:
+            lease = self._acquire(url)
+            hop = _Hop(lease, self._route(lease))
+            stack.append(hop)
+            try:
+                response: BaseHTTPResponse = hop.route.send(method, url, redirect, **kw)
+            except Exception as exc:
+                if hop.handed_off:
+                    raise  # a later hop failed; it was judged there
+                try:
+                    verdict = attempts.judge(lease, error=exc, verdict=_verdict_for(exc))
+                finally:
+                    self._release(lease)
+                if attempts.should_move(verdict) and _replayable(kw):
+                    self._log_move(lease, describe_error(exc))
+                    continue
+                if len(attempts.attempts) > 1:
+                    reason = exc.reason if isinstance(exc, MaxRetryError) else exc
+                    raise AllProxiesFailedError(attempts.attempts, None, url, reason) from exc
+                raise
+            except BaseException:
+                self._release(lease)  # interrupted: nothing to judge, but never leak
+                raise
+            finally:
+                stack.pop()
+            if hop.handed_off:
+                return response  # the last hop's response, already bound to its lease
+            verdict = attempts.judge(lease, status_code=response.status, response=response)
+            if attempts.should_move(verdict) and _replayable(kw):
+                if kw.get("preload_content", True):
+                    response.drain_conn()
+                else:
+                    response.close()  # do not read a ban page we are throwing away
+                self._release(lease)
+                self._log_move(lease, f"HTTP {response.status}")
+                continue
+            if not kw.get("preload_content", True) and response.connection is not None:
+                _bind_lease(response, _LeaseOnResponse(self, lease))
+            else:
+                self._release(lease)
+            return response
+
+    def connection_from_host(
+        self,
+        host: str | None,
+        port: int | None = None,
+        scheme: str | None = "http",
+        pool_kwargs: dict[str, Any] | None = None,
+    ) -> HTTPConnectionPool:
+        """The pool for `host` through the proxy leased on this thread (see `leased()`)."""
+        pool: HTTPConnectionPool = self._current_route().connection_from_host(host, port, scheme, pool_kwargs)
+        return pool
+
+    def connection_from_context(self, request_context: dict[str, Any]) -> HTTPConnectionPool:
+        """Like `connection_from_host`, from urllib3's request-context dict."""
+        context = dict(request_context)
+        host, port, scheme = context.pop("host", None), context.pop("port", None), context.pop("scheme", "http")
+        return self.connection_from_host(host, port, scheme, pool_kwargs=context)
+
+    def clear(self) -> None:
+        """Close every pool and release the leases responses of this manager still hold."""
+        super().clear()
+        with self._lock:
+            self._routes.clear()
+            held = list(self._held.values())
+        for lease in held:
+            self._release(lease)
+
+    # ------------------------------------------------------------------ explicit leases
+
+    @contextmanager
+    def leased(self, url: str | None = None) -> Iterator[ProxyLease]:
+        """Hold one proxy on this thread for `connection_from_*` (low-level pool use).
+
+        ``with http.leased() as lease: pool = http.connection_from_url(url)``.  Report
+        outcomes yourself with ``broker.report(lease, ...)``; the lease is released on
+        exit (an escaping exception is reported against the proxy first).
+        """
+        lease = self._acquire(url)
+        hop = _Hop(lease, self._route(lease), explicit=True)
+        stack = self._stack()
+        stack.append(hop)
+        try:
+            yield lease
+        except Exception as exc:
+            if not lease.reported:
+                self.broker.report(lease, error=exc)
+            raise
+        finally:
+            stack.remove(hop)
+            self._release(lease)
+
+    @property
+    def current_lease(self) -> ProxyLease | None:
+        """The lease carrying this thread's request in progress (or `leased()` block)."""
+        stack = self._stack()
+        return stack[-1].lease if stack else None
+
+    @property
+    def held(self) -> int:
+        """Leases this manager holds now (streamed responses not yet released)."""
+        with self._lock:
+            return len(self._held)
+
+    def __repr__(self) -> str:
+        return f"<PharoxProxyManager pool={self.lease_pool or self.broker.pool!r} pools={len(self.pools)}>"
+
+    # ------------------------------------------------------------------ internals
+
+    def _stack(self) -> list[_Hop]:
+        stack: list[_Hop] | None = getattr(self._local, "hops", None)
+        if stack is None:
+            stack = self._local.hops = []
+        return stack
+
+    def _current_route(self) -> _Route:
+        stack = self._stack()
+        if not stack:
+            raise ProxyNotLeasedError(
+                "no proxy is leased on this thread: use request()/urlopen(), or call "
+                "connection_from_* inside `with manager.leased():`"
+            )
+        return stack[-1].route
+
+    def _acquire(self, url: str | None) -> ProxyLease:
+        try:
+            lease = self.broker.acquire(
+                url,
+                pool=self.lease_pool,
+                filters=self.lease_filters,
+                session=self.lease_session,
+                protocols=self.protocols,
+            )
+        except NoProxyAvailable as exc:
+            note = ""
+            if not self._socks and exc.counts.get("wrong_protocol"):
+                note = "; SOCKS proxies need the socks extra: pip install 'pharox-integrations[socks]'"
+            raise NoProxyAvailableError.wrap(exc, note) from None
+        except HTTPError:
+            raise
+        except Exception as exc:
+            pool = self.lease_pool or self.broker.pool
+            raise LeaseFailedError(f"could not lease a proxy from pool {pool!r}: {describe_error(exc)}") from exc
+        with self._lock:
+            self._held[lease.lease.id] = lease
+        return lease
+
+    def _release(self, lease: ProxyLease) -> None:
+        with self._lock:
+            if self._held.pop(lease.lease.id, None) is None:
+                return
+        self.broker.release(lease)
+
+    def _finish_redirected(self, hop: _Hop, retries: Any) -> None:
+        """urllib3 drained this hop's redirect response and moves on: report and release."""
+        hop.handed_off = True
+        status = None
+        if isinstance(retries, Retry) and retries.history:
+            status = retries.history[-1].status
+        try:
+            self.broker.report(hop.lease, status_code=status)
+        finally:
+            self._release(hop.lease)
+
+    def _route(self, lease: ProxyLease) -> _Route:
+        """The (cached) urllib3 manager that speaks to this proxy."""
+        key = (lease.proxy_id, lease.url)
+        with self._lock:
+            route = self._routes.get(key)
+            if route is not None:
+                self._routes.move_to_end(key)
+                return route
+        kw = dict(self.connection_pool_kw)
+        if lease.protocol in _SOCKS:
+            route = _socks_route_class()(
+                self, lease.safe_url, username=lease.username, password=lease.password, headers=self.headers, **kw
+            )
+        else:
+            proxy_headers = dict(self.proxy_headers)
+            if lease.proxy_authorization is not None:
+                proxy_headers["Proxy-Authorization"] = lease.proxy_authorization
+            route = _HTTPRoute(
+                self,
+                lease.safe_url,
+                headers=self.headers,
+                proxy_headers=proxy_headers,
+                proxy_ssl_context=self._proxy_options.ssl_context,
+                use_forwarding_for_https=self._proxy_options.use_forwarding_for_https,
+                proxy_assert_hostname=self._proxy_options.assert_hostname,
+                proxy_assert_fingerprint=self._proxy_options.assert_fingerprint,
+                **kw,
+            )
+        with self._lock:
+            self._routes[key] = route
+            while len(self._routes) > _ROUTES_MAX:
+                self._routes.popitem(last=False)
+        return route
+
+    def _shared_pool(self, route: _Route, pool_key: PoolKey, request_context: dict[str, Any]) -> HTTPConnectionPool:
+        """Get or make a route's pool in the one LRU shared by every proxy."""
+        with self.pools.lock:
+            pool = self.pools.get(pool_key)
+            if pool is None:
+                pool = route._new_pool(
+                    request_context["scheme"], request_context["host"], request_context["port"], request_context
+                )
+                self.pools[pool_key] = pool
+        return pool
+
+    def _log_move(self, lease: ProxyLease, detail: str) -> None:
+        logger.info(
+            "moving request off proxy %(proxy)s after %(detail)s",
+            {"proxy": lease.safe_url, "detail": mask_credentials(detail)},
+        )
