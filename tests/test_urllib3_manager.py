@@ -340,9 +340,8 @@ def test_every_proxy_failing_raises_a_max_retry_error_naming_each(
     broker = make_broker(
         [f"http://{quote(SPECIAL_AUTH[0], safe='')}:{quote(SPECIAL_AUTH[1], safe='')}@127.0.0.1:{d.port}" for d in dead]
     )
-    with PharoxProxyManager(broker, proxy_retries=1, retries=False) as pm:
-        with pytest.raises(MaxRetryError) as raised:
-            pm.request("GET", f"{target.url}/echo")
+    with PharoxProxyManager(broker, proxy_retries=1, retries=False) as pm, pytest.raises(MaxRetryError) as raised:
+        pm.request("GET", f"{target.url}/echo")
     error = raised.value
     assert isinstance(error, AllProxiesFailedError) and isinstance(error, HTTPError)
     assert len(error.attempts) == 2 and {a.outcome for a in error.attempts} == {"failure"}
