@@ -76,6 +76,18 @@ def build_parser() -> argparse.ArgumentParser:
     )
     demo.add_argument("--pool", default="pharox-demo", help="pool the demo (re)creates (default pharox-demo)")
     demo.add_argument("--pages", type=_positive_int, default=24, help="products on the demo site (default 24)")
+    demo.add_argument(
+        "--serve",
+        action="store_true",
+        help="only start the demo site and proxies and keep them running (for example_project); Ctrl-C stops",
+    )
+    demo.add_argument("--site-port", type=int, default=0, help="with --serve: port of the demo site (default: any)")
+    demo.add_argument(
+        "--proxies-file",
+        type=Path,
+        default=None,
+        help="with --serve: write the proxy list there (for PHAROX_PROXIES_FILE)",
+    )
 
     db = verbs.add_parser("db", help="database schema for the SQL storages", epilog=_EXIT_HELP)
     db_verbs = db.add_subparsers(dest="db_verb", metavar="ACTION", required=True)
@@ -131,6 +143,7 @@ def _positive_int(text: str) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    _terminate_as_interrupt()
     try:
         if args.verb == "demo":
             return _demo(args)
@@ -160,6 +173,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     return EXIT_OK
 
 
+def _terminate_as_interrupt() -> None:
+    """SIGTERM unwinds like Ctrl-C, so the demo's proxies and worker are stopped too."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        return
+
+    def interrupt(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, interrupt)
+
+
 def _err(message: str) -> None:
     print(f"pharox-integrations: error: {message}", file=sys.stderr)
 
@@ -171,8 +198,11 @@ def _demo(args: argparse.Namespace) -> int:
     missing = [m for m in ("scrapy", "requests", "urllib3", "proxy") if not _importable(m)]
     if missing:
         raise CommandError(f"the demo needs {', '.join(missing)}: pip install 'pharox-integrations[demo]'", EXIT_USAGE)
-    from .demo.runner import run_demo
+    from .demo.runner import run_demo, serve
     from .storage import storage_from_url
+
+    if args.serve:
+        return serve(pages=args.pages, site_port=args.site_port, proxies_file=args.proxies_file)
 
     if not args.storage.startswith(("memory:", "pharox-memory:")):
         _close(storage_from_url(args.storage))  # a bad URL fails here, before any proxy starts

@@ -62,7 +62,7 @@ def run_urllib3(
     """urllib3 through `PharoxProxyManager`, the drop-in for `urllib3.ProxyManager`."""
     from ..urllib3 import PharoxProxyManager
 
-    with PharoxProxyManager(broker) as http:
+    with PharoxProxyManager(broker, maxsize=threads) as http:
 
         def fetch(page: int) -> object:
             response = http.request("GET", f"{site_url}/api/items?page={page}", timeout=10.0)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ipaddress
 import os
+from typing import Any
 
 from proxy.http.proxy import HttpProxyBasePlugin
 
@@ -33,3 +34,14 @@ class SourceAddressPlugin(HttpProxyBasePlugin):
         # proxy.py 2.4 connects to a dotted IPv4 literal without the source address;
         # the hexadecimal spelling of the same address takes the path that binds it.
         return hex(int(address)), (source, 0)
+
+    def handle_client_request(self, request: Any) -> Any:
+        """Drop `Proxy-Authorization` from every forwarded request.
+
+        proxy.py 2.4 strips it from the first request of a client connection only; later
+        requests on the same kept-alive connection reach the site with the header (and
+        are not re-authenticated).  A real proxy never forwards it, so neither does ours.
+        """
+        if request.headers and b"proxy-authorization" in request.headers:
+            request.del_header(b"proxy-authorization")
+        return request

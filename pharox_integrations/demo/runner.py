@@ -209,3 +209,44 @@ def summary(report: dict[str, Any], site_auth_seen: int) -> str:
         f"leases {c['acquired']} taken / {c['released']} returned, held now {report['held']}; "
         f"Proxy-Authorization seen by the site: {site_auth_seen}"
     )
+
+
+def serve(
+    *,
+    pages: int = 24,
+    site_port: int = 0,
+    proxies_file: Path | None = None,
+    out: TextIO | None = None,
+    ready: Any = None,
+) -> int:
+    """Keep the demo site and proxies running (for the example project) until interrupted.
+
+    Writes the proxy list to `proxies_file` (mode 0600: one proxy has credentials) so
+    `PHAROX_PROXIES_FILE` can point at it.  `ready`, if given, is a `threading.Event`
+    to wait on instead of Ctrl-C (tests stop the server with it).
+    """
+    import threading
+
+    from .proxies import DemoProxies
+    from .site import DemoSite
+
+    say = _printer(out or sys.stdout)
+    with DemoProxies() as proxies, DemoSite(pages=pages, banned_ips=proxies.banned_ips, port=site_port) as site:
+        lines = [f"# pharox-integrations demo proxies ({p.role})\n{p.url}" for p in proxies.items]
+        if proxies_file is not None:
+            fd = os.open(proxies_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            with os.fdopen(fd, "w", encoding="utf-8") as fh:
+                fh.write("\n".join(lines) + "\n")
+        say(f"demo site: {site.url}  ({pages} products)")
+        for p in proxies.items:
+            say(f"  proxy {p.safe_url:<24} {p.role}")
+        if proxies_file is not None:
+            say(f"proxy list written to {proxies_file}")
+        say("press Ctrl-C to stop")
+        stop = ready if ready is not None else threading.Event()
+        try:
+            while not stop.wait(0.5):
+                pass
+        except KeyboardInterrupt:
+            say("stopping")
+    return 0

@@ -35,9 +35,9 @@ class _Server(ThreadingHTTPServer):
     allow_reuse_address = True
     request_queue_size = 256  # crawls open bursts of connections
 
-    def __init__(self, site: DemoSite) -> None:
+    def __init__(self, site: DemoSite, port: int) -> None:
         self.site = site
-        super().__init__(("127.0.0.1", 0), _Handler)
+        super().__init__(("127.0.0.1", port), _Handler)
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -90,8 +90,11 @@ class DemoSite:
     `proxy_auth_seen` counts requests that carried `Proxy-Authorization` (must stay 0).
     """
 
-    def __init__(self, pages: int = 24, banned_ips: set[str] | None = None, delay_ms: float = 20.0) -> None:
+    def __init__(
+        self, pages: int = 24, banned_ips: set[str] | None = None, delay_ms: float = 20.0, port: int = 0
+    ) -> None:
         self.pages = pages
+        self.port = port
         self.banned_ips: set[str] = set(banned_ips or ())
         self.delay_ms = delay_ms
         self.hits: Counter[str] = Counter()
@@ -107,7 +110,7 @@ class DemoSite:
         return f"http://127.0.0.1:{self._server.server_address[1]}"
 
     def start(self) -> DemoSite:
-        self._server = _Server(self)
+        self._server = _Server(self, self.port)
         self._thread = threading.Thread(target=self._server.serve_forever, name="demo-site", daemon=True)
         self._thread.start()
         return self

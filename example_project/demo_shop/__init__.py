@@ -1,0 +1,1 @@
+"""Example Scrapy project: a shop crawled through a pharox proxy pool."""
