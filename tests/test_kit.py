@@ -165,6 +165,25 @@ def test_proxy_authorization_never_reaches_target_over_plain_http(
     assert not target.saw_header("Proxy-Authorization")
 
 
+def test_one_pooled_proxy_connection_serves_two_targets_correctly(
+    auth_http_proxy: KitProxy, target: TargetServer
+) -> None:
+    # Clients pool plain-HTTP proxy connections per proxy, not per target.
+    # proxy.py alone would send the 2nd request to the 1st target and leak
+    # Proxy-Authorization on it (see proxypy_plugin.py).
+    other = TargetServer()
+    try:
+        with urllib3.ProxyManager(auth_http_proxy.url, proxy_headers=auth_http_proxy.proxy_headers, maxsize=1) as pm:
+            for server in (target, other, target, other):
+                echo = _echo(pm.request("GET", f"{server.url}/echo", timeout=TIMEOUT))
+                assert echo["headers"]["Host"] == f"{server.host}:{server.port}"
+        for server in (target, other):
+            assert server.hits == {auth_http_proxy.outbound_ip: 2}
+            assert not server.saw_header("Proxy-Authorization")
+    finally:
+        other.close()
+
+
 def test_trio_members_have_own_credentials_and_ips(proxy_trio: list[KitProxy], target: TargetServer) -> None:
     assert len({p.outbound_ip for p in proxy_trio}) == 3
     assert len({p.auth for p in proxy_trio}) == 3

@@ -1,9 +1,16 @@
 """proxy.py plugin loaded inside the kit's proxy.py subprocesses (not by tests).
 
-proxy.py has no flag for the source address of upstream connections, but its
-``resolve_dns`` hook may return one. Binding each proxy's outgoing connections
-to its own loopback IP (127.0.0.2, ...) lets the target tell proxies apart, for
-forwarded HTTP and CONNECT tunnels alike.
+1. proxy.py has no flag for the source address of upstream connections, but its
+   ``resolve_dns`` hook may return one. Binding each proxy's outgoing connections
+   to its own loopback IP (127.0.0.2, ...) lets the target tell proxies apart, for
+   forwarded HTTP and CONNECT tunnels alike.
+2. proxy.py 2.4 keeps a client connection bound to the first upstream: on a
+   kept-alive connection it sends later plain-HTTP requests to that upstream even
+   when they name another host, and forwards their ``Proxy-Authorization``
+   unchecked and unstripped. Real proxies do neither, and either would make door
+   tests fail (or pass) for the proxy's sake. So forwarded plain-HTTP requests go
+   upstream with ``Connection: close``: one request per client connection, as a
+   proxy may choose. CONNECT tunnels are unaffected and keep alive.
 """
 
 from __future__ import annotations
@@ -11,6 +18,7 @@ from __future__ import annotations
 import ipaddress
 import os
 
+from proxy.http.parser import HttpParser
 from proxy.http.proxy import HttpProxyBasePlugin
 
 #: Environment variable the kit sets to the outbound IP of one proxy process.
@@ -35,3 +43,10 @@ class BindOutboundPlugin(HttpProxyBasePlugin):
         # the same IPv4 address is no literal to `ipaddress`, but getaddrinfo
         # (inet_aton rules) reads it as that address, so the bind is honoured.
         return str(int(addr)), (source, 0)
+
+    def handle_client_request(self, request: HttpParser) -> HttpParser:
+        if not request.is_https_tunnel:
+            request.add_header(b"Connection", b"close")
+            # Hop-by-hop; proxy.py strips them itself only on a connection's first request.
+            request.del_headers([b"Proxy-Authorization", b"Proxy-Connection"])
+        return request

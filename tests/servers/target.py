@@ -177,6 +177,7 @@ class _Handler(BaseHTTPRequestHandler):
     def _send(self, code: int, body: bytes, ctype: str, extra: dict[str, str] | None = None) -> None:
         no_body = code in (204, 304) or 100 <= code < 200
         self.send_response(code)
+        self._say_if_closing()
         for name, value in (extra or {}).items():
             self.send_header(name, value)
         if not no_body:
@@ -186,8 +187,15 @@ class _Handler(BaseHTTPRequestHandler):
         if self.command != "HEAD" and not no_body:
             self.wfile.write(body)
 
+    def _say_if_closing(self) -> None:
+        # The client (or a proxy) asked for close: tell it so it will not try
+        # to reuse the connection.
+        if self.close_connection:
+            self.send_header("Connection", "close")
+
     def _send_chunked(self, n: int, chunk: int, delay_ms: int) -> None:
         self.send_response(200)
+        self._say_if_closing()
         self.send_header("Content-Type", "application/octet-stream")
         self.send_header("Transfer-Encoding", "chunked")
         self.end_headers()
