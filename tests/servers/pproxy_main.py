@@ -15,6 +15,7 @@ import asyncio
 import sys
 
 import pproxy
+from orphan_guard import guard_parent  # type: ignore[import-not-found,unused-ignore]
 
 
 async def _serve(uri: str) -> None:
@@ -29,6 +30,7 @@ async def _serve(uri: str) -> None:
 
 
 def main() -> None:
+    guard_parent()
     try:
         asyncio.run(_serve(sys.argv[1]))
     except OSError as exc:

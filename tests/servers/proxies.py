@@ -137,7 +137,7 @@ class KitProxy:
             argv = [
                 sys.executable,
                 "-m",
-                "proxy",
+                "proxypy_main",
                 "--hostname",
                 "127.0.0.1",
                 "--port",
