@@ -403,8 +403,11 @@ class ProxyKit:
         return proxy
 
     def close(self) -> None:
-        for proxy in self.started:
-            proxy.stop()
+        # Signal all, then wait for each: stopping N proxies costs about one.
+        signalled = [p for p in self.started if p._signal(signal.SIGTERM)]
+        for proxy in signalled:
+            if not proxy._wait_group(5.0):
+                proxy.kill()
         for dead in self._dead:
             dead.close()
         if self._tmp is not None:
