@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import ssl
 import threading
 from collections import OrderedDict
@@ -72,6 +73,22 @@ SPOKEN_PROTOCOLS = _spoken()
 
 _EXTENSION = "pharox"
 _DEFAULT_MAX_TRANSPORTS = 128
+
+
+class _MaskSocksAuth(logging.Filter):
+    """httpcore's DEBUG trace of a SOCKS5 handshake prints the proxy credentials
+    (`auth=(b'user', b'password')`, the last field of the line): mask them."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        text = record.getMessage()
+        if "auth=(" in text:
+            record.msg, record.args = _SOCKS_AUTH.sub("auth=(***)", text), None
+        return True
+
+
+_SOCKS_AUTH = re.compile(r"auth=\(.*", re.S)
+if not any(isinstance(f, _MaskSocksAuth) for f in logging.getLogger("httpcore.socks").filters):
+    logging.getLogger("httpcore.socks").addFilter(_MaskSocksAuth())
 
 
 # ---------------------------------------------------------------------- errors
@@ -299,12 +316,15 @@ class _Door(Generic[T]):
         attempts = ProxyAttempts(self.broker, self.proxy_retries)
         replayable = isinstance(request.stream, httpx.ByteStream)  # bodies of bytes replay
         lease: ProxyLease | None = None
+        last: tuple[int | None, BaseException | None] = (None, None)  # for the final error
         try:
             while True:
                 try:
                     lease = yield acquire
                 except NoProxyAvailable as exc:
-                    raise _no_proxy(exc, request, attempts) from exc
+                    if attempts.attempts:  # moving, and nothing left to move to
+                        raise self._exhausted(attempts, request, *last, pool_state=str(exc)) from exc
+                    raise _no_proxy(exc, request) from exc
                 assert lease is not None
                 try:
                     route, stale = self.routes.checkout(lease)
@@ -322,6 +342,7 @@ class _Door(Generic[T]):
                     verdict = yield _Judge(attempts, lease, {"error": exc})
                     yield _Release(lease)
                     lease = None
+                    last = (None, exc)
                     if replayable and attempts.should_move(verdict):
                         continue
                     if verdict.moves_request:
@@ -345,6 +366,7 @@ class _Door(Generic[T]):
                         {"status_code": response.status_code, "response": response, "latency_ms": latency_ms},
                     )
                     can_move = replayable and attempts.should_move(verdict)
+                    last = (response.status_code, None)
                     if can_move or self.raise_on_exhausted:
                         yield _Close(response=response)
                         idle = self.routes.checkin(route)
@@ -393,11 +415,19 @@ class _Door(Generic[T]):
             raise PharoxTransportError(f"could not report the request: {describe_error(failure)}") from failure
 
     def _exhausted(
-        self, attempts: ProxyAttempts, request: httpx.Request, status_code: int | None, error: BaseException | None
+        self,
+        attempts: ProxyAttempts,
+        request: httpx.Request,
+        status_code: int | None,
+        error: BaseException | None,
+        *,
+        pool_state: str | None = None,
     ) -> AllProxiesFailedError:
         cls = ProxyAuthenticationFailedError if _is_auth_failure(status_code, error) else AllProxiesFailedError
         failure = attempts.failure(cls)
         assert isinstance(failure, AllProxiesFailedError)
+        if pool_state is not None:  # the request wanted to move on but the pool had nothing left
+            failure = cls(attempts.attempts, f"{failure}; no other proxy to move to: {pool_state}")
         failure.request = request
         return failure
 
@@ -405,12 +435,9 @@ class _Door(Generic[T]):
         raise NotImplementedError
 
 
-def _no_proxy(exc: NoProxyAvailable, request: httpx.Request, attempts: ProxyAttempts) -> NoProxyAvailableError:
-    message = str(exc)
-    if attempts.attempts:
-        message += "; tried before: " + "; ".join(str(a) for a in attempts.attempts)
+def _no_proxy(exc: NoProxyAvailable, request: httpx.Request) -> NoProxyAvailableError:
     error = NoProxyAvailableError(
-        message, pool=exc.pool, filters=exc.filters, counts=exc.counts, next_revival_in=exc.next_revival_in
+        str(exc), pool=exc.pool, filters=exc.filters, counts=exc.counts, next_revival_in=exc.next_revival_in
     )
     error.request = request
     return error
