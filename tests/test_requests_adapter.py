@@ -294,17 +294,17 @@ def test_explicit_proxies_bypass_leasing(door: Door, target: Any, http_proxy: An
 
 
 def test_environment_proxy_never_overrides_the_lease(
-    door: Door, monkeypatch: pytest.MonkeyPatch, target: Any, proxy_kit: Any, http_proxy: Any
+    door: Door, monkeypatch: pytest.MonkeyPatch, target: Any, proxy_kit: Any, socks5_proxy: Any
 ) -> None:
     # An environment proxy with credentials: on redirects Session adds its
-    # Proxy-Authorization header, which must reach neither our proxy nor the target.
+    # Proxy-Authorization header; through SOCKS it would reach the target as is.
     dead = proxy_kit.dead()
     monkeypatch.setenv("HTTP_PROXY", bad_auth_url(dead.host, dead.port))
-    broker = door.broker([http_proxy])
+    broker = door.broker([socks5_proxy])
     session = door.session(broker)
     r = session.get(f"{target.url}/redirect?to=/echo")
     assert r.status_code == 200
-    assert r.json()["peer_ip"] == http_proxy.outbound_ip
+    assert r.json()["peer_ip"] == socks5_proxy.outbound_ip
     assert broker.counters["acquired"] == 2  # one lease per hop
     assert not target.saw_header("Proxy-Authorization")
 
