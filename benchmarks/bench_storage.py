@@ -21,12 +21,15 @@ from __future__ import annotations
 import argparse
 import gc
 import statistics
+import subprocess
 import sys
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from pharox import (
     HealthCheckResult,
@@ -42,6 +45,9 @@ from pharox import (
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from pharox_integrations.storage.memory import MemoryStorage
+
+if TYPE_CHECKING:
+    from pharox_integrations.broker import LeaseBroker
 
 POOL = "bench"
 FULL = {
@@ -197,38 +203,50 @@ def broker_rows(args: argparse.Namespace) -> None:
         print(f"\n## core path: skipped (LeaseBroker not importable: {exc})")
         return
     print("\n## core path: LeaseBroker acquire + report(200, 5 ms) + release on MemoryStorage")
-    print("| proxies | threads | median us/op | ops/s | ops |")
-    print("|---:|---:|---:|---:|---:|")
+    print("Pool: half http, half socks5 proxies; 'http only' is the Scrapy door's protocols=(http, https).")
+    print("| proxies | threads | any protocol: median us/op | ops/s | http only: median us/op | ops/s |")
+    print("|---:|---:|---:|---:|---:|---:|")
     for size in args.sizes:
-        urls = [f"http://127.0.{i // 60000}.1:{1024 + i % 60000}" for i in range(size)]
+        urls = [
+            f"{'socks5' if i % 2 else 'http'}://127.0.{i // 60000}.1:{1024 + i % 60000}" for i in range(size)
+        ]
         broker = LeaseBroker.from_proxies(urls, pool="default", storage=MemoryStorage())
         for threads in args.threads:
-            samples: list[list[int]] = [[] for _ in range(threads)]
-            per_thread = max(1, args.ops // threads)
-
-            def work(out: list[int], broker: LeaseBroker = broker, per_thread: int = per_thread) -> None:
-                clock = time.perf_counter_ns
-                for _ in range(per_thread):
-                    start = clock()
-                    lease = broker.acquire()
-                    broker.report(lease, status_code=200, latency_ms=5)
-                    broker.release(lease)
-                    out.append(clock() - start)
-
-            work([])  # warm-up
-            started = time.perf_counter()
-            workers = [threading.Thread(target=work, args=(samples[i],)) for i in range(threads)]
-            for worker in workers:
-                worker.start()
-            for worker in workers:
-                worker.join()
-            wall = time.perf_counter() - started
-            flat = [s for chunk in samples for s in chunk]
-            median = statistics.median(flat) / 1000
-            print(f"| {size:,} | {threads} | {median:,.1f} | {len(flat) / wall:,.0f} | {len(flat)} |", flush=True)
+            cells = [_broker_cell(broker, threads, args.ops, protocols) for protocols in (None, ("http", "https"))]
+            row = " | ".join(f"{median:,.1f} | {rate:,.0f}" for median, rate in cells)
+            print(f"| {size:,} | {threads} | {row} |", flush=True)
         del broker
         gc.collect()
     print("Goal: < 100 us median at 100,000 proxies (1 thread).")
+
+
+def _broker_cell(
+    broker: LeaseBroker, threads: int, ops: int, protocols: tuple[str, ...] | None
+) -> tuple[float, float]:
+    """(median us per acquire+report+release, ops/s) over `ops` split over threads."""
+    samples: list[list[int]] = [[] for _ in range(threads)]
+    per_thread = max(1, ops // threads)
+
+    def work(out: list[int], count: int) -> None:
+        clock = time.perf_counter_ns
+        for _ in range(count):
+            start = clock()
+            lease = broker.acquire(protocols=protocols)
+            broker.report(lease, status_code=200, latency_ms=5)
+            broker.release(lease)
+            out.append(clock() - start)
+
+    work([], 20)  # warm-up (builds the selector's index)
+    gc.collect()
+    started = time.perf_counter()
+    workers = [threading.Thread(target=work, args=(samples[i], per_thread)) for i in range(threads)]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join()
+    wall = time.perf_counter() - started
+    flat = [s for chunk in samples for s in chunk]
+    return statistics.median(flat) / 1000, len(flat) / wall
 
 
 def rss_mb() -> float:
@@ -253,7 +271,7 @@ def _lease_window(manager: ProxyManager, ops: int) -> float:
 
 def history(args: argparse.Namespace) -> None:
     print(f"\n## cost after many leases (1,000 proxies, round_robin, median of 3 medians of {args.window // 3} ops)")
-    print("| storage | after leases | median us/op | kept leases | RSS MB |")
+    print("| storage | leases made before | median us/op | leases kept after | RSS MB |")
     print("|---|---:|---:|---:|---:|")
     pool = ProxyPool(name=POOL)
     proxies = make_proxies(pool, 1000, args.max_concurrency)
@@ -266,23 +284,23 @@ def history(args: argparse.Namespace) -> None:
         done = 0
         window = max(1, args.window // 3)
         for checkpoint in (1000, total):
-            while done < checkpoint - 3 * window:
+            while done < checkpoint:
                 got = manager.acquire_proxy(POOL, selector=SelectorStrategy.ROUND_ROBIN)
                 if got is not None:
                     manager.release_proxy(got)
                 done += 1
             median = statistics.median(_lease_window(manager, window) for _ in range(3))
-            done += 3 * window
             kept = len(storage.list_leases())
-            print(f"| {name} | {done:,} | {median:,.1f} | {kept:,} | {rss_mb():,.0f} |", flush=True)
+            print(f"| {name} | {checkpoint:,} | {median:,.1f} | {kept:,} | {rss_mb():,.0f} |", flush=True)
+            done += 3 * window
         del storage, manager
         gc.collect()
 
 
 def health_memory(args: argparse.Namespace) -> None:
     print("\n## RSS while applying health results (1,000 proxies, one result per call)")
-    print("| storage | calls | RSS MB | us/call (median of last 1,000) |")
-    print("|---|---:|---:|---:|")
+    print("| storage | calls | RSS MB | RSS growth since seeded, MB | us/call (median of last 1,000) |")
+    print("|---|---:|---:|---:|---:|")
     pool = ProxyPool(name=POOL)
     proxies = make_proxies(pool, 1000, args.max_concurrency)
     results = [
@@ -295,20 +313,36 @@ def health_memory(args: argparse.Namespace) -> None:
     for name, factory, total in runs:
         gc.collect()
         storage = build(factory, pool, proxies)
+        seeded = rss_mb()
         checkpoints = sorted({c for c in (10_000, 100_000, 250_000, 500_000, total) if c <= total})
         done = 0
         clock = time.perf_counter_ns
         for checkpoint in checkpoints:
-            samples = []
+            samples: deque[int] = deque(maxlen=1000)  # a long list would itself grow RSS
             while done < checkpoint:
                 start = clock()
                 storage.apply_health_check_result(results[done % 1000])
                 samples.append(clock() - start)
                 done += 1
-            median = statistics.median(samples[-1000:]) / 1000
-            print(f"| {name} | {done:,} | {rss_mb():,.0f} | {median:,.1f} |", flush=True)
+            median = statistics.median(samples) / 1000
+            rss = rss_mb()
+            print(f"| {name} | {done:,} | {rss:,.0f} | {rss - seeded:+,.0f} | {median:,.1f} |", flush=True)
         del storage
         gc.collect()
+
+
+def _without_only(argv: list[str]) -> list[str]:
+    kept: list[str] = []
+    skipping = False
+    for token in argv:
+        if token == "--only":
+            skipping = True
+        elif skipping and not token.startswith("--"):
+            continue
+        else:
+            skipping = False
+            kept.append(token)
+    return kept
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -332,8 +366,16 @@ def main(argv: Sequence[str] | None = None) -> None:
     for name, value in defaults.items():
         if getattr(args, name) is None:
             setattr(args, name, value)
-    only = set(args.only or ["table", "broker", "history", "health"])
-    print(f"# bench_storage ({'quick' if args.quick else 'full'} run, python {sys.version.split()[0]})")
+    sections = args.only or ["table", "broker", "history", "health"]
+    if len(sections) > 1:
+        # One fresh process per section, so RSS readings are not inflated by the
+        # allocations of earlier sections (CPython seldom returns freed memory).
+        print(f"# bench_storage ({'quick' if args.quick else 'full'} run, python {sys.version.split()[0]})")
+        passthrough = _without_only(list(sys.argv[1:] if argv is None else argv))
+        for section in sections:
+            subprocess.run([sys.executable, __file__, *passthrough, "--only", section], check=True)
+        return
+    only = set(sections)
     if "table" in only:
         goals(storage_table(args), args.sizes)
     if "broker" in only:

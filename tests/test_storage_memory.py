@@ -458,6 +458,8 @@ def test_health_history_is_a_ring_buffer() -> None:
         health(storage, proxy, ProxyStatus.ACTIVE, latency_ms=latency)
     records = storage.list_health_records(proxy.id)
     assert [r.latency_ms for r in records] == [10, 9, 8, 7]
+    assert [r.id for r in storage.list_health_records(proxy.id)] == [r.id for r in records]
+    assert records[0].status_before == ProxyStatus.ACTIVE and records[0].reachable
     assert [r.latency_ms for r in storage.list_health_records(proxy.id, limit=2)] == [10, 9]
     last = storage.get_last_health_result(proxy.id)
     assert last is not None and last.latency_ms == 10

@@ -322,6 +322,59 @@ def _none_check(children: list[ProxyFilters]) -> _Check:
     return lambda proxy: not any(child.matches(proxy) for child in children)
 
 
+class _Record:
+    """A health record as stored: about a tenth of a `ProxyHealthRecord`'s memory.
+
+    Its id is drawn the first time the record is read, then kept, so reads agree.
+    """
+
+    __slots__ = (
+        "checked_at",
+        "error",
+        "id",
+        "latency_ms",
+        "protocol",
+        "reachable",
+        "status_after",
+        "status_before",
+    )
+
+    def __init__(
+        self,
+        record_id: UUID | None,
+        checked_at: datetime,
+        reachable: bool,
+        latency_ms: int | None,
+        protocol: ProxyProtocol,
+        status_before: ProxyStatus | None,
+        status_after: ProxyStatus,
+        error: str | None,
+    ) -> None:
+        self.id = record_id
+        self.checked_at = checked_at
+        self.reachable = reachable
+        self.latency_ms = latency_ms
+        self.protocol = protocol
+        self.status_before = status_before
+        self.status_after = status_after
+        self.error = error
+
+    def export(self, proxy_id: UUID) -> ProxyHealthRecord:
+        if self.id is None:
+            self.id = uuid4()
+        return ProxyHealthRecord(
+            id=self.id,
+            proxy_id=proxy_id,
+            checked_at=self.checked_at,
+            reachable=self.reachable,
+            latency_ms=self.latency_ms,
+            protocol=self.protocol,
+            status_before=self.status_before,
+            status_after=self.status_after,
+            error=self.error,
+        )
+
+
 def _field_keys(proxy: Proxy) -> list[tuple[str, object]]:
     keys: list[tuple[str, object]] = [
         (name, value) for name in _TEXT_FIELDS if (value := getattr(proxy, name))
@@ -356,7 +409,7 @@ class MemoryStorage(IStorage):
         self._pool_ids: dict[str, UUID] = {}
         self._entries: dict[UUID, _Entry] = {}
         self._consumers: dict[str, UUID] = {}
-        self._health: dict[UUID, deque[ProxyHealthRecord]] = {}
+        self._health: dict[UUID, deque[_Record]] = {}
         self._leases: dict[UUID, Lease] = {}
         self._released: OrderedDict[UUID, Lease] = OrderedDict()
         self._expiry: list[tuple[datetime, UUID]] = []
@@ -460,7 +513,13 @@ class MemoryStorage(IStorage):
         old = self._entries.get(proxy.id)
         if old is None:
             stored.current_leases = 0
-            self._attach(_Entry(stored, pool, next(self._seq)))
+            entry = _Entry(stored, pool, next(self._seq))
+            # Records saved before the proxy (or kept across a re-add) still count.
+            ring = self._health.get(proxy.id, ())
+            entry.latency = next(
+                (r.latency_ms for r in reversed(ring) if r.reachable and r.latency_ms is not None), None
+            )
+            self._attach(entry)
             return
         stored.current_leases = old.proxy.current_leases
         self._detach(old)
@@ -711,27 +770,27 @@ class MemoryStorage(IStorage):
             status_before = proxy.status
             proxy.status = result.status
             proxy.checked_at = result.checked_at
-            record = ProxyHealthRecord(
-                proxy_id=result.proxy_id,
-                checked_at=result.checked_at,
-                reachable=result.status in (ProxyStatus.ACTIVE, ProxyStatus.SLOW),
-                latency_ms=result.latency_ms,
-                protocol=result.protocol,
-                status_before=status_before,
-                status_after=result.status,
-                error=result.error_message,
+            record = _Record(
+                None,
+                result.checked_at,
+                result.status in (ProxyStatus.ACTIVE, ProxyStatus.SLOW),
+                result.latency_ms,
+                result.protocol,
+                status_before,
+                result.status,
+                result.error_message,
             )
-            self._append_record(record)
+            self._append_record(result.proxy_id, record)
             self._refresh(entry)
             return _copy_proxy(proxy)
 
-    def _append_record(self, record: ProxyHealthRecord) -> None:
-        ring = self._health.get(record.proxy_id)
+    def _append_record(self, proxy_id: UUID, record: _Record) -> None:
+        ring = self._health.get(proxy_id)
         if ring is None:
-            ring = self._health[record.proxy_id] = deque(maxlen=self._health_history)
+            ring = self._health[proxy_id] = deque(maxlen=self._health_history)
         ring.append(record)
         if record.reachable and record.latency_ms is not None:
-            entry = self._entries.get(record.proxy_id)
+            entry = self._entries.get(proxy_id)
             if entry is not None:
                 # Kept apart from the ring so LOWEST_LATENCY still knows the last
                 # good latency after a run of failures has pushed it out.
@@ -740,7 +799,19 @@ class MemoryStorage(IStorage):
     def save_health_record(self, record: ProxyHealthRecord) -> None:
         """Append a health observation to the proxy's bounded history."""
         with self._lock:
-            self._append_record(record.model_copy())
+            self._append_record(
+                record.proxy_id,
+                _Record(
+                    record.id,
+                    record.checked_at,
+                    record.reachable,
+                    record.latency_ms,
+                    record.protocol,
+                    record.status_before,
+                    record.status_after,
+                    record.error,
+                ),
+            )
             entry = self._entries.get(record.proxy_id)
             if entry is not None:
                 self._refresh(entry)
@@ -753,7 +824,7 @@ class MemoryStorage(IStorage):
                 return None
             record = ring[-1]
             return HealthCheckResult(
-                proxy_id=record.proxy_id,
+                proxy_id=proxy_id,
                 status=record.status_after,
                 latency_ms=record.latency_ms or 0,
                 protocol=record.protocol,
@@ -767,7 +838,7 @@ class MemoryStorage(IStorage):
             ring = self._health.get(proxy_id)
             if not ring or limit <= 0:
                 return []
-            return [record.model_copy() for record in islice(reversed(ring), limit)]
+            return [record.export(proxy_id) for record in islice(reversed(ring), limit)]
 
     # ------------------------------------------------------------------
     # Pools and proxies
