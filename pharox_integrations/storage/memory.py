@@ -7,8 +7,9 @@ ten proxies and ruinous on a crawler's request path with a hundred thousand.
 
 `MemoryStorage` keeps indexes instead:
 
-* per pool, one ordered index of *available* proxies per selector strategy, built
-  the first time that strategy is used on the pool and maintained from then on:
+* per pool, one ordered index of *available* proxies per selector strategy (and
+  per protocol set a client restricts itself to), built the first time it is
+  used and maintained from then on:
   FIRST_AVAILABLE in insertion order (as pharox's in-memory storage), ROUND_ROBIN
   by proxy id with a "last id" cursor (the contract suite's order), LEAST_USED by
   ``(current_leases, checked_at, id)`` and LOWEST_LATENCY by the latest reachable
@@ -26,8 +27,8 @@ an index cannot answer -- a user predicate, a geo radius, ``any_of``/``none_of``
 order; a filter made only of such parts may walk the whole available set.
 
 Released leases are kept only in a small window (for `get_lease`/`list_leases`
-right after release) and health records in a ring buffer per proxy, so memory and
-cost stay flat however long the process runs.  Every public method takes one
+right after release) and health records, stored compactly, in a ring buffer per
+proxy, so memory and cost stay flat however long the process runs.  Every public method takes one
 lock; objects handed out are shallow copies (all their fields are immutable apart
 from the credentials, which are copied too), never the stored instances.
 """
