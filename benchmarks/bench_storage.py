@@ -370,7 +370,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     if len(sections) > 1:
         # One fresh process per section, so RSS readings are not inflated by the
         # allocations of earlier sections (CPython seldom returns freed memory).
-        print(f"# bench_storage ({'quick' if args.quick else 'full'} run, python {sys.version.split()[0]})")
+        print(f"# bench_storage ({'quick' if args.quick else 'full'} run, python {sys.version.split()[0]})", flush=True)
         passthrough = _without_only(list(sys.argv[1:] if argv is None else argv))
         for section in sections:
             subprocess.run([sys.executable, __file__, *passthrough, "--only", section], check=True)
