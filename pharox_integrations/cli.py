@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import csv
+import functools
 import io
 import os
 import sys
@@ -526,6 +527,8 @@ def _pool_list(args: argparse.Namespace) -> int:
 def _pool_stats(args: argparse.Namespace) -> int:
     import statistics
 
+    from .attempts import mask_credentials
+
     opened = _open(args, args.pool)
 
     def run() -> int:
@@ -535,21 +538,15 @@ def _pool_stats(args: argparse.Namespace) -> int:
         latencies: list[int] = []
         for p in sorted(proxies, key=lambda p: (str(p.host), p.port)):
             records = list(broker.storage.list_health_records(p.id, limit=20))
-            ok = sum(1 for r in records if str(getattr(r.status, "value", r.status)) == "active")
-            lat = [
-                r.latency_ms for r in records if str(getattr(r.status, "value", r.status)) == "active" and r.latency_ms
-            ]
+            good = [r for r in records if str(getattr(r.status_after, "value", r.status_after)) == "active"]
+            lat = [r.latency_ms for r in good if r.latency_ms]
             latencies.extend(lat)
             last = max(records, key=lambda r: r.checked_at) if records else None
             detail = None
             if last is not None:
-                from .attempts import mask_credentials
-
-                detail = (
-                    f"HTTP {last.status_code}"
-                    if last.status_code
-                    else mask_credentials(last.error_message or "")[:40] or None
-                )
+                after = str(getattr(last.status_after, "value", last.status_after))
+                detail = f"{after}: {mask_credentials(last.error)[:50]}" if last.error else after
+            ok = len(good)
             rows.append(
                 (
                     _safe(p),
@@ -622,6 +619,32 @@ def _pool_check(args: argparse.Namespace) -> int:
     return _guard_db(opened, run)
 
 
+def _quoted(proxy: Any) -> Any:
+    """The proxy with a URL whose credentials survive the trip (see `build_proxy_url`).
+
+    pharox's checker connects to `proxy.url`, which encodes credentials with
+    `quote_plus`: a space becomes `+` and the proxy rejects the password.
+    """
+    return _quoted_proxy_class().model_validate(proxy.model_dump())
+
+
+@functools.cache
+def _quoted_proxy_class() -> Any:
+    from pharox import Proxy
+
+    from .settings import build_proxy_url
+
+    class QuotedProxy(Proxy):
+        @property
+        def url(self) -> str:
+            creds = self.credentials
+            protocol = str(getattr(self.protocol, "value", self.protocol))
+            user, password = (creds.user, creds.password) if creds else (None, None)
+            return build_proxy_url(protocol, str(self.host), self.port, user, password)
+
+    return QuotedProxy
+
+
 async def _check_all(storage: Any, proxies: list[Any], options: Any, concurrency: int) -> list[Any]:
     """pharox's HealthChecker over every proxy, `concurrency` at a time; each result saved."""
     from pharox import HealthChecker
@@ -635,7 +658,7 @@ async def _check_all(storage: Any, proxies: list[Any], options: Any, concurrency
 
     async def one(proxy: Any) -> Any:
         async with gate:
-            result = await checker.check_proxy(proxy)
+            result = await checker.check_proxy(_quoted(proxy))
         if result.error_message:
             result = result.model_copy(update={"error_message": mask_credentials(result.error_message)})
         await asyncio.to_thread(storage.apply_health_check_result, result)

@@ -1,0 +1,228 @@
+"""The command line against real SQLite files, real proxies and a real target.
+
+Every exit code the docs promise is checked: 0 done, 1 done with problems, 2 nothing
+done (arguments, URL, pool), 3 storage unreachable or without schema.
+"""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from servers import SPECIAL_AUTH, ProxyKit, TargetServer
+
+from pharox_integrations import __version__
+from pharox_integrations.cli import EXIT_OK, EXIT_PROBLEMS, EXIT_STORAGE, EXIT_USAGE, main
+from pharox_integrations.storage import storage_from_url
+from pharox_integrations.storage.sql import init_schema
+
+SECRET = "hunter2-secret"
+
+
+@pytest.fixture
+def db(tmp_path: Path) -> str:
+    url = f"sqlite:///{tmp_path / 'pool.db'}"
+    init_schema(url)
+    return url
+
+
+def _proxies(url: str, pool: str) -> list[object]:
+    storage = storage_from_url(url)
+    try:
+        record = next(p for p in storage.list_pools() if p.name == pool)
+        return list(storage.list_proxies(str(record.id)))
+    finally:
+        storage.close()  # type: ignore[attr-defined]
+
+
+def run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_version_from_the_installed_entry_point() -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "pharox_integrations.cli", "--version"], capture_output=True, text=True, check=False
+    )
+    assert done.returncode == 0
+    assert __version__ in done.stdout
+
+
+def test_db_init_is_idempotent(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    url = f"sqlite:///{tmp_path / 'new.db'}"
+    for _ in range(2):
+        code, out, _err = run(capsys, "db", "init", "--storage", url)
+        assert code == EXIT_OK
+        assert "schema ready" in out
+    assert run(capsys, "pool", "list", "--storage", url)[0] == EXIT_OK
+
+
+def test_import_list_reports_bad_lines_and_imports_the_rest(
+    db: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    listing = tmp_path / "proxies.txt"
+    listing.write_text(
+        "# my proxies\n"
+        "http://127.0.0.1:3128\n"
+        f"socks5://user:{SECRET}@127.0.0.1:1080   # the SOCKS one\n"
+        f"bogus://user:{SECRET}@127.0.0.1:1\n"
+        f"http://user:{SECRET}@127.0.0.1:99999\n"
+        "127.0.0.1:3128\n"
+        "\n"
+        "[::1]:8080\n"
+    )
+    code, out, err = run(capsys, "pool", "import", str(listing), "--storage", db, "--pool", "shop")
+    assert code == EXIT_PROBLEMS
+    assert "imported 3 new proxies into pool 'shop'" in out
+    assert "1 duplicate line(s), 2 bad line(s)" in out
+    assert "proxies.txt line 4: unsupported proxy protocol 'bogus'" in err
+    assert "proxies.txt line 5:" in err and "99999" in err
+    assert SECRET not in out + err
+    assert len(_proxies(db, "shop")) == 3
+
+    # Idempotent: the same file again adds nothing (and still reports the bad lines).
+    code, out, _err = run(capsys, "pool", "import", str(listing), "--storage", db, "--pool", "shop")
+    assert code == EXIT_PROBLEMS
+    assert "imported 0 new proxies" in out and "3 already there" in out
+    assert len(_proxies(db, "shop")) == 3
+
+
+def test_import_csv_keeps_country_and_source(db: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    sheet = tmp_path / "providers.csv"
+    sheet.write_text(
+        "url,country,source,max_concurrency\n"
+        f"http://user:{SECRET}@127.0.0.1:4000,us,provider-a,2\n"
+        "http://127.0.0.1:4001,DE,provider-b,\n"
+        "not a proxy,fr,x,\n"
+        "http://127.0.0.1:4002,fr,provider-c,zero\n"
+    )
+    code, out, err = run(capsys, "pool", "import", str(sheet), "--storage", db, "--pool", "geo")
+    assert code == EXIT_PROBLEMS
+    assert "imported 2 new proxies" in out
+    assert "providers.csv line 4:" in err and "providers.csv line 5: max_concurrency='zero'" in err
+    by_port = {p.port: p for p in _proxies(db, "geo")}  # type: ignore[attr-defined]
+    assert (by_port[4000].country, by_port[4000].source, by_port[4000].max_concurrency) == ("US", "provider-a", 2)
+    assert (by_port[4001].country, by_port[4001].max_concurrency) == ("DE", None)
+
+    code, out, err = run(capsys, "pool", "list", "--storage", db, "--pool", "geo")
+    assert code == EXIT_OK
+    assert "http://127.0.0.1:4000" in out and "provider-a" in out and "US" in out
+    assert SECRET not in out + err
+
+
+def test_import_big_file_shows_progress(db: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    big = tmp_path / "big.txt"
+    big.write_text("".join(f"http://127.0.{i // 250}.{i % 250 + 1}:8080\n" for i in range(2500)))
+    code, out, err = run(capsys, "pool", "import", str(big), "--storage", db, "--pool", "big")
+    assert code == EXIT_OK
+    assert "imported 2500 new proxies" in out
+    assert "imported 1000/2500" in err and "imported 2500/2500" in err  # one line per chunk off a terminal
+    assert len(_proxies(db, "big")) == 2500
+
+
+def test_list_and_stats_tables(db: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    listing = tmp_path / "p.txt"
+    listing.write_text(f"http://user:{SECRET}@127.0.0.1:5000\nhttp://127.0.0.1:5001\n")
+    assert run(capsys, "pool", "import", str(listing), "--storage", db, "--pool", "a")[0] == EXIT_OK
+    code, out, _ = run(capsys, "pool", "list", "--storage", db)
+    assert code == EXIT_OK
+    header, _rule, row = out.splitlines()[:3]
+    assert header.split() == ["pool", "proxies", "active", "banned", "inactive", "slow", "leased"]
+    assert row.split() == ["a", "2", "2", "0", "0", "0", "0"]
+    code, out, err = run(capsys, "pool", "stats", "--storage", db, "--pool", "a")
+    assert code == EXIT_OK
+    assert "pool 'a': 2 proxies, 2 active" in out
+    assert SECRET not in out + err
+
+
+def test_unknown_pool_names_the_known_ones(db: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    listing = tmp_path / "p.txt"
+    listing.write_text("http://127.0.0.1:5000\n")
+    run(capsys, "pool", "import", str(listing), "--storage", db, "--pool", "shop")
+    for verb in ("list", "stats"):
+        code, _out, err = run(capsys, "pool", verb, "--storage", db, "--pool", "shpo")
+        assert code == EXIT_USAGE
+        assert "pool 'shpo' does not exist (pools in this storage: 'shop')" in err
+
+
+def test_storage_errors_have_their_exit_codes(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    empty = f"sqlite:///{tmp_path / 'empty.db'}"
+    code, _, err = run(capsys, "pool", "list", "--storage", empty)
+    assert code == EXIT_STORAGE and "db init" in err
+
+    with socket.socket() as closed:  # bound, never listening: connections are refused
+        closed.bind(("127.0.0.1", 0))
+        port = closed.getsockname()[1]
+        url = f"postgresql+psycopg://postgres:{SECRET}@127.0.0.1:{port}/test"
+        code, _, err = run(capsys, "pool", "list", "--storage", url)
+    assert code == EXIT_STORAGE
+    assert "unavailable" in err and SECRET not in err
+
+    assert run(capsys, "pool", "list", "--storage", "memory://")[0] == EXIT_USAGE
+    code, _, err = run(capsys, "pool", "list", "--storage", "nosuch://x")
+    assert code == EXIT_USAGE and "unknown storage URL" in err
+    code, _, err = run(capsys, "pool", "import", str(tmp_path / "missing.txt"), "--storage", empty, "--pool", "x")
+    assert code == EXIT_USAGE and "cannot read" in err
+
+
+def test_storage_url_from_the_environment(
+    db: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.delenv("PHAROX_STORAGE_URL", raising=False)
+    code, _, err = run(capsys, "pool", "list")
+    assert code == EXIT_USAGE and "PHAROX_STORAGE_URL" in err
+    monkeypatch.setenv("PHAROX_STORAGE_URL", db)
+    assert run(capsys, "pool", "list")[0] == EXIT_OK
+
+
+def test_bad_arguments_exit_2(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exc:
+        main(["pool", "stats"])  # --pool is required
+    assert exc.value.code == EXIT_USAGE
+
+
+@pytest.fixture
+def check_kit(tmp_path: Path) -> Iterator[ProxyKit]:
+    with ProxyKit(tmp_path / "kit") as kit:
+        yield kit
+
+
+def test_pool_check_writes_results(
+    db: str, tmp_path: Path, check_kit: ProxyKit, target: TargetServer, capsys: pytest.CaptureFixture[str]
+) -> None:
+    good, special = check_kit.many("http", [None, SPECIAL_AUTH])
+    dead = check_kit.dead()
+    listing = tmp_path / "p.txt"
+    listing.write_text(f"{good.url}\n{special.url}\n{dead.url}\n")
+    assert run(capsys, "pool", "import", str(listing), "--storage", db, "--pool", "chk")[0] == EXIT_OK
+
+    code, out, err = run(
+        capsys,
+        "pool",
+        "check",
+        "--storage",
+        db,
+        "--pool",
+        "chk",
+        "--target",
+        f"{target.url}/status/200",
+        "--timeout",
+        "5",
+    )
+    assert code == EXIT_PROBLEMS, out + err  # the dead port is not active
+    assert "checked 3 proxies: 2 active, 1 not" in out
+    assert "checked 3/3" in err  # progress
+    statuses = {p.port: str(p.status.value) for p in _proxies(db, "chk")}  # type: ignore[attr-defined]
+    # Credentials with ':', '@', '/', '%', '+' and a space get through (pharox's own URL would not).
+    assert statuses == {good.port: "active", special.port: "active", dead.port: "inactive"}
+    assert not target.saw_header("Proxy-Authorization")
+    for part in SPECIAL_AUTH:
+        assert part not in out + err
+
+    code, out, _ = run(capsys, "pool", "stats", "--storage", db, "--pool", "chk")
+    assert code == EXIT_OK and "2 active, 0 banned, 1 inactive" in out
