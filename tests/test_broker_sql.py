@@ -1,0 +1,94 @@
+"""The core over the shared SQL storages: two brokers (as two processes would) share
+bans, revival, explanations and leases; async acquires never run SQL on the loop."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from pathlib import Path
+
+import pytest
+from pharox import ProxyManager, ProxyStatus
+from sqlhelpers import backend_params, private_database
+
+from pharox_integrations import HealthPolicy, LeaseBroker, NoProxyAvailable
+from pharox_integrations.storage import storage_from_url
+
+URLS = ["http://alice:s3cret@127.0.0.1:8001", "http://127.0.0.2:8002"]
+
+
+@pytest.fixture(params=backend_params())
+def sql_url(request: pytest.FixtureRequest, tmp_path: Path):  # type: ignore[no-untyped-def]
+    with private_database(request.param, tmp_path) as url:
+        yield url
+
+
+def test_two_brokers_share_bans_and_revival(sql_url: str) -> None:
+    policy = HealthPolicy(backoff_base=0.5, backoff_cap=1)
+    a = LeaseBroker.from_proxies(
+        URLS, storage=storage_from_url(sql_url, create_schema=True), policy=policy, max_concurrency=1
+    )
+    b = LeaseBroker(
+        ProxyManager(storage_from_url(sql_url)), policy=policy, acquire_timeout=5, revive_scan_seconds=0.1
+    )
+    assert b.storage_blocks and not LeaseBroker.from_proxies(URLS).storage_blocks
+    with a.lease() as lease:
+        banned = lease.proxy_id
+        a.report(lease, status_code=403)
+    # B sees the ban at once: only the other proxy is leased.
+    for _ in range(3):
+        with b.lease() as lease:
+            assert lease.proxy_id != banned
+    with b.lease(), pytest.raises(NoProxyAvailable, match=r"0 of 2 .* 1 banned, 1 leased to capacity; next back in"):
+        b.acquire(timeout=0)
+    # B brings it back once the cool-down derived from the storage is over.
+    seen = set()
+    for _ in range(40):
+        with b.lease() as lease:
+            seen.add(lease.proxy_id)
+            b.report(lease, status_code=200)
+        if banned in seen:
+            break
+        threading.Event().wait(0.05)
+    assert banned in seen
+    assert {p.status for p in a.proxies()} == {ProxyStatus.ACTIVE}
+    assert a.held == b.held == 0 and all(p.current_leases == 0 for p in a.proxies())
+
+
+def test_reseeding_the_same_list_is_idempotent(sql_url: str) -> None:
+    storage = storage_from_url(sql_url, create_schema=True)
+    LeaseBroker.from_proxies(URLS, storage=storage)
+    again = LeaseBroker.from_proxies([*URLS, "http://alice:other@127.0.0.1:8001"], storage=storage_from_url(sql_url))
+    assert len(again.proxies()) == 3  # same host:port with another password is another account
+
+
+def test_async_acquire_runs_sql_off_the_event_loop(sql_url: str) -> None:
+    broker = LeaseBroker.from_proxies(URLS, storage=storage_from_url(sql_url, create_schema=True), max_concurrency=1)
+
+    async def scenario() -> float:
+        loop = asyncio.get_running_loop()
+        worst = 0.0
+        stop = False
+
+        async def probe() -> None:
+            nonlocal worst
+            while not stop:
+                t = loop.time()
+                await asyncio.sleep(0.005)
+                worst = max(worst, loop.time() - t - 0.005)
+
+        task = asyncio.create_task(probe())
+
+        async def one() -> None:
+            async with broker.lease_async() as lease:
+                await broker.report_async(lease, status_code=200)
+                await asyncio.sleep(0.01)
+
+        await asyncio.gather(*(one() for _ in range(40)))
+        stop = True
+        await task
+        return worst
+
+    worst = asyncio.run(scenario())
+    assert broker.held == 0 and all(p.current_leases == 0 for p in broker.proxies())
+    assert worst < 0.25, f"event loop stalled {worst * 1000:.0f} ms"
