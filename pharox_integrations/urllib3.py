@@ -23,13 +23,14 @@ from __future__ import annotations
 
 import importlib.util
 import logging
+import queue
 import ssl
 import threading
 import weakref
 from collections import OrderedDict
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal
 from uuid import UUID
 
@@ -178,6 +179,7 @@ class _Hop:
     route: _Route
     explicit: bool = False  # from `leased()`: not part of a redirect chain
     handed_off: bool = False  # urllib3 went on to the next redirect hop
+    pools: list[HTTPConnectionPool] = field(default_factory=list)  # in use until the hop ends
 
 
 class _LeaseOnResponse:
@@ -241,6 +243,42 @@ def _verdict_for(error: Exception) -> Verdict | None:
     return None
 
 
+# ---------------------------------------------------------------------------- pool closing
+
+
+class _Closer:
+    """Closes evicted pools on one daemon thread, off the request path.
+
+    With rotation nearly every request evicts a pool; closing its sockets inline
+    costs the request that happens to evict it (a loopback close wakes the proxy).
+    A pool waiting here is out of the LRU already, so nobody can pick it up.
+    """
+
+    def __init__(self) -> None:
+        self._queue: queue.SimpleQueue[HTTPConnectionPool] = queue.SimpleQueue()
+        self._lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+
+    def close(self, pool: HTTPConnectionPool) -> None:
+        self._queue.put(pool)
+        if self._thread is None:
+            with self._lock:
+                if self._thread is None:
+                    self._thread = threading.Thread(target=self._run, name="pharox-urllib3-closer", daemon=True)
+                    self._thread.start()
+
+    def _run(self) -> None:
+        while True:
+            pool = self._queue.get()
+            try:
+                pool.close()
+            except Exception:  # a socket that fails to close is gone anyway
+                logger.debug("closing an evicted pool failed", exc_info=True)
+
+
+_close_later = _Closer().close
+
+
 # ---------------------------------------------------------------------------- manager
 
 
@@ -284,7 +322,13 @@ class PharoxProxyManager(urllib3.ProxyManager):
         # Not ProxyManager.__init__: it wants one fixed proxy URL.  The per-proxy
         # settings it would store are kept here and handed to each route.
         urllib3.PoolManager.__init__(self, num_pools, headers, **connection_pool_kw)
-        self.pools = RecentlyUsedContainer(num_pools, dispose_func=lambda p: p.close())
+        # Evicted pools are closed, but never under a request still using them (a
+        # pool closed between `connection_from_*` and getting a connection raises
+        # ClosedPoolError, urllib3 issue #1252): pools in use are counted per hop.
+        self.pools = RecentlyUsedContainer(num_pools, dispose_func=self._dispose)
+        self._in_use: dict[HTTPConnectionPool, int] = {}
+        self._evicted: set[HTTPConnectionPool] = set()
+        self._close_inline = False  # clear() closes at once; evictions close on the closer thread
         self.proxy = None
         self.proxy_headers = dict(proxy_headers or {})
         self.proxy_ssl_context = proxy_ssl_context
@@ -339,6 +383,7 @@ class PharoxProxyManager(urllib3.ProxyManager):
                 raise
             finally:
                 stack.pop()
+                self._done_with(hop)
             if hop.handed_off:
                 return response  # the last hop's response, already bound to its lease
             verdict = attempts.judge(lease, status_code=response.status, response=response)
@@ -375,7 +420,12 @@ class PharoxProxyManager(urllib3.ProxyManager):
 
     def clear(self) -> None:
         """Close every pool and release the leases responses of this manager still hold."""
-        super().clear()
+        with self.pools.lock:  # holding it keeps other threads' evictions out of the inline mode
+            self._close_inline = True
+            try:
+                super().clear()
+            finally:
+                self._close_inline = False
         with self._lock:
             self._routes.clear()
             held = list(self._held.values())
@@ -404,6 +454,7 @@ class PharoxProxyManager(urllib3.ProxyManager):
             raise
         finally:
             stack.remove(hop)
+            self._done_with(hop)
             self._release(lease)
 
     @property
@@ -514,14 +565,43 @@ class PharoxProxyManager(urllib3.ProxyManager):
 
     def _shared_pool(self, route: _Route, pool_key: PoolKey, request_context: dict[str, Any]) -> HTTPConnectionPool:
         """Get or make a route's pool in the one LRU shared by every proxy."""
-        with self.pools.lock:
+        stack = self._stack()
+        with self.pools.lock:  # also serialises eviction (`_dispose`) and the in-use counts
             pool = self.pools.get(pool_key)
             if pool is None:
                 pool = route._new_pool(
                     request_context["scheme"], request_context["host"], request_context["port"], request_context
                 )
                 self.pools[pool_key] = pool
+            if stack:
+                self._in_use[pool] = self._in_use.get(pool, 0) + 1
+                stack[-1].pools.append(pool)
         return pool
+
+    def _dispose(self, pool: HTTPConnectionPool) -> None:
+        """LRU eviction or `clear()`: close the pool now, or when its last request ends."""
+        with self.pools.lock:
+            if self._in_use.get(pool):
+                self._evicted.add(pool)
+                return
+            if self._close_inline:
+                pool.close()
+                return
+        _close_later(pool)
+
+    def _done_with(self, hop: _Hop) -> None:
+        closing = []
+        with self.pools.lock:
+            for pool in hop.pools:
+                left = self._in_use.pop(pool) - 1
+                if left:
+                    self._in_use[pool] = left
+                elif pool in self._evicted:
+                    self._evicted.discard(pool)
+                    closing.append(pool)
+            hop.pools.clear()
+        for pool in closing:
+            _close_later(pool)
 
     def _log_move(self, lease: ProxyLease, detail: str) -> None:
         logger.info(

@@ -19,6 +19,7 @@ import json
 import logging
 import pickle
 import threading
+import time
 from collections import Counter
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -77,6 +78,10 @@ def echo(response: Any) -> dict[str, Any]:
 
 def statuses(broker: LeaseBroker) -> dict[int, ProxyStatus]:
     return {p.port: ProxyStatus(p.status) for p in broker.proxies()}
+
+
+def describe(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {exc}"[:200]
 
 
 def assert_no_secret(*texts: str) -> None:
@@ -284,9 +289,60 @@ def test_pools_bounded_across_proxies_and_eviction_spares_a_stream(
         for _ in range(12):
             assert pm.request("GET", f"{target.url}/echo", headers=CLOSE).status == 200
             assert len(pm.pools) <= 3
+        deadline = time.monotonic() + 5
+        while first_pool.pool is not None and time.monotonic() < deadline:
+            time.sleep(0.01)  # evicted pools are closed on a background thread
         assert first_pool.pool is None  # evicted and closed...
         assert head + stream.read() == expected_bytes(n)  # ...without breaking the stream
         assert broker.held == 0
+
+
+def test_an_evicted_pool_in_use_is_closed_only_after_its_request(
+    make_broker: MakeBroker, http_proxy: KitProxy, target: TargetServer
+) -> None:
+    """The race of urllib3 issue #1252, made deterministic: a pool handed out, then
+    evicted by other requests before it is used."""
+    broker = make_broker([f"http://user{i}:pw@127.0.0.1:{http_proxy.port}" for i in range(4)])
+    with PharoxProxyManager(broker, num_pools=1, timeout=TIMEOUT) as pm:
+        with pm.leased() as lease:
+            pool = pm.connection_from_url(target.url)
+            for _ in range(3):  # other proxies: each evicts the one pool before it
+                assert pm.request("GET", f"{target.url}/status/204").status == 204
+            assert pool.pool is not None  # evicted, but still ours
+            r = pool.urlopen("GET", f"{target.url}/echo", assert_same_host=False, headers=CLOSE)
+            broker.report(lease, status_code=r.status)
+            assert echo(r)["peer_ip"] == http_proxy.outbound_ip
+        deadline = time.monotonic() + 5
+        while pool.pool is not None and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert pool.pool is None  # closed once the lease let go of it
+
+
+def test_eviction_never_closes_a_pool_a_thread_is_using(
+    make_broker: MakeBroker, http_proxy: KitProxy, target: TargetServer
+) -> None:
+    """8 threads rotating over 12 proxies through 2 pools: constant eviction, and no
+    request may meet a pool closed under it (ClosedPoolError, urllib3 issue #1252)."""
+    broker = make_broker([f"http://user{i}:pw@127.0.0.1:{http_proxy.port}" for i in range(12)])
+    failures: list[BaseException] = []
+    done = Counter[int]()
+
+    def work(pm: PharoxProxyManager) -> None:
+        for _ in range(30):
+            try:
+                done[pm.request("GET", f"{target.url}/status/204", retries=False).status] += 1
+            except Exception as exc:
+                failures.append(exc)
+
+    with PharoxProxyManager(broker, num_pools=2, timeout=TIMEOUT) as pm:
+        threads = [threading.Thread(target=work, args=(pm,)) for _ in range(8)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(120)
+        assert len(pm.pools) <= 2
+    assert not failures, [describe(e) for e in failures[:5]]
+    assert done == {204: 240}
 
 
 # -- health: bans, dead proxies, moves ------------------------------------------------------

@@ -1,0 +1,218 @@
+"""Requests/s through `PharoxProxyManager` against plain urllib3, in one run.
+
+    python benchmarks/bench_urllib3.py            # 2,000 requests per run
+    python benchmarks/bench_urllib3.py --quick    # 300 requests per run, for a smoke run
+
+Series, all through the SAME local proxy (pproxy's HTTP proxy, run by the test kit's
+launcher) to the same local target (a minimal asyncio HTTP/1.1 server in its own
+process, answering each request in one write: the test kit's threaded target costs
+~40 ms per keep-alive request to Nagle + delayed ACK and would hide everything else):
+
+- static:   one `urllib3.ProxyManager` with one proxy (what users switch from);
+- rotation: plain rotation without leasing: one `urllib3.ProxyManager` per pool entry,
+            picked with `itertools.cycle` (behind a lock when threaded);
+- pharox:   `PharoxProxyManager` over a `LeaseBroker` holding the same entries
+            (memory storage, round robin, default `num_pools=10`).
+
+Pool sizes 10 and 10,000 entries, 1 and 8 threads.  The entries all point at the one
+proxy server (no auth configured), told apart by their credentials
+(``http://u<i>:p<i>@127.0.0.1:<port>``): every entry is a distinct proxy to urllib3
+(its own pool key, its own Proxy-Authorization) and to the broker.  Every manager gets
+``maxsize=<threads>`` so no series throws connections away for being threaded.
+Medians of `--repeats` runs (the machine is shared).
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import logging
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import urllib3
+
+from pharox_integrations import LeaseBroker
+from pharox_integrations.urllib3 import PharoxProxyManager
+
+Fetch = Callable[[str], int]
+
+KIT = Path(__file__).resolve().parent.parent / "tests" / "servers"
+
+TARGET = """
+import asyncio
+ANSWER = b"HTTP/1.1 200 OK\\r\\nContent-Length: 2\\r\\nContent-Type: text/plain\\r\\n\\r\\nok"
+async def handle(reader, writer):
+    try:
+        while True:
+            await reader.readuntil(b"\\r\\n\\r\\n")
+            writer.write(ANSWER)
+            await writer.drain()
+    except (asyncio.IncompleteReadError, asyncio.LimitOverrunError, ConnectionError):
+        pass
+    finally:
+        writer.close()
+async def main():
+    server = await asyncio.start_server(handle, "127.0.0.1", 0, backlog=1024)
+    print(server.sockets[0].getsockname()[1], flush=True)
+    await server.serve_forever()
+asyncio.run(main())
+"""
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def start(argv: list[str], env: dict[str, str] | None = None) -> tuple[subprocess.Popen[str], str]:
+    """Start a server subprocess and return it with its first line of output."""
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, text=True, env=env, start_new_session=True)
+    assert proc.stdout is not None
+    line = proc.stdout.readline().strip()
+    if not line or "failed" in line.lower():
+        proc.kill()
+        raise SystemExit(f"server {argv[1:]} did not start: {line!r}")
+    return proc, line
+
+
+def entries(port: int, n: int) -> list[str]:
+    return [f"http://u{i}:p{i}@127.0.0.1:{port}" for i in range(n)]
+
+
+def run(fetch: Fetch, url: str, requests: int, threads: int) -> float:
+    """Requests/s for `requests` GETs spread over `threads` threads."""
+    per = requests // threads
+    failures: list[int] = []
+
+    def work() -> None:
+        for _ in range(per):
+            status = fetch(url)
+            if status != 200:
+                failures.append(status)
+
+    pool = [threading.Thread(target=work) for _ in range(threads)]
+    start = time.perf_counter()
+    for t in pool:
+        t.start()
+    for t in pool:
+        t.join()
+    elapsed = time.perf_counter() - start
+    if failures:
+        raise SystemExit(f"{len(failures)} requests failed: {failures[:5]}")
+    return per * threads / elapsed
+
+
+def static_series(port: int, threads: int) -> tuple[Fetch, Callable[[], None]]:
+    pm = urllib3.ProxyManager(
+        f"http://127.0.0.1:{port}",
+        proxy_headers=urllib3.make_headers(proxy_basic_auth="u0:p0"),
+        maxsize=threads,
+    )
+    return (lambda url: pm.request("GET", url).status), pm.clear
+
+
+def rotation_series(port: int, n: int, threads: int) -> tuple[Fetch, Callable[[], None]]:
+    managers = [
+        urllib3.ProxyManager(
+            f"http://127.0.0.1:{port}",
+            proxy_headers=urllib3.make_headers(proxy_basic_auth=f"u{i}:p{i}"),
+            maxsize=threads,
+        )
+        for i in range(n)
+    ]
+    ring = itertools.cycle(managers)
+    lock = threading.Lock()
+
+    def fetch(url: str) -> int:
+        with lock:
+            pm = next(ring)
+        return pm.request("GET", url).status
+
+    def close() -> None:
+        for pm in managers:
+            pm.clear()
+
+    return fetch, close
+
+
+def pharox_series(port: int, n: int, threads: int) -> tuple[Fetch, Callable[[], None]]:
+    broker = LeaseBroker.from_proxies(entries(port, n))
+    pm = PharoxProxyManager(broker, maxsize=threads)
+
+    def close() -> None:
+        pm.clear()
+        assert broker.held == 0, "a lease was left held"
+        broker.close()
+
+    return (lambda url: pm.request("GET", url).status), close
+
+
+def median_rate(make: Callable[[], tuple[Fetch, Callable[[], None]]], url: str, args: Any, threads: int) -> float:
+    rates = []
+    for _ in range(args.repeats):
+        fetch, close = make()
+        try:
+            for _ in range(20):  # warm: first connections, imports, caches
+                fetch(url)
+            rates.append(run(fetch, url, args.requests, threads))
+        finally:
+            close()
+        time.sleep(0.3)  # let proxy.py and the target drop the closed connections
+    return statistics.median(rates)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="300 requests per run")
+    parser.add_argument("--requests", type=int, default=None, help="requests per run (default 2000)")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--sizes", type=int, nargs="+", default=[10, 10_000])
+    parser.add_argument("--threads", type=int, nargs="+", default=[1, 8])
+    args = parser.parse_args()
+    args.requests = args.requests or (300 if args.quick else 2000)
+    logging.getLogger("urllib3").setLevel(logging.ERROR)
+    logging.getLogger("pharox_integrations").setLevel(logging.ERROR)
+
+    target, target_port = start([sys.executable, "-c", TARGET])
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if "proxy" not in k.lower()}
+    env["PYTHONPATH"] = str(KIT)
+    proxy, _ = start([sys.executable, "-m", "pproxy_main", f"http://127.0.0.1:{port}"], env)
+    try:
+        url = f"http://127.0.0.1:{target_port}/status/200"
+        print(
+            f"urllib3 {urllib3.__version__}; pproxy HTTP proxy at 127.0.0.1:{port}; {args.requests} requests per run, "
+            f"median of {args.repeats}"
+        )
+        print(f"{'entries':>8} {'threads':>7} {'static':>9} {'rotation':>9} {'pharox':>9} {'pharox/rotation':>16}")
+        static: dict[int, float] = {}
+        for size in args.sizes:
+            for threads in args.threads:
+                if threads not in static:
+                    static[threads] = median_rate(lambda t=threads: static_series(port, t), url, args, threads)
+                rotation = median_rate(lambda s=size, t=threads: rotation_series(port, s, t), url, args, threads)
+                pharox = median_rate(lambda s=size, t=threads: pharox_series(port, s, t), url, args, threads)
+                print(
+                    f"{size:>8,} {threads:>7} {static[threads]:>9.0f} {rotation:>9.0f} {pharox:>9.0f} "
+                    f"{pharox / rotation:>15.2f}x",
+                    flush=True,
+                )
+        print("req/s; static ignores the pool size (one proxy).")
+    finally:
+        for server in (proxy, target):
+            server.terminate()
+            server.wait()
+
+
+if __name__ == "__main__":
+    main()
