@@ -32,7 +32,7 @@ class DemoProxy:
 
     role: str
     source_ip: str | None = None
-    auth: tuple[str, str] | None = None
+    auth: tuple[str, str] | None = field(default=None, repr=False)
     dead: bool = False
     port: int = 0
     _proc: subprocess.Popen[bytes] | None = field(default=None, repr=False)

@@ -174,7 +174,8 @@ def render_table(
     """The per-proxy table: what each proxy did and whether it holds a lease."""
     head = ("proxy", "role", "status", "requests", "served", "bans", "failures", "median ms", "leases held")
     rows = [head]
-    for row in report["proxies"]:
+    order = list(roles)
+    for row in sorted(report["proxies"], key=lambda r: order.index(r["url"]) if r["url"] in order else len(order)):
         ip = proxies_source_ips.get(row["url"])
         rows.append(
             (
@@ -242,9 +243,9 @@ def serve(
             say(f"  proxy {p.safe_url:<24} {p.role}")
         if proxies_file is not None:
             say(f"proxy list written to {proxies_file}")
-        say("press Ctrl-C to stop")
         stop = ready if ready is not None else threading.Event()
         try:
+            say("press Ctrl-C to stop")  # inside the try: a signal right after it still stops cleanly
             while not stop.wait(0.5):
                 pass
         except KeyboardInterrupt:
