@@ -1,0 +1,372 @@
+"""Leases per second of SqlStorage vs pharox's PostgresStorage, and the cost of history.
+
+One lease = acquire + report (`apply_health_check_result`) + release.  The "manager"
+rows go through `pharox.ProxyManager` exactly as pharox users do (ensure_consumer,
+cleanup, find, create, stats, release, stats); the "acquire_lease" rows use
+SqlStorage's one-transaction extension that the core prefers.  Every proxy has
+`max_concurrency=1` and the selector is ROUND_ROBIN.  Each cell is one time-boxed run;
+"p50 ms" is the median time of one lease, over-leases are counted in process
+(a proxy handed to a second thread while held) and checked in the database afterwards.
+
+    python benchmarks/bench_sql.py            # full run (~4 minutes)
+    python benchmarks/bench_sql.py --quick    # ~1.5 minutes
+
+Each run works in throw-away schemas/databases, dropped at the end.  Never a test.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from tempfile import TemporaryDirectory
+from typing import Any
+
+import sqlalchemy as sa
+from pharox import (
+    HealthCheckResult,
+    IStorage,
+    Lease,
+    Proxy,
+    ProxyManager,
+    ProxyPool,
+    ProxyProtocol,
+    ProxyStatus,
+    ProxyUnavailableError,
+    SelectorStrategy,
+)
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from pharox_integrations.storage.sql import SqlStorage, init_schema
+
+POSTGRES_URL = os.environ.get(
+    "PHAROX_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test"
+)
+MYSQL_URL = os.environ.get("PHAROX_TEST_MYSQL_URL", "mysql+pymysql://root@127.0.0.1:3306/test")
+POOL = "bench"
+RR = SelectorStrategy.ROUND_ROBIN
+
+
+@dataclass
+class Cell:
+    leases: int = 0
+    empty: int = 0  # acquire found no free proxy (pool exhausted): retried
+    races: int = 0  # ProxyUnavailableError from create_lease: retried
+    errors: int = 0  # anything else
+    over: int = 0
+    seconds: float = 0.0
+    samples: list[float] = field(default_factory=list)
+
+    @property
+    def rate(self) -> float:
+        return self.leases / self.seconds if self.seconds else 0.0
+
+    @property
+    def p50_ms(self) -> float:
+        return statistics.median(self.samples) * 1000 if self.samples else float("nan")
+
+
+def run_cell(storage: IStorage, workers: int, seconds: float, one_txn: bool) -> Cell:
+    manager = ProxyManager(storage)
+    cell = Cell()
+    held: set[uuid.UUID] = set()
+    lock = threading.Lock()
+    start = threading.Barrier(workers + 1)
+    stop_at = [0.0]
+
+    def acquire() -> Lease | None:
+        if one_txn:
+            assert isinstance(storage, SqlStorage)
+            return storage.acquire_lease(POOL, "bench", 60, selector=RR)
+        return manager.acquire_proxy(POOL, "bench", 60, selector=RR)
+
+    def work() -> None:
+        local = Cell()
+        start.wait()
+        while time.perf_counter() < stop_at[0]:
+            t0 = time.perf_counter()
+            try:
+                lease = acquire()
+            except ProxyUnavailableError:
+                local.races += 1
+                continue
+            except Exception:
+                local.errors += 1
+                time.sleep(0.01)
+                continue
+            if lease is None:
+                local.empty += 1
+                time.sleep(0.001)
+                continue
+            with lock:
+                if lease.proxy_id in held:
+                    local.over += 1
+                held.add(lease.proxy_id)
+            try:
+                storage.apply_health_check_result(
+                    HealthCheckResult(
+                        proxy_id=lease.proxy_id,
+                        status=ProxyStatus.ACTIVE,
+                        latency_ms=42,
+                        protocol=ProxyProtocol.HTTP,
+                        status_code=200,
+                    )
+                )
+            except Exception:
+                local.errors += 1
+            with lock:
+                held.discard(lease.proxy_id)
+            try:
+                manager.release_proxy(lease)
+            except Exception:
+                local.errors += 1
+                continue
+            local.leases += 1
+            local.samples.append(time.perf_counter() - t0)
+        with lock:
+            cell.leases += local.leases
+            cell.empty += local.empty
+            cell.races += local.races
+            cell.errors += local.errors
+            cell.over += local.over
+            cell.samples.extend(local.samples)
+
+    threads = [threading.Thread(target=work) for _ in range(workers)]
+    for t in threads:
+        t.start()
+    began = time.perf_counter()
+    stop_at[0] = began + seconds
+    start.wait()
+    for t in threads:
+        t.join()
+    cell.seconds = time.perf_counter() - began
+    return cell
+
+
+def seed(storage: IStorage, size: int) -> ProxyPool:
+    pool = ProxyPool(name=POOL)
+    storage.save_pool(pool)
+    proxies = [
+            Proxy(
+                host=f"127.{i // 65000}.{(i // 250) % 250}.{i % 250 + 1}",
+                port=3128,
+                protocol=ProxyProtocol.HTTP,
+                pool_id=pool.id,
+                status=ProxyStatus.ACTIVE,
+                max_concurrency=1,
+            )
+            for i in range(size)
+    ]
+    for start in range(0, size, 1000):  # pharox's bulk insert is one statement
+        storage.add_proxies_bulk(proxies[start : start + 1000])
+    return pool
+
+
+def db_over_leased(engine: sa.Engine, table: str) -> int:
+    """Proxies whose counter is above their limit, or left leased (should be 0)."""
+    with engine.connect() as conn:
+        return int(
+            conn.execute(
+                sa.text(f"SELECT count(*) FROM {table} WHERE current_leases <> 0")
+            ).scalar_one()
+        )
+
+
+# ----------------------------------------------------------------- databases
+
+
+@contextmanager
+def pg_schema() -> Iterator[str]:
+    name = f"pxi_bench_{uuid.uuid4().hex[:8]}"
+    admin = sa.create_engine(POSTGRES_URL, isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        conn.exec_driver_sql(f'CREATE SCHEMA "{name}"')
+    try:
+        url = sa.make_url(POSTGRES_URL).update_query_dict({"options": f"-csearch_path={name}"})
+        yield url.render_as_string(hide_password=False)
+    finally:
+        with admin.connect() as conn:
+            conn.exec_driver_sql(f'DROP SCHEMA "{name}" CASCADE')
+        admin.dispose()
+
+
+@contextmanager
+def mysql_db() -> Iterator[str]:
+    name = f"pxi_bench_{uuid.uuid4().hex[:8]}"
+    admin = sa.create_engine(MYSQL_URL)
+    with admin.connect() as conn:
+        conn.exec_driver_sql(f"CREATE DATABASE `{name}`")
+    try:
+        yield sa.make_url(MYSQL_URL).set(database=name).render_as_string(hide_password=False)
+    finally:
+        with admin.connect() as conn:
+            conn.exec_driver_sql(f"DROP DATABASE `{name}`")
+        admin.dispose()
+
+
+@contextmanager
+def sqlite_file() -> Iterator[str]:
+    with TemporaryDirectory() as tmp:
+        yield f"sqlite:///{tmp}/bench.db"
+
+
+@contextmanager
+def sql_storage(kind: str, size: int) -> Iterator[tuple[SqlStorage, str]]:
+    opener = {"postgres": pg_schema, "mysql": mysql_db, "sqlite": sqlite_file}[kind]
+    with opener() as url:
+        init_schema(url)
+        storage = SqlStorage(url, pool_size=20)
+        seed(storage, size)
+        try:
+            yield storage, "pxi_proxies"
+        finally:
+            storage.close()
+
+
+@contextmanager
+def pharox_storage(size: int) -> Iterator[tuple[IStorage, str]]:
+    from pharox.storage.postgres import PostgresStorage
+    from pharox.storage.postgres.tables import metadata
+
+    with pg_schema() as url:
+        engine = sa.create_engine(url, pool_size=20, max_overflow=20)
+        metadata.create_all(engine)
+        storage = PostgresStorage(engine)
+        seed(storage, size)
+        try:
+            yield storage, "proxy"
+        finally:
+            engine.dispose()
+
+
+# ----------------------------------------------------------------- history
+
+
+def add_history(storage: IStorage, rows: int, pharox: bool) -> None:
+    """Bulk-insert `rows` released leases (one statement, server side)."""
+    engine: sa.Engine = storage.engine if isinstance(storage, SqlStorage) else storage._engine  # type: ignore[attr-defined]
+    table, pool_name = ("lease", ", 'bench'") if pharox else ("pxi_leases", "")
+    proxy_table = "proxy" if pharox else "pxi_proxies"
+    consumer_table = "consumer" if pharox else "pxi_consumers"
+    pool_cols = ", pool_name" if pharox else ""
+    with engine.begin() as conn:
+        conn.exec_driver_sql(
+            f"INSERT INTO {consumer_table} (id, name) VALUES (gen_random_uuid(), 'history')"
+            " ON CONFLICT DO NOTHING"
+        )
+        conn.exec_driver_sql(
+            f"""
+            INSERT INTO {table} (id, proxy_id, pool_id, consumer_id{pool_cols}, status,
+                                 acquired_at, expires_at, released_at)
+            SELECT gen_random_uuid(), p.id, p.pool_id,
+                   (SELECT id FROM {consumer_table} WHERE name = 'history'){pool_name},
+                   'released', now() - (g || ' seconds')::interval,
+                   now() - (g || ' seconds')::interval + interval '60 seconds',
+                   now() - (g || ' seconds')::interval + interval '1 second'
+            FROM generate_series(1, {rows}) AS g
+            JOIN LATERAL (SELECT id, pool_id FROM {proxy_table}
+                          ORDER BY id OFFSET (g % 10) LIMIT 1) p ON true
+            """
+        )
+        conn.exec_driver_sql(f"ANALYZE {table}")
+
+
+# ----------------------------------------------------------------- main
+
+
+def fmt(label: str, size: int, workers: int, cell: Cell) -> str:
+    return (
+        f"| {label:<28} | {size:>6} | {workers:>2} | {cell.rate:>9.0f} | {cell.p50_ms:>7.2f} |"
+        f" {cell.leases:>6} | {cell.races:>5} | {cell.empty:>6} | {cell.errors:>3} | {cell.over:>4} |"
+    )
+
+
+HEADER = (
+    "| storage / path               |   pool |  w |  leases/s |  p50 ms |  leases | races |"
+    "  empty | err | over |\n"
+    "|------------------------------|-------:|---:|----------:|--------:|-------:|------:|"
+    "-------:|----:|-----:|"
+)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="shorter cells, fewer rows")
+    parser.add_argument("--skip-history", action="store_true")
+    parser.add_argument("--only", default="", help="run only rows whose label contains this")
+    args = parser.parse_args()
+    seconds = 1.0 if args.quick else 2.5
+    sizes = (10, 10_000)
+    workers_list = (1, 4, 16)
+
+    print(f"cell = {seconds} s, one run each; max_concurrency=1; ROUND_ROBIN\n")
+    print(HEADER)
+    plans: list[tuple[str, Callable[[int], Any], bool]] = [
+        ("pharox PostgresStorage", pharox_storage, False),
+        ("SqlStorage pg / manager", lambda n: sql_storage("postgres", n), False),
+        ("SqlStorage pg / acquire_lease", lambda n: sql_storage("postgres", n), True),
+        ("SqlStorage sqlite / manager", lambda n: sql_storage("sqlite", n), False),
+        ("SqlStorage sqlite / acq_lease", lambda n: sql_storage("sqlite", n), True),
+        ("SqlStorage mariadb / manager", lambda n: sql_storage("mysql", n), False),
+        ("SqlStorage mariadb / acq_lease", lambda n: sql_storage("mysql", n), True),
+    ]
+    for label, opener, one_txn in plans:
+        if args.only not in label:
+            continue
+        for size in sizes:
+            with opener(size) as (storage, table):
+                for workers in workers_list:
+                    cell = run_cell(storage, workers, seconds, one_txn)
+                    if isinstance(storage, SqlStorage):
+                        storage.cleanup_expired_leases(force=True)
+                        engine = storage.engine
+                    else:
+                        engine = storage._engine  # type: ignore[attr-defined]
+                    cell.over += db_over_leased(engine, table)
+                    print(fmt(label, size, workers, cell), flush=True)
+
+    if args.skip_history:
+        return
+    steps = (0, 100_000, 1_000_000)
+    print("\nCost per lease with old (released) lease rows, PostgreSQL, pool of 10:\n")
+    print("| storage / path               | history | w | leases/s | p50 ms | vs 0 rows |")
+    print("|------------------------------|--------:|--:|---------:|-------:|----------:|")
+    hist_plans: list[tuple[str, Callable[[int], Any], bool, bool]] = [
+        ("SqlStorage pg / manager", lambda n: sql_storage("postgres", n), False, False),
+        ("SqlStorage pg / acquire_lease", lambda n: sql_storage("postgres", n), True, False),
+        ("pharox PostgresStorage", pharox_storage, False, True),
+    ]
+    for label, opener, one_txn, pharox in hist_plans:
+        if args.only not in label:
+            continue
+        with opener(10) as (storage, _table):
+            have = 0
+            base = None
+            for target in steps:
+                if pharox and target > 100_000 and args.quick:
+                    break
+                if target > have:
+                    add_history(storage, target - have, pharox)
+                    have = target
+                for workers in (1, 4):
+                    cell = run_cell(storage, workers, seconds, one_txn)
+                    if workers == 1:
+                        base = base or cell.p50_ms
+                    ratio = cell.p50_ms / base if base and workers == 1 else float("nan")
+                    print(
+                        f"| {label:<28} | {target:>7} | {workers} | {cell.rate:>8.0f} |"
+                        f" {cell.p50_ms:>6.2f} | {ratio:>9.2f} |",
+                        flush=True,
+                    )
+
+
+if __name__ == "__main__":
+    main()
