@@ -204,3 +204,24 @@ def test_demo_proxies_start_and_stop_cleanly() -> None:
         assert not _accepts(next(p.port for p in proxies.items if p.dead))
         assert all(DEMO_PASSWORD not in repr(p) for p in proxies.items)
     assert not any(_accepts(p) for p in live)
+
+
+def test_site_tells_proxies_apart_without_loopback_aliases(monkeypatch: pytest.MonkeyPatch) -> None:
+    import requests
+
+    from pharox_integrations.demo import proxies as demo_proxies
+    from pharox_integrations.demo.site import DemoSite
+
+    # Patched: macOS cannot bind 127.0.0.x without an alias, Linux always can, so the
+    # other platforms' path (the X-Demo-Via label alone) is forced here.
+    monkeypatch.setattr(demo_proxies, "loopback_aliases_work", lambda: False)
+    with DemoProxies() as proxies, DemoSite(pages=2, banned_ips=proxies.banned_ips) as site:
+        codes = {}
+        for proxy in proxies.items:
+            if proxy.dead:
+                continue
+            answer = requests.get(f"{site.url}/api/items?page=1", proxies={"http": proxy.url}, timeout=10)
+            codes[proxy.role] = answer.status_code
+        assert codes == {"plain": 200, "credentials": 200, "banned by the site": 403}
+        assert set(site.hits) == {p.source_ip for p in proxies.items if not p.dead}  # labels, not 127.0.0.1
+        assert site.proxy_auth_seen == 0

@@ -1,9 +1,12 @@
 """proxy.py plugin used by the demo's proxies (loaded inside the proxy.py process only).
 
-proxy.py has no option for the source address of its upstream connections, but a
-plugin's `resolve_dns` may return one.  Each demo proxy connects out from its own
-loopback address (given in `PHAROX_DEMO_SOURCE_IP`), which is how the demo site
-tells the proxies apart and bans exactly one of them.
+The demo site must tell its proxies apart to ban exactly one of them.  Two signals,
+both set per proxy process through the environment:
+
+- `PHAROX_DEMO_SOURCE_IP`: connect upstream from this loopback address, as a real
+  proxy connects from its own IP (Linux routes all of 127.0.0.0/8 to loopback;
+  elsewhere the demo leaves it unset);
+- `PHAROX_DEMO_VIA`: a label sent to the site in `X-Demo-Via`, which works everywhere.
 """
 
 from __future__ import annotations
@@ -14,11 +17,11 @@ from typing import Any
 
 from proxy.http.proxy import HttpProxyBasePlugin
 
-SOURCE_IP_ENV = "PHAROX_DEMO_SOURCE_IP"
+from . import SOURCE_IP_ENV, VIA_ENV, VIA_HEADER
 
 
 class SourceAddressPlugin(HttpProxyBasePlugin):
-    """Open upstream connections from `$PHAROX_DEMO_SOURCE_IP` (any free port)."""
+    """Connect upstream from `$PHAROX_DEMO_SOURCE_IP`; label requests with `$PHAROX_DEMO_VIA`."""
 
     def resolve_dns(self, host: str, port: int) -> tuple[str | None, tuple[str, int] | None]:
         source = os.environ.get(SOURCE_IP_ENV)
@@ -36,12 +39,15 @@ class SourceAddressPlugin(HttpProxyBasePlugin):
         return hex(int(address)), (source, 0)
 
     def handle_client_request(self, request: Any) -> Any:
-        """Drop `Proxy-Authorization` from every forwarded request.
+        """Label the request and drop `Proxy-Authorization` from it.
 
-        proxy.py 2.4 strips it from the first request of a client connection only; later
-        requests on the same kept-alive connection reach the site with the header (and
-        are not re-authenticated).  A real proxy never forwards it, so neither does ours.
+        proxy.py 2.4 strips that header from the first request of a client connection
+        only; later requests on the same kept-alive connection would reach the site
+        with it.  A real proxy never forwards it, so neither does ours.
         """
         if request.headers and b"proxy-authorization" in request.headers:
             request.del_header(b"proxy-authorization")
+        via = os.environ.get(VIA_ENV)
+        if via:
+            request.add_header(VIA_HEADER.encode(), via.encode())
         return request

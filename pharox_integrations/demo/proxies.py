@@ -6,6 +6,7 @@ connects out from its own 127.0.0.x address (see `outbound.py`).
 
 from __future__ import annotations
 
+import functools
 import os
 import signal
 import socket
@@ -17,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import quote
 
-from .outbound import SOURCE_IP_ENV
+from . import SOURCE_IP_ENV, VIA_ENV
 
 _START_TIMEOUT = 20.0
 
@@ -73,7 +74,9 @@ class DemoProxy:
             argv += ["--basic-auth", ":".join(self.auth)]
         env = {k: v for k, v in os.environ.items() if not k.lower().endswith("_proxy")}
         if self.source_ip:
-            env[SOURCE_IP_ENV] = self.source_ip
+            env[VIA_ENV] = self.source_ip
+            if loopback_aliases_work():
+                env[SOURCE_IP_ENV] = self.source_ip
         with open(self._log, "ab") as log:
             self._proc = subprocess.Popen(
                 argv, stdin=subprocess.DEVNULL, stdout=log, stderr=log, env=env, start_new_session=True
@@ -118,6 +121,17 @@ class DemoProxy:
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
+
+
+@functools.cache
+def loopback_aliases_work() -> bool:
+    """True where 127.0.0.x (x > 1) can be bound without configuration (Linux, not macOS)."""
+    try:
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.21", 0))
+    except OSError:
+        return False
+    return True
 
 
 def _accepts(port: int) -> bool:

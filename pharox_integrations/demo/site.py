@@ -1,10 +1,11 @@
-"""The demo's local web site: a small catalogue that bans one proxy by its address.
+"""The demo's local web site: a small catalogue that bans one of the demo's proxies.
 
-It runs in threads of the demo process and listens on 127.0.0.1 only.  Every proxy
-of the demo connects out from its own loopback address, so the site can tell them
-apart: it answers 403 to the banned address (what a real site does to a burnt IP)
-and counts the requests each proxy delivered.  It also remembers whether a
-``Proxy-Authorization`` header ever reached it, which would be a credential leak.
+It runs in threads of the demo process and listens on 127.0.0.1 only.  It knows
+which proxy delivered a request by the label the demo proxies add (`X-Demo-Via`), or
+else by the loopback address the proxy connected from; it answers 403 to the banned
+one (what a real site does to a burnt IP) and counts the requests each proxy
+delivered.  It also counts requests that carried `Proxy-Authorization`, which would
+be a credential leak.
 """
 
 from __future__ import annotations
@@ -19,6 +20,8 @@ from collections import Counter
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
+
+from . import VIA_HEADER
 
 _PAGE = re.compile(r"^/page/(\d+)$")
 _PRODUCTS = ("lamp", "kettle", "chair", "desk", "mug", "clock", "shelf", "rug")
@@ -49,7 +52,8 @@ class _Handler(BaseHTTPRequestHandler):
 
     def do_GET(self) -> None:
         site = self.server.site
-        peer = self.client_address[0]
+        # Which proxy delivered it: its label, else the address it connected from.
+        peer = self.headers.get(VIA_HEADER) or self.client_address[0]
         site._record(peer, self.headers.get("Proxy-Authorization") is not None)
         if peer in site.banned_ips:
             self._send(403, "text/plain", b"banned: too many requests from your address\n")
