@@ -160,8 +160,11 @@ def test_storage_errors_have_their_exit_codes(tmp_path: Path, capsys: pytest.Cap
         port = closed.getsockname()[1]
         url = f"postgresql+psycopg://postgres:{SECRET}@127.0.0.1:{port}/test"
         code, _, err = run(capsys, "pool", "list", "--storage", url)
-    assert code == EXIT_STORAGE
-    assert "unavailable" in err and SECRET not in err
+        assert code == EXIT_STORAGE
+        assert "unavailable" in err and SECRET not in err
+        code, _, err = run(capsys, "db", "init", "--storage", url)
+        assert code == EXIT_STORAGE
+        assert "unavailable" in err and SECRET not in err
 
     assert run(capsys, "pool", "list", "--storage", "memory://")[0] == EXIT_USAGE
     code, _, err = run(capsys, "pool", "list", "--storage", "nosuch://x")
