@@ -157,18 +157,24 @@ def pharox_series(port: int, n: int, threads: int) -> tuple[Fetch, Callable[[], 
     return (lambda url: pm.request("GET", url).status), close
 
 
-def median_rate(make: Callable[[], tuple[Fetch, Callable[[], None]]], url: str, args: Any, threads: int) -> float:
-    rates = []
-    for _ in range(args.repeats):
-        fetch, close = make()
-        try:
-            for _ in range(20):  # warm: first connections, imports, caches
-                fetch(url)
-            rates.append(run(fetch, url, args.requests, threads))
-        finally:
-            close()
-        time.sleep(0.3)  # let proxy.py and the target drop the closed connections
-    return statistics.median(rates)
+def median_rates(
+    makers: dict[str, Callable[[], tuple[Fetch, Callable[[], None]]]], url: str, args: Any, threads: int
+) -> dict[str, float]:
+    """Median req/s per series; the series take turns within each repeat (in a rotating
+    order) so a noisy neighbour on the shared machine hits them all alike."""
+    rates: dict[str, list[float]] = {name: [] for name in makers}
+    names = list(makers)
+    for repeat in range(args.repeats):
+        for name in names[repeat % len(names) :] + names[: repeat % len(names)]:
+            fetch, close = makers[name]()
+            try:
+                for _ in range(20):  # warm: first connections, imports, caches
+                    fetch(url)
+                rates[name].append(run(fetch, url, args.requests, threads))
+            finally:
+                close()
+            time.sleep(0.3)  # let the proxy and the target drop the closed connections
+    return {name: statistics.median(r) for name, r in rates.items()}
 
 
 def main() -> None:
@@ -195,19 +201,24 @@ def main() -> None:
             f"median of {args.repeats}"
         )
         print(f"{'entries':>8} {'threads':>7} {'static':>9} {'rotation':>9} {'pharox':>9} {'pharox/rotation':>16}")
-        static: dict[int, float] = {}
         for size in args.sizes:
             for threads in args.threads:
-                if threads not in static:
-                    static[threads] = median_rate(lambda t=threads: static_series(port, t), url, args, threads)
-                rotation = median_rate(lambda s=size, t=threads: rotation_series(port, s, t), url, args, threads)
-                pharox = median_rate(lambda s=size, t=threads: pharox_series(port, s, t), url, args, threads)
+                rates = median_rates(
+                    {
+                        "static": lambda t=threads: static_series(port, t),
+                        "rotation": lambda s=size, t=threads: rotation_series(port, s, t),
+                        "pharox": lambda s=size, t=threads: pharox_series(port, s, t),
+                    },
+                    url,
+                    args,
+                    threads,
+                )
                 print(
-                    f"{size:>8,} {threads:>7} {static[threads]:>9.0f} {rotation:>9.0f} {pharox:>9.0f} "
-                    f"{pharox / rotation:>15.2f}x",
+                    f"{size:>8,} {threads:>7} {rates['static']:>9.0f} {rates['rotation']:>9.0f} "
+                    f"{rates['pharox']:>9.0f} {rates['pharox'] / rates['rotation']:>15.2f}x",
                     flush=True,
                 )
-        print("req/s; static ignores the pool size (one proxy).")
+        print("req/s, median of the repeats; static uses one proxy whatever the pool size.")
     finally:
         for server in (proxy, target):
             server.terminate()

@@ -26,6 +26,7 @@ import logging
 import queue
 import ssl
 import threading
+import time
 import weakref
 from collections import OrderedDict
 from collections.abc import Iterator, Mapping
@@ -61,6 +62,7 @@ __all__ = [
 logger = logging.getLogger("pharox_integrations.urllib3")
 
 _SOCKS = frozenset({ProxyProtocol.SOCKS4, ProxyProtocol.SOCKS5})
+_CLOSE_BATCH_SECONDS = 0.05
 _ROUTES_MAX = 1024  # route objects are ~13 µs to build; this only saves rebuilding them
 
 
@@ -269,11 +271,17 @@ class _Closer:
 
     def _run(self) -> None:
         while True:
-            pool = self._queue.get()
-            try:
-                pool.close()
-            except Exception:  # a socket that fails to close is gone anyway
-                logger.debug("closing an evicted pool failed", exc_info=True)
+            batch = [self._queue.get()]
+            # Wake at most every `_CLOSE_BATCH_SECONDS`: a wake-up per evicted pool
+            # would make every request of a rotating client pay a thread switch.
+            time.sleep(_CLOSE_BATCH_SECONDS)
+            while not self._queue.empty():
+                batch.append(self._queue.get_nowait())
+            for pool in batch:
+                try:
+                    pool.close()
+                except Exception:  # a socket that fails to close is gone anyway
+                    logger.debug("closing an evicted pool failed", exc_info=True)
 
 
 _close_later = _Closer().close
@@ -386,7 +394,12 @@ class PharoxProxyManager(urllib3.ProxyManager):
                 self._done_with(hop)
             if hop.handed_off:
                 return response  # the last hop's response, already bound to its lease
-            verdict = attempts.judge(lease, status_code=response.status, response=response)
+            try:
+                verdict = attempts.judge(lease, status_code=response.status, response=response)
+            except BaseException:  # the storage failed us: do not strand the lease or the connection
+                response.close()
+                self._release(lease)
+                raise
             if attempts.should_move(verdict) and _replayable(kw):
                 if kw.get("preload_content", True):
                     response.drain_conn()
