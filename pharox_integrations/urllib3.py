@@ -40,7 +40,7 @@ from pharox import ProxyFilters, ProxyProtocol
 from urllib3._collections import RecentlyUsedContainer
 from urllib3.connection import ProxyConfig
 from urllib3.connectionpool import HTTPConnectionPool
-from urllib3.exceptions import HTTPError, MaxRetryError, ResponseError
+from urllib3.exceptions import HTTPError, MaxRetryError, ProxyError, ResponseError, SSLError
 from urllib3.poolmanager import PoolKey
 from urllib3.response import BaseHTTPResponse
 from urllib3.util.retry import Retry
@@ -235,12 +235,18 @@ def _replayable(kw: Mapping[str, Any]) -> bool:
 
 
 def _verdict_for(error: Exception) -> Verdict | None:
-    """urllib3 errors that say nothing against the proxy.
+    """urllib3 errors that say nothing against the proxy (None: the policy decides).
 
-    `MaxRetryError` caused by `ResponseError` means the *target* answered too many
-    redirects or retryable statuses: the proxy delivered every one of them.
+    - `ResponseError` (inside `MaxRetryError`): the target answered too many
+      redirects or retryable statuses; the proxy delivered every one of them.
+    - `SSLError` that is not a `ProxyError`: the target's TLS handshake failed at the
+      end of a working tunnel (bad certificate, wrong CA bundle).  urllib3 wraps a
+      failed TLS handshake with the proxy itself in `ProxyError`.
     """
-    if isinstance(error, MaxRetryError) and isinstance(error.reason, ResponseError):
+    reason = error.reason if isinstance(error, MaxRetryError) else error
+    if isinstance(reason, ResponseError):
+        return Verdict.TARGET_ERROR
+    if isinstance(reason, SSLError) and not isinstance(reason, ProxyError):
         return Verdict.TARGET_ERROR
     return None
 
@@ -352,7 +358,8 @@ class PharoxProxyManager(urllib3.ProxyManager):
         self.protocols = ALL_PROTOCOLS if self._socks else HTTP_PROTOCOLS
         self._lock = threading.Lock()
         self._routes: OrderedDict[tuple[Any, ...], _Route] = OrderedDict()
-        self._held: dict[UUID, ProxyLease] = {}
+        self._held: dict[UUID, ProxyLease] = {}  # every lease this manager holds
+        self._streams: dict[UUID, ProxyLease] = {}  # those held by a response's body
         self._local = threading.local()
 
     # ------------------------------------------------------------------ urllib3 surface
@@ -409,6 +416,8 @@ class PharoxProxyManager(urllib3.ProxyManager):
                 self._log_move(lease, f"HTTP {response.status}")
                 continue
             if not kw.get("preload_content", True) and response.connection is not None:
+                with self._lock:
+                    self._streams[lease.lease.id] = lease
                 _bind_lease(response, _LeaseOnResponse(self, lease))
             else:
                 self._release(lease)
@@ -432,7 +441,10 @@ class PharoxProxyManager(urllib3.ProxyManager):
         return self.connection_from_host(host, port, scheme, pool_kwargs=context)
 
     def clear(self) -> None:
-        """Close every pool and release the leases responses of this manager still hold."""
+        """Close every pool and release the leases streamed responses still hold.
+
+        Requests in flight on other threads keep their pools until they finish.
+        """
         with self.pools.lock:  # holding it keeps other threads' evictions out of the inline mode
             self._close_inline = True
             try:
@@ -441,8 +453,8 @@ class PharoxProxyManager(urllib3.ProxyManager):
                 self._close_inline = False
         with self._lock:
             self._routes.clear()
-            held = list(self._held.values())
-        for lease in held:
+            streams = list(self._streams.values())
+        for lease in streams:  # requests in flight release their own leases
             self._release(lease)
 
     # ------------------------------------------------------------------ explicit leases
@@ -527,6 +539,7 @@ class PharoxProxyManager(urllib3.ProxyManager):
 
     def _release(self, lease: ProxyLease) -> None:
         with self._lock:
+            self._streams.pop(lease.lease.id, None)
             if self._held.pop(lease.lease.id, None) is None:
                 return
         self.broker.release(lease)

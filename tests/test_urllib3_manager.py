@@ -219,6 +219,18 @@ def test_too_many_redirects_is_not_the_proxys_fault(
     assert broker.counters["failures"] == 0
 
 
+def test_target_certificate_failure_is_not_the_proxys_fault(
+    make_broker: MakeBroker, proxy_trio: list[KitProxy], tls_target: TargetServer
+) -> None:
+    broker = make_broker(proxy_trio, policy=HealthPolicy(max_failures=1))
+    with PharoxProxyManager(broker, timeout=TIMEOUT, retries=False) as pm:  # no kit CA: verification fails
+        for _ in range(2):
+            with pytest.raises(urllib3.exceptions.SSLError):
+                pm.request("GET", f"{tls_target.url}/echo")
+    assert set(statuses(broker).values()) == {ProxyStatus.ACTIVE}
+    assert broker.counters["acquired"] == 2  # not moved: another proxy would not help
+
+
 def test_retry_semantics_for_target_errors_stay_urllib3s(
     make_broker: MakeBroker, proxy_trio: list[KitProxy], target: TargetServer
 ) -> None:
