@@ -473,7 +473,7 @@ _HEALTH_VALUES = (
 def make_engine(url: str | sa.URL, *, pool_size: int = 20) -> Engine:
     """An engine tuned for short leasing transactions on any of the three databases."""
     url = sa.make_url(url)
-    kwargs: dict[str, Any] = {"pool_pre_ping": True, "hide_parameters": True}
+    kwargs: dict[str, Any] = {"hide_parameters": True}
     backend = url.get_backend_name()
     if backend == "sqlite":
         if url.database in (None, "", ":memory:") or url.database.startswith("file::memory:"):
@@ -491,6 +491,8 @@ def make_engine(url: str | sa.URL, *, pool_size: int = 20) -> Engine:
     kwargs["pool_timeout"] = 30
     engine = sa.create_engine(url, **kwargs)
     _prepare_engine(engine)
+    if backend != "sqlite":
+        _ping_when_idle(engine)
     if backend == "postgresql":
 
         @event.listens_for(engine, "connect")
@@ -504,6 +506,35 @@ def make_engine(url: str | sa.URL, *, pool_size: int = 20) -> Engine:
             dbapi_conn.commit()
 
     return engine
+
+
+_PING_AFTER_IDLE = 1.0  # seconds
+
+
+def _ping_when_idle(engine: Engine) -> None:
+    """`pool_pre_ping`, but only for connections idle longer than a second.
+
+    A ping is a round trip on every checkout, a sixth of a lease's database work.  A
+    connection used a moment ago is almost always alive; if the server restarted in
+    that moment the statement fails, SQLAlchemy recycles the whole pool and that one
+    call raises `StorageUnavailable`, which callers retry anyway.
+    """
+
+    @event.listens_for(engine, "checkout")
+    def _checkout(dbapi_conn: DBAPIConnection, record: ConnectionPoolEntry, proxy: Any) -> None:
+        if time.monotonic() - record.info.get("pxi_used", 0.0) < _PING_AFTER_IDLE:
+            return
+        try:
+            engine.dialect.do_ping(dbapi_conn)
+        except engine.dialect.loaded_dbapi.Error as exc:
+            if engine.dialect.is_disconnect(exc, dbapi_conn, None):
+                # The pool discards this connection and checks out a fresh one.
+                raise sa.exc.DisconnectionError() from exc
+            raise
+
+    @event.listens_for(engine, "checkin")
+    def _checkin(dbapi_conn: DBAPIConnection | None, record: ConnectionPoolEntry) -> None:
+        record.info["pxi_used"] = time.monotonic()
 
 
 def _prepare_engine(engine: Engine) -> None:
