@@ -78,9 +78,6 @@ class PharoxProxyMiddleware:
     @classmethod
     def from_crawler(cls, crawler: Crawler) -> PharoxProxyMiddleware:
         settings = PharoxSettings.from_mapping(crawler.settings)  # bad values raise here, at start-up
-        ready = crawler.settings.get("PHAROX_BROKER")
-        if isinstance(ready, LeaseBroker):
-            return cls(crawler, ready, settings, owns_broker=False)
         if not settings.configured:
             logger.info(
                 "PharoxProxyMiddleware disabled: set PHAROX_PROXIES, PHAROX_PROXIES_FILE, "
@@ -237,12 +234,12 @@ class PharoxProxyMiddleware:
     def _spider_opened(self) -> None:
         self._health_log.start()
 
-    def _spider_closed(self, reason: str) -> defer.Deferred[None]:
+    async def _spider_closed(self, reason: str) -> None:
         self._health_log.stop()
-        return deferred_from_coro(self._release_all("spider close"))
+        await self._release_all("spider close")
 
-    def _engine_stopped(self) -> defer.Deferred[None]:
-        return deferred_from_coro(self._release_all("engine stop"))
+    async def _engine_stopped(self) -> None:
+        await self._release_all("engine stop")
 
     async def _release_all(self, when: str) -> None:
         left = list(self._held.values())
