@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 import tempfile
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
@@ -106,15 +107,22 @@ def _run_worker(config_path: Path, stream: TextIO) -> int:
         text=True,
     )
     assert proc.stdout is not None
+    # A hung worker must not hang the demo: past the time limit it is killed, its
+    # output ends and the demo reports the failure (and still stops the proxies).
+    watchdog = threading.Timer(_WORKER_TIMEOUT, proc.kill)
+    watchdog.daemon = True
+    watchdog.start()
     try:
         for line in proc.stdout:
             stream.write(line)
             stream.flush()
-        return proc.wait(_WORKER_TIMEOUT)
+        return proc.wait()
     except BaseException:
         proc.kill()
         proc.wait()
         raise
+    finally:
+        watchdog.cancel()
 
 
 def check(report: dict[str, Any], *, pages: int, site_auth_seen: int) -> DemoOutcome:
@@ -226,8 +234,6 @@ def serve(
     `PHAROX_PROXIES_FILE` can point at it.  `ready`, if given, is a `threading.Event`
     to wait on instead of Ctrl-C (tests stop the server with it).
     """
-    import threading
-
     from .proxies import DemoProxies
     from .site import DemoSite
 
