@@ -51,10 +51,7 @@ def run_demo(
         roles = {p.safe_url: p.role for p in proxies.items}
         for p in proxies.items:
             say(f"  {p.safe_url:<24} {p.role}")
-        say(
-            f"  demo site {site.url} ({pages} products; it bans the proxy that connects from "
-            f"{', '.join(sorted(proxies.banned_ips))})"
-        )
+        say(f"  demo site {site.url} ({pages} products; it answers 403 to the proxy 'banned by the site')")
         say("running the Scrapy crawl, then the requests and the urllib3 examples, through one pool:")
         with tempfile.TemporaryDirectory(prefix="pharox-demo-run-") as tmp:
             config_path = Path(tmp) / "config.json"

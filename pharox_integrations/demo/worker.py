@@ -64,7 +64,7 @@ def _show_progress(progress: Progress, broker: LeaseBroker, stop: threading.Even
     last = ""
     while not stop.wait(1.0):
         line = _progress_line(progress, broker)
-        if line != last:
+        if progress.total and line != last:
             print(line, flush=True)
             last = line
 
@@ -150,14 +150,15 @@ def run(config: dict[str, Any]) -> dict[str, Any]:
     started = time.monotonic()
     try:
         report["scrapy"] = _crawl(site_url, progress, pages)
+        print(_progress_line(progress, broker), flush=True)  # each phase ends with its line
         for name, fn in (("requests", run_requests), ("urllib3", run_urllib3)):
             progress.start(name, pages)
             result = fn(broker, site_url, pages, done=progress.tick)
             report[name] = asdict(result)
+            print(_progress_line(progress, broker), flush=True)
     finally:
         stop.set()
         ticker.join()
-        print(_progress_line(progress, broker), flush=True)
     report["seconds"] = round(time.monotonic() - started, 2)
     report["held"] = broker.held
     report["counters"] = dict(broker.counters)
