@@ -144,7 +144,14 @@ def _positive_int(text: str) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    _terminate_as_interrupt()
+    restore = _terminate_as_interrupt()
+    try:
+        return _dispatch(parser, args)
+    finally:
+        restore()
+
+
+def _dispatch(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     try:
         if args.verb == "demo":
             return _demo(args)
@@ -174,18 +181,26 @@ def main(argv: Sequence[str] | None = None) -> int:
     return EXIT_OK
 
 
-def _terminate_as_interrupt() -> None:
-    """SIGTERM unwinds like Ctrl-C, so the demo's proxies and worker are stopped too."""
+def _terminate_as_interrupt() -> Callable[[], None]:
+    """SIGTERM unwinds like Ctrl-C, so the demo's proxies and worker are stopped too.
+
+    Returns what puts the previous handler back (`main` may run inside a host process).
+    """
     import signal
     import threading
 
     if threading.current_thread() is not threading.main_thread():
-        return
+        return lambda: None
 
     def interrupt(signum: int, frame: object) -> None:
         raise KeyboardInterrupt
 
-    signal.signal(signal.SIGTERM, interrupt)
+    previous = signal.signal(signal.SIGTERM, interrupt)
+
+    def restore() -> None:
+        signal.signal(signal.SIGTERM, previous)
+
+    return restore
 
 
 def _err(message: str) -> None:

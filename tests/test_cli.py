@@ -229,3 +229,11 @@ def test_pool_check_writes_results(
 
     code, out, _ = run(capsys, "pool", "stats", "--storage", db, "--pool", "chk")
     assert code == EXIT_OK and "2 active, 0 banned, 1 inactive" in out
+
+
+def test_main_puts_the_sigterm_handler_back(db: str, capsys: pytest.CaptureFixture[str]) -> None:
+    import signal
+
+    before = signal.getsignal(signal.SIGTERM)
+    assert run(capsys, "pool", "list", "--storage", db)[0] == EXIT_OK
+    assert signal.getsignal(signal.SIGTERM) is before
