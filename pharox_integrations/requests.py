@@ -30,6 +30,9 @@ been read to the end or the response is closed (`r.close()`, a `with` block); a
 response dropped without closing is released when it is garbage-collected.
 `adapter.close()` (and so `session.close()`) releases every lease still held.
 
+A response that went through a leased proxy carries `response.pharox_proxy`, the
+proxy's URL without credentials (safe to log).
+
 A ban or a proxy failure moves the request to another proxy, up to `proxy_retries`
 times (the decision is the core's `ProxyAttempts`); target-side errors are left to
 requests' `max_retries`.  When every try fails the caller gets the last response, or
@@ -189,7 +192,6 @@ class PharoxAdapter(HTTPAdapter):
         self._held: dict[UUID, _Held] = {}
         self._pins: Counter[str] = Counter()
         self._local = threading.local()
-        self._max_managers = pool_connections
         super().__init__(pool_connections, pool_maxsize, max_retries, pool_block)
         _reaper.start()
 
@@ -206,6 +208,7 @@ class PharoxAdapter(HTTPAdapter):
 
     def init_poolmanager(self, connections: int, maxsize: int, block: bool = DEFAULT_POOLBLOCK, **kw: Any) -> None:
         super().init_poolmanager(connections, maxsize, block, **kw)
+        self._max_managers = max(1, connections)
         # requests' own cache is a plain dict that grows by one manager per proxy
         # forever; ours is ordered by last use and bounded by `pool_connections`.
         self.proxy_manager = OrderedDict()

@@ -373,3 +373,12 @@ def test_target_errors_are_not_the_proxys_fault(door: Door, target: Any, proxy_t
         assert session.get(f"{target.url}/status/500").status_code == 500
     assert sum(target.hits.values()) == 5  # no move to another proxy
     assert all(p.status == "active" for p in broker.proxies())
+
+
+def test_bad_target_certificate_is_not_the_proxys_fault(door: Door, tls_target: Any, proxy_trio: Any) -> None:
+    broker = door.broker(proxy_trio)
+    session = door.session(broker)
+    with pytest.raises(requests.exceptions.SSLError):  # the CA is not trusted: raised as is
+        session.get(f"{tls_target.url}/echo")
+    assert broker.counters["acquired"] == 1  # not moved to another proxy
+    assert all(p.status == "active" for p in broker.proxies())
