@@ -10,9 +10,8 @@ from urllib.parse import quote
 
 from scrapy import Request, Spider
 from scrapy.http import Response
-from twisted.python.failure import Failure
-
 from servers import SPECIAL_AUTH
+from twisted.python.failure import Failure
 
 
 class Pages(Spider):
@@ -80,7 +79,7 @@ def assert_no_secret(*texts: object) -> None:
     for text in texts:
         shown = str(text)
         for secret in secrets():
-            assert secret not in shown, f"a credential leaked: …{shown[max(0, shown.find(secret) - 60):][:160]}…"
+            assert secret not in shown, f"a credential leaked: …{shown[max(0, shown.find(secret) - 60) :][:160]}…"
 
 
 def assert_auth_only_to_its_proxy(target: Any, proxies: Iterable[Any]) -> None:

@@ -184,3 +184,27 @@ def test_non_asyncio_reactor_waits_in_a_thread(tmp_path: Path, target: Any, prox
     assert result["acquired"] == result["released"] == 12
     assert result["peak"] == 3  # six concurrent requests, three proxies of one lease each: the rest waited
     assert_no_secret(done.stdout, done.stderr)
+
+
+@pytest_twisted.ensureDeferred
+async def test_per_request_pool_and_filters(
+    crawl: Crawl, target: Any, proxy_trio: Any, brokers: list[LeaseBroker]
+) -> None:
+    default, other, american = proxy_trio
+    broker = LeaseBroker.from_proxies([default.url])
+    broker.add_proxies([other.url], pool="other")
+    broker.add_proxies([american.url], country="US")
+    brokers.append(broker)
+    urls = [
+        (f"{target.url}/echo?pool", {"pharox_pool": "other"}),
+        (f"{target.url}/echo?us", {"pharox_filters": {"country": "US"}}),
+        *[(f"{target.url}/echo?any{i}", {}) for i in range(4)],
+    ]
+    crawler = await crawl(Urls, {"PHAROX_BROKER": scrapy_brokers.use(broker)}, requests=urls)
+    spider = crawler.spider
+    assert isinstance(spider, Urls)
+    peers = {echo(r)["query"]: echo(r)["peer_ip"] for r in spider.responses}
+    assert peers.pop("pool") == other.outbound_ip
+    assert peers.pop("us") == american.outbound_ip
+    assert set(peers.values()) == {default.outbound_ip, american.outbound_ip}
+    assert_no_leases(broker, "default", "other")

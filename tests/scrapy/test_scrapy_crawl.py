@@ -209,7 +209,10 @@ async def test_no_leak_on_redirects_ignores_replacements_and_timeouts(
     urls += [(f"{target.url}/slow?ms=3000&t={i}", {"download_timeout": 0.5, "pharox_retry_times": 1}) for i in range(2)]
     settings = {
         "PHAROX_BROKER": scrapy_brokers.use(broker),
-        "DOWNLOADER_MIDDLEWARES": {"pharox_integrations.scrapy.PharoxProxyMiddleware": 610, f"{__name__}.DropSome": 650},
+        "DOWNLOADER_MIDDLEWARES": {
+            "pharox_integrations.scrapy.PharoxProxyMiddleware": 610,
+            f"{__name__}.DropSome": 650,
+        },
     }
     crawler = await crawl(Urls, settings, requests=urls)
     spider = crawler.spider
@@ -303,8 +306,12 @@ async def test_ban_policy_and_spider_hooks(
 ) -> None:
     broker = LeaseBroker.from_proxies([p.url for p in proxy_trio])
     brokers.append(broker)
-    settings = {"PHAROX_BROKER": scrapy_brokers.use(broker), "PHAROX_BAN_POLICY": f"{__name__}.Captcha",
-                "PHAROX_RETRY_TIMES": 1, "HTTPERROR_ALLOW_ALL": True}
+    settings = {
+        "PHAROX_BROKER": scrapy_brokers.use(broker),
+        "PHAROX_BAN_POLICY": f"{__name__}.Captcha",
+        "PHAROX_RETRY_TIMES": 1,
+        "HTTPERROR_ALLOW_ALL": True,
+    }
     crawler = await crawl(Urls, settings, requests=[(f"{target.url}/slow?ms=1", {})])
     stats = crawler.stats.get_stats()  # type: ignore[union-attr]
     assert stats["pharox/verdict/ban/200"] == 2 and stats["pharox/moved/ban"] == 1

@@ -1,0 +1,213 @@
+"""Pages/s of one Scrapy crawl through a real local proxy: static proxy vs leasing vs rotating-proxies.
+
+    python benchmarks/bench_scrapy.py            # 2,000 pages per crawl, median of 3 crawls per row
+    python benchmarks/bench_scrapy.py --quick    # 300 pages, 1 crawl per row
+
+Rows, every crawl through the SAME proxy process to the same target, CONCURRENT_REQUESTS=32
+and CONCURRENT_REQUESTS_PER_DOMAIN=32 (so one-slot setups are not capped at Scrapy's
+default 8 per slot), no delays, cookies off:
+
+- static:             the spider sets `meta["proxy"]` to one entry; no proxy middleware;
+- pharox N:           `PharoxProxyMiddleware` with N entries in `PHAROX_PROXIES_FILE`
+                      (memory storage, round robin, one download slot per entry);
+- rotating-proxies N: scrapy-rotating-proxies 0.6 (`pip install -e .[bench]`) with the same
+                      file as `ROTATING_PROXY_LIST_PATH`.
+
+The entries all point at one no-auth proxy, told apart by user name
+(``http://u<i>:p<i>@127.0.0.1:<port>``), so every row pays the same proxy.  The proxy
+is pproxy by default (`--proxy proxypy` for proxy.py); the target is a minimal asyncio
+server in its own process.  Each crawl runs in its own Python process (one reactor per
+process); pages/s = pages / Scrapy's `elapsed_time_seconds` (start-up, including
+seeding the pool, is not counted).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+
+# A keep-alive HTTP/1.1 server answering every GET with a small HTML page in one write.
+_TARGET = """
+import asyncio, os, sys
+BODY = b"<!DOCTYPE html><html><head><title>page</title></head><body><h1>page</h1><p>ok</p></body></html>"
+ANSWER = (b"HTTP/1.1 200 OK\\r\\nContent-Type: text/html\\r\\nContent-Length: %d\\r\\n\\r\\n" % len(BODY)) + BODY
+
+async def serve(reader, writer):
+    try:
+        while True:
+            await reader.readuntil(b"\\r\\n\\r\\n")
+            writer.write(ANSWER)
+    except (asyncio.IncompleteReadError, asyncio.LimitOverrunError, ConnectionError):
+        pass
+    finally:
+        writer.close()
+
+async def main():
+    server = await asyncio.start_server(serve, "127.0.0.1", 0, backlog=1024)
+    print(server.sockets[0].getsockname()[1], flush=True)
+    await asyncio.get_running_loop().run_in_executor(None, sys.stdin.read)
+    os._exit(0)
+
+asyncio.run(main())
+"""
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+def start_target() -> tuple[subprocess.Popen[str], str]:
+    proc = subprocess.Popen([sys.executable, "-c", _TARGET], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    assert proc.stdout is not None
+    return proc, f"http://127.0.0.1:{int(proc.stdout.readline())}"
+
+
+def start_proxy(kind: str) -> tuple[subprocess.Popen[str], int]:
+    """A no-auth HTTP proxy on a free loopback port: pproxy (kit launcher) or proxy.py."""
+    port = _free_port()
+    if kind == "pproxy":
+        env = dict(os.environ, PYTHONPATH=str(ROOT / "tests" / "servers"))
+        argv = [sys.executable, "-m", "pproxy_main", f"http://127.0.0.1:{port}"]
+    else:
+        env = dict(os.environ)
+        argv = [sys.executable, "-m", "proxy", "--hostname", "127.0.0.1", "--port", str(port), "--num-workers", "1"]
+    proc = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    for _ in range(200):
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+            return proc, port
+        except OSError:
+            if proc.poll() is not None:
+                raise SystemExit(f"{kind} did not start") from None
+            import time
+
+            time.sleep(0.05)
+    raise SystemExit(f"{kind} did not accept connections")
+
+
+# ---------------------------------------------------------------------------- one crawl (child process)
+
+
+def crawl(variant: str, target: str, entries_file: str, pages: int) -> dict[str, Any]:
+    from scrapy import Request, Spider
+    from scrapy.crawler import CrawlerProcess
+
+    first = Path(entries_file).read_text().split("\n", 1)[0]
+    static = variant == "static"
+
+    class Bench(Spider):
+        name = "bench"
+        seen = 0
+
+        async def start(self) -> Any:
+            meta = {"proxy": first} if static else {}
+            for i in range(pages):
+                yield Request(f"{target}/page/{i}", meta=dict(meta), dont_filter=True)
+
+        def parse(self, response: Any) -> None:
+            type(self).seen += 1
+
+    settings: dict[str, Any] = {
+        "CONCURRENT_REQUESTS": 32,
+        "CONCURRENT_REQUESTS_PER_DOMAIN": 32,
+        "DOWNLOAD_DELAY": 0,
+        "COOKIES_ENABLED": False,
+        "TELNETCONSOLE_ENABLED": False,
+        "ROBOTSTXT_OBEY": False,
+        "LOG_LEVEL": "ERROR",
+    }
+    if variant == "pharox":
+        settings["DOWNLOADER_MIDDLEWARES"] = {"pharox_integrations.scrapy.PharoxProxyMiddleware": 610}
+        settings.update(PHAROX_PROXIES_FILE=entries_file, PHAROX_LOGSTATS_INTERVAL=0)
+    elif variant == "rotating":
+        settings["DOWNLOADER_MIDDLEWARES"] = {
+            "rotating_proxies.middlewares.RotatingProxyMiddleware": 610,
+            "rotating_proxies.middlewares.BanDetectionMiddleware": 620,
+        }
+        settings["ROTATING_PROXY_LIST_PATH"] = entries_file
+        settings["ROTATING_PROXY_LOGSTATS_INTERVAL"] = 3600
+    process = CrawlerProcess(settings)
+    crawler = process.create_crawler(Bench)
+    process.crawl(crawler)
+    process.start()
+    assert crawler.stats is not None
+    stats = crawler.stats.get_stats()
+    return {"pages": Bench.seen, "seconds": stats["elapsed_time_seconds"]}
+
+
+def run_child(variant: str, target: str, entries_file: str, pages: int) -> float:
+    argv = [sys.executable, __file__, "--child", variant, target, entries_file, str(pages)]
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=600, cwd=ROOT)
+    if done.returncode != 0:
+        raise SystemExit(f"{variant} crawl failed:\n{done.stderr[-3000:]}")
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    if result["pages"] != pages:
+        raise SystemExit(f"{variant} crawl scraped {result['pages']} of {pages} pages")
+    return float(result["pages"] / result["seconds"])
+
+
+# ---------------------------------------------------------------------------- the table
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="300 pages, 1 crawl per row")
+    parser.add_argument("--pages", type=int, default=None)
+    parser.add_argument("--repeats", type=int, default=None)
+    parser.add_argument("--proxy", choices=("pproxy", "proxypy"), default="pproxy")
+    parser.add_argument("--child", nargs=4, metavar=("VARIANT", "TARGET", "ENTRIES", "PAGES"), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        variant, target, entries_file, pages = args.child
+        print(json.dumps(crawl(variant, target, entries_file, int(pages))))
+        return
+    pages = args.pages or (300 if args.quick else 2000)
+    repeats = args.repeats or (1 if args.quick else 3)
+    try:
+        import rotating_proxies  # noqa: F401
+
+        rows = [("static", 1), ("pharox", 10), ("pharox", 10_000), ("rotating", 10), ("rotating", 10_000)]
+    except ImportError:
+        print("scrapy-rotating-proxies not installed (pip install -e '.[bench]'): its rows are skipped")
+        rows = [("static", 1), ("pharox", 10), ("pharox", 10_000)]
+    target_proc, target = start_target()
+    proxy_proc, port = start_proxy(args.proxy)
+    results: list[tuple[str, int, float, list[float]]] = []
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            files = {}
+            for n in sorted({n for _, n in rows}):
+                path = Path(tmp) / f"entries-{n}.txt"
+                path.write_text("\n".join(f"http://u{i}:p{i}@127.0.0.1:{port}" for i in range(n)))
+                files[n] = str(path)
+            for variant, n in rows:
+                runs = [run_child(variant, target, files[n], pages) for _ in range(repeats)]
+                results.append((variant, n, statistics.median(runs), runs))
+                print(f"  {variant:<9} {n:>6} entries: {', '.join(f'{r:.0f}' for r in runs)} pages/s", flush=True)
+    finally:
+        for proc in (proxy_proc, target_proc):
+            proc.kill()
+            proc.wait()
+    base = results[0][2]
+    names = {"static": "static meta['proxy']", "pharox": "PharoxProxyMiddleware", "rotating": "scrapy-rotating-proxies"}
+    print(f"\n{pages} pages per crawl, CONCURRENT_REQUESTS=32, proxy: {args.proxy}, median of {repeats}")
+    print(f"| {'setup':<26} | {'entries':>7} | {'pages/s':>7} | {'vs static':>9} |")
+    print(f"|{'-' * 28}|{'-' * 9}|{'-' * 9}|{'-' * 11}|")
+    for variant, n, median, _ in results:
+        print(f"| {names[variant]:<26} | {n:>7,} | {median:>7.0f} | {median / base:>8.2f}x |")
+
+
+if __name__ == "__main__":
+    main()
