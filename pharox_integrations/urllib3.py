@@ -37,7 +37,6 @@ from uuid import UUID
 
 import urllib3
 from pharox import ProxyFilters, ProxyProtocol
-from urllib3._collections import RecentlyUsedContainer
 from urllib3.connection import ProxyConfig
 from urllib3.connectionpool import HTTPConnectionPool
 from urllib3.exceptions import HTTPError, MaxRetryError, ProxyError, ResponseError, SSLError
@@ -339,7 +338,7 @@ class PharoxProxyManager(urllib3.ProxyManager):
         # Evicted pools are closed, but never under a request still using them (a
         # pool closed between `connection_from_*` and getting a connection raises
         # ClosedPoolError, urllib3 issue #1252): pools in use are counted per hop.
-        self.pools = RecentlyUsedContainer(num_pools, dispose_func=self._dispose)
+        self.pools.dispose_func = self._dispose
         self._in_use: dict[HTTPConnectionPool, int] = {}
         self._evicted: set[HTTPConnectionPool] = set()
         self._close_inline = False  # clear() closes at once; evictions close on the closer thread
