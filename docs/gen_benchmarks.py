@@ -5,8 +5,8 @@
     python docs/gen_benchmarks.py --only bench_core.py
 
 Each script's output goes between `<!-- begin: NAME -->` and `<!-- end: NAME -->`;
-the first table whose first column is a number (pool size, threads…) also becomes a
-Mermaid line chart between `<!-- begin: chart NAME -->` and `<!-- end: chart NAME -->`.
+scripts listed in `CHARTS` also get a Mermaid line chart of their first table between
+`<!-- begin: chart NAME -->` and `<!-- end: chart NAME -->`.
 Scripts without markers in the page are skipped.  Run it on a quiet machine.
 """
 
@@ -17,6 +17,7 @@ import platform
 import re
 import subprocess
 import sys
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -38,43 +39,70 @@ def _value(cell: str) -> float | None:
     return float(match.group().replace(",", "")) if match else None
 
 
-def chart(output: str, title: str) -> str | None:
-    """A Mermaid xychart of the first `x | y1 | y2 ...` table in `output`, or None."""
+@dataclass(frozen=True)
+class ChartSpec:
+    """Which table of a script's output to draw: its first `x_cols` columns label the
+    x axis, `series` are the columns drawn as lines (0-based, as printed)."""
+
+    x_cols: int
+    series: tuple[int, ...]
+    unit: str
+
+
+#: Scripts whose first table is worth a chart (the others get their tables only).
+CHARTS = {
+    "bench_core.py": ChartSpec(x_cols=1, series=(1, 2), unit="µs per request (lower is better)"),
+    "bench_urllib3.py": ChartSpec(x_cols=2, series=(2, 3, 4), unit="requests/s (higher is better)"),
+}
+
+
+def _cells(line: str) -> list[str]:
+    if "|" in line:
+        return [c.strip() for c in line.strip().strip("|").split("|")]
+    return line.split()
+
+
+def chart(output: str, spec: ChartSpec, title: str) -> str | None:
+    """A Mermaid xychart of the first table in `output` whose rows start with a number."""
     lines = output.splitlines()
     for i, line in enumerate(lines):
-        if "|" not in line:
+        head = _cells(line)
+        if len(head) <= max(spec.series) or not head[0] or head[0][0].isdigit():
             continue
-        head = [c.strip() for c in line.split("|")]
-        rows = []
+        rows: list[list[str]] = []
         for row in lines[i + 1 :]:
-            if set(row.strip()) <= set("-+| "):
+            if set(row.strip()) <= set("-+|: "):  # a rule under the header
                 if rows:
                     break
                 continue
-            if "|" not in row:
-                break
-            cells = [c.strip() for c in row.split("|")]
-            if len(cells) != len(head) or _value(cells[0]) is None or not cells[0][0].isdigit():
+            cells = _cells(row)
+            if len(cells) < len(head) or not cells[0][:1].isdigit():
                 break
             rows.append(cells)
         if len(rows) < 2:
             continue
-        series = []
-        for col in range(1, len(head)):
-            values = [_value(r[col]) for r in rows]
-            if all(v is not None for v in values) and not head[col].lower().startswith("speed"):
-                series.append((head[col], values))
-        if not series:
+        series = [(head[c], [_value(r[c]) for r in rows]) for c in spec.series]
+        if any(v is None for _, values in series for v in values):
             continue
         top = max(v for _, values in series for v in values if v is not None)
+        labels = [" / ".join(r[: spec.x_cols]) for r in rows]
         out = ["```mermaid", "xychart-beta", f'    title "{title}"']
-        out.append("    x-axis [" + ", ".join(f'"{r[0]}"' for r in rows) + "]")
-        out.append(f'    y-axis "as in the table" 0 --> {top * 1.1:.0f}')
-        out += [f"    line [{', '.join(f'{v:g}' for v in values)}]" for _, values in series]
+        out.append("    x-axis [" + ", ".join(f'"{label}"' for label in labels) + "]")
+        out.append(f'    y-axis "{spec.unit}" 0 --> {top * 1.1:.0f}')
+        out += [f"    line [{', '.join(f'{v:g}' for v in values if v is not None)}]" for _, values in series]
         out.append("```")
+        axis = " / ".join(head[: spec.x_cols])
         legend = ", ".join(f"line {n + 1}: {name}" for n, (name, _) in enumerate(series))
-        return "\n".join(out) + f"\n\n{legend}."
+        return "\n".join(out) + f"\n\nx axis: {axis}; {legend}."
     return None
+
+
+def render(command: str, where: str, output: str) -> str:
+    """Markdown tables stay tables (headings demoted under the page's); the rest is text."""
+    if any(line.startswith("|---") for line in output.splitlines()):
+        body = re.sub(r"^(#+) ", lambda m: "#" * min(6, len(m.group(1)) + 3) + " ", output, flags=re.M)
+        return f"`$ {command}` ({where})\n\n{body}"
+    return f"```text\n$ {command}    # {where}\n{output}\n```"
 
 
 def replace(page: str, name: str, body: str) -> str:
@@ -102,8 +130,9 @@ def main() -> int:
         output = run(script, args.quick)
         command = f"python benchmarks/{script}{' --quick' if args.quick else ''}"
         where = f"{stamp}, Python {platform.python_version()}, {platform.machine()}"
-        page = replace(page, script, f"```text\n$ {command}    # {where}\n{output}\n```")
-        drawn = chart(output, script)
+        page = replace(page, script, render(command, where, output))
+        spec = CHARTS.get(script)
+        drawn = chart(output, spec, script) if spec else None
         if drawn:
             page = replace(page, f"chart {script}", drawn)
     PAGE.write_text(page, encoding="utf-8")
