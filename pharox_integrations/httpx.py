@@ -26,7 +26,7 @@ import re
 import ssl
 import threading
 from collections import OrderedDict
-from collections.abc import AsyncIterator, Awaitable, Callable, Generator, Iterator
+from collections.abc import AsyncIterator, Callable, Generator, Iterator
 from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
 from uuid import UUID
@@ -43,6 +43,7 @@ from .errors import (
     PharoxIntegrationError,
     ProxyAuthenticationFailed,
 )
+from .filters import with_protocols
 from .health import Verdict
 
 __all__ = [
@@ -221,7 +222,8 @@ def _proxy_config(lease: ProxyLease) -> httpx.Proxy:
 class _Acquire:
     url: str
     pool: str | None
-    filters: ProxyFilters | None
+    filters: ProxyFilters | None  # the caller's, for explanations
+    effective: ProxyFilters | None  # with the protocols httpx speaks
     session: str | None
 
 
@@ -283,6 +285,8 @@ class _Door(Generic[T]):
         self.routes: _Routes[T] = routes
         self.pool = pool
         self.filters = filters
+        # Built once: a per-request protocol filter would cost a pydantic model each time.
+        self._effective = with_protocols(filters, SPOKEN_PROTOCOLS)
         self.proxy_retries = proxy_retries
         self.raise_on_exhausted = raise_on_exhausted
 
@@ -296,12 +300,25 @@ class _Door(Generic[T]):
                 f'extensions["{_EXTENSION}"]: unknown keys {sorted(unknown)}; known: pool, session, filters'
             )
         target = request.url.copy_with(username=None, password=None) if request.url.userinfo else request.url
+        filters = extra.get("filters", self.filters)
         return _Acquire(
             url=str(target),
             pool=extra.get("pool", self.pool),
-            filters=extra.get("filters", self.filters),
+            filters=filters,
+            effective=self._effective if filters is self.filters else with_protocols(filters, SPOKEN_PROTOCOLS),
             session=extra.get("session"),
         )
+
+    def acquire(self, op: _Acquire) -> ProxyLease:
+        """Lease for `op` (blocking form; the async side runs its own)."""
+        try:
+            return self.broker.acquire(op.url, pool=op.pool, filters=op.effective, session=op.session)
+        except NoProxyAvailable:
+            raise self.explain(op) from None
+
+    def explain(self, op: _Acquire) -> NoProxyAvailable:
+        """Why nothing could be leased, told with the caller's filters and httpx's protocols."""
+        return self.broker.explain(op.pool, op.filters, SPOKEN_PROTOCOLS)
 
     def exchange(self, request: httpx.Request) -> Generator[_Op, Any, httpx.Response]:
         """Lease, send, judge, move or hand the response (and the lease) to its stream."""
@@ -468,9 +485,7 @@ class _SyncDoor(_Door[httpx.HTTPTransport]):
     def _do(self, op: _Op) -> Any:
         broker = self.broker
         if isinstance(op, _Acquire):
-            return broker.acquire(
-                op.url, pool=op.pool, filters=op.filters, session=op.session, protocols=SPOKEN_PROTOCOLS
-            )
+            return self.acquire(op)
         if isinstance(op, _Send):
             assert isinstance(op.transport, httpx.HTTPTransport)
             return op.transport.handle_request(op.request)
@@ -590,25 +605,30 @@ class _AsyncDoor(_Door[httpx.AsyncHTTPTransport]):
             assert isinstance(op.transport, httpx.AsyncHTTPTransport)
             return await op.transport.handle_async_request(op.request)
         if isinstance(op, _Judge):
-            return await self._off_loop(lambda: op.attempts.judge(op.lease, **op.kwargs))
+            if broker.storage_blocks:
+                return await asyncio.to_thread(lambda: op.attempts.judge(op.lease, **op.kwargs))
+            return op.attempts.judge(op.lease, **op.kwargs)
         if isinstance(op, _Release):
-            # In a worker thread the release completes even if this task is cancelled.
-            return await self._off_loop(lambda: broker.release(op.lease))
+            if broker.storage_blocks:
+                # In a worker thread the release completes even if this task is cancelled.
+                return await asyncio.to_thread(broker.release, op.lease)
+            return broker.release(op.lease)
         if op.response is not None:
             await op.response.aclose()
         for transport in op.transports:
             await transport.aclose()
         return None
 
-    def _off_loop(self, fn: Callable[[], Any]) -> Awaitable[Any]:
-        if self.broker.storage_blocks:
-            return asyncio.to_thread(fn)
-        return _ready(fn())
-
     async def _acquire(self, op: _Acquire) -> ProxyLease:
-        pending = self.broker.acquire_async(
-            op.url, pool=op.pool, filters=op.filters, session=op.session, protocols=SPOKEN_PROTOCOLS
-        )
+        try:
+            return await self._acquire_async(op)
+        except NoProxyAvailable:
+            if self.broker.storage_blocks:
+                raise await asyncio.to_thread(self.explain, op) from None
+            raise self.explain(op) from None
+
+    async def _acquire_async(self, op: _Acquire) -> ProxyLease:
+        pending = self.broker.acquire_async(op.url, pool=op.pool, filters=op.effective, session=op.session)
         if not self.broker.storage_blocks:
             return await pending  # cancellable only while waiting, when nothing is held
         # A worker thread may finish leasing after this task was cancelled: let the
@@ -625,10 +645,6 @@ class _AsyncDoor(_Door[httpx.AsyncHTTPTransport]):
             return
         lease = task.result()
         asyncio.get_running_loop().run_in_executor(None, self.broker.release, lease)
-
-
-async def _ready(value: Any) -> Any:
-    return value
 
 
 class _AsyncLeasedStream(httpx.AsyncByteStream):
