@@ -111,7 +111,8 @@ class ProxyAuthenticationError(AllProxiesFailedError, ProxyAuthenticationFailed,
 
 
 class _Reaper:
-    """Releases leases of responses dropped without being closed, off the dropping thread.
+    """Releases leases of responses dropped without being closed, off the dropping thread
+    (and closes evicted connection pools off the request path).
 
     A garbage-collected response can be collected at any allocation, possibly while
     this thread is inside the broker or its storage: releasing there could re-enter
@@ -138,8 +139,8 @@ class _Reaper:
             job = self._queue.get()
             try:
                 job()
-            except Exception:  # keep serving the others; the broker logged the cause
-                logger.exception("could not release the lease of a dropped response")
+            except Exception:  # keep serving the others
+                logger.exception("background release or pool close failed")
 
 
 _reaper = _Reaper()
@@ -234,8 +235,7 @@ class PharoxAdapter(HTTPAdapter):
                 pins.append(proxy)
                 self._pins[proxy] += 1
             evicted = self._evict()
-        for old in evicted:
-            old.clear()
+        self._close_later(evicted)
         return manager
 
     def _evict(self) -> list[Any]:
@@ -248,6 +248,16 @@ class PharoxAdapter(HTTPAdapter):
                 break  # every one is in use; shrink when they are unpinned
             evicted.append(cache.pop(victim))
         return evicted
+
+    @staticmethod
+    def _close_later(managers: list[Any]) -> None:
+        """Close evicted managers' idle connections on the reaper thread.
+
+        Closing a connection the proxy used a moment ago waits for the proxy to react
+        (~150 µs here against ~25 µs for an older one); the request need not wait.
+        """
+        for manager in managers:
+            _reaper.put(manager.clear)
 
     def _send_pinned(self, request: PreparedRequest, **kwargs: Any) -> Response:
         """`HTTPAdapter.send`, with the proxy manager it picks pinned until it returns."""
@@ -264,8 +274,7 @@ class PharoxAdapter(HTTPAdapter):
                         if self._pins[key] <= 0:
                             del self._pins[key]
                     evicted = self._evict()
-                for old in evicted:
-                    old.clear()
+                self._close_later(evicted)
 
     # ------------------------------------------------------------------ send
 
