@@ -15,6 +15,7 @@ from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 from urllib.parse import quote
 
+import psutil
 import pytest
 import requests
 
@@ -71,6 +72,15 @@ def exception_texts(exc: BaseException) -> list[str]:
         out += [str(cur), repr(cur)]
         todo += [cur.__cause__, cur.__context__, *(a for a in cur.args if isinstance(a, BaseException))]
     return out
+
+
+def open_connections_to(port: int) -> int:
+    """Established TCP connections from this process to `port`."""
+    return sum(
+        1
+        for c in psutil.Process().net_connections(kind="tcp")
+        if c.raddr and c.raddr.port == port and c.status == psutil.CONN_ESTABLISHED
+    )
 
 
 def wait_for(check: Callable[[], bool], timeout: float = 5.0) -> bool:
@@ -265,6 +275,8 @@ def test_per_proxy_pools_are_bounded(door: Door, target: Any, http_proxy: Any) -
         assert session.get(f"{target.url}/echo").status_code == 200
     assert len(adapter.proxy_manager) == 4
     assert target.hits[http_proxy.outbound_ip] == 30
+    # The open connections are bounded too, not just the cache entries.
+    assert wait_for(lambda: open_connections_to(http_proxy.port) <= 4), open_connections_to(http_proxy.port)
 
 
 def test_eviction_does_not_break_a_stream(door: Door, target: Any, proxy_trio: Any) -> None:
