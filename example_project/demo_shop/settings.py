@@ -41,7 +41,7 @@ PHAROX_BAN_CODES = [403, 429]
 # Connection errors in a row that make a proxy INACTIVE.
 PHAROX_MAX_FAILURES = 2
 # First cool-down of a benched proxy, and the longest one (exponential backoff).
-PHAROX_BACKOFF_BASE = 30
+PHAROX_BACKOFF_BASE = float(os.environ.get("PHAROX_BACKOFF_BASE", "30"))
 PHAROX_BACKOFF_CAP = 1800
 # Scrapy only: how many other proxies a banned or failed request moves to.
 PHAROX_RETRY_TIMES = 5

@@ -138,6 +138,9 @@ def run(config: dict[str, Any]) -> dict[str, Any]:
             "PHAROX_ACQUIRE_TIMEOUT": 15,
             "PHAROX_MAX_FAILURES": 2,
             "PHAROX_LEASE_SECONDS": 120,
+            # Benched proxies sit out the whole run, however slow the machine: the
+            # table then shows what the site and the dead port did to them.
+            "PHAROX_BACKOFF_BASE": 600,
         }
     )
     _BROKER = broker
