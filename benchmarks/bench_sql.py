@@ -95,6 +95,7 @@ def run_cell(storage: IStorage, workers: int, seconds: float, one_txn: bool) -> 
 
     def work() -> None:
         local = Cell()
+        backoff = 0.002
         start.wait()
         while time.perf_counter() < stop_at[0]:
             t0 = time.perf_counter()
@@ -107,10 +108,12 @@ def run_cell(storage: IStorage, workers: int, seconds: float, one_txn: bool) -> 
                 local.errors += 1
                 time.sleep(0.01)
                 continue
-            if lease is None:
+            if lease is None:  # pool exhausted: back off like the broker does
                 local.empty += 1
-                time.sleep(0.001)
+                time.sleep(backoff)
+                backoff = min(backoff * 2, 0.05)
                 continue
+            backoff = 0.002
             with lock:
                 if lease.proxy_id in held:
                     local.over += 1

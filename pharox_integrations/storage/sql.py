@@ -22,6 +22,15 @@ size or history:
   (status, expires_at) is ever used on the hot path, so old rows cost nothing;
   `purge_released_leases` compacts history when wanted.
 * Health records live in a ring of `health_history` slots per proxy.
+* PostgreSQL runs each operation as ONE statement (data-modifying CTEs) in autocommit
+  mode: a lease costs three round trips, not a dozen.  Sessions commit asynchronously
+  except the statements that create leases, which switch `synchronous_commit` back on
+  for themselves: a crash may lose a release or a health write for a moment (the
+  lease then expires), never an acknowledged lease.
+* Prebuilt statements: building a SQLAlchemy statement per call costs more than the
+  round trip.  Pooled connections are pinged only after a second idle.
+* Errors that mean "the database is unreachable" become one `StorageUnavailable`
+  naming the database (never the password); the pool reconnects by itself.
 
 The schema is created by Alembic migrations shipped in ``storage/migrations``
 (`init_schema(url)`, or ``create_schema=True``).
@@ -34,7 +43,7 @@ import functools
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
@@ -278,6 +287,7 @@ class _Sql:
             .where(c.id == _bp("b_pid"), c.current_leases > 0)
             .values(current_leases=c.current_leases - 1)
         )
+        self.up_stamp_plain = up_stamp  # callers that locked the row know the counts
         if returning:
             up, up_stamp, down = (s.returning(*counts) for s in (up, up_stamp, down))
         self.up, self.up_stamp, self.down = up, up_stamp, down
@@ -627,6 +637,10 @@ class SqlStorage(IStorage):
         self._pool_names: dict[UUID, str] = {}
         self._next_cleanup = 0.0
         self._q = self._statements()
+        self._writer_lock: threading.Lock | None = None
+        if self._dialect == "sqlite":
+            # One lock per engine, shared by every storage object on it.
+            self._writer_lock = self._engine.__dict__.setdefault("_pxi_writer", threading.Lock())
         if create_schema:
             try:
                 _run_migrations(self._engine)
@@ -664,6 +678,17 @@ class SqlStorage(IStorage):
 
     def __repr__(self) -> str:
         return f"SqlStorage({self._where})"
+
+    @contextlib.contextmanager
+    def _tx(self) -> Iterator[Connection]:
+        """A write transaction.  SQLite: threads of this process queue on a lock
+        instead of on SQLite's busy handler, which sleeps in steps of milliseconds."""
+        if self._writer_lock is None:
+            with self._engine.begin() as conn:
+                yield conn
+        else:
+            with self._writer_lock, self._engine.begin() as conn:
+                yield conn
 
     def _read(self) -> Any:
         return self._engine.connect().execution_options(pxi_read=True)
@@ -969,7 +994,7 @@ class SqlStorage(IStorage):
         cached = self._consumer_ids.get(consumer_name)
         if cached is not None:
             return cached
-        with self._engine.begin() as conn:
+        with self._tx() as conn:
             return self._consumer_id(conn, consumer_name)
 
     def _bump(self, conn: Connection, stmt: Any, params: dict[str, Any]) -> _Counts | None:
@@ -1040,7 +1065,7 @@ class SqlStorage(IStorage):
                 params = {"b_pool": pool_name, "b_stamp": _stamp()}
                 found = conn.execute(stmt, params).mappings().first()
                 return self._proxy_from_row(found) if found is not None else None
-        with self._engine.begin() as conn:
+        with self._tx() as conn:
             row = self._pick(conn, pool_name, filters, selector, lock=True)
             if row is None:
                 return None
@@ -1062,7 +1087,7 @@ class SqlStorage(IStorage):
                 raise ProxyUnavailableError(f"Proxy {proxy.id} is no longer available.")
             lease, counts = got
         else:
-            with self._engine.begin() as conn:
+            with self._tx() as conn:
                 counts_or_none = self._bump(conn, self._q.up, {"b_pid": proxy.id})
                 if counts_or_none is None:
                     raise ProxyUnavailableError(f"Proxy {proxy.id} is no longer available.")
@@ -1100,16 +1125,21 @@ class SqlStorage(IStorage):
                 return None
             lease, counts = got
         else:
-            with self._engine.begin() as conn:
+            with self._tx() as conn:
                 self._durable(conn)
                 row = self._pick(conn, pool_name, filters, selector, lock=True)
                 if row is None:
                     return None
                 params = {"b_pid": row["id"], "b_stamp": _stamp()}
-                counts_or_none = self._bump(conn, self._q.up_stamp, params)
-                if counts_or_none is None:  # only without row locks (old MySQL): core retries
-                    return None
-                counts = counts_or_none
+                if conn.execute(self._q.up_stamp_plain, params).rowcount != 1:
+                    return None  # only without row locks (old MySQL): the core retries
+                # The row is locked (or SQLite's write lock is ours): its counts are current.
+                counts = _Counts(
+                    row["pool_id"],
+                    int(row["current_leases"]) + 1,
+                    row["max_concurrency"],
+                    row["status"] == _ACTIVE,
+                )
                 lease = self._insert_lease(
                     conn, row["id"], counts.pool_id, consumer_id, duration_seconds
                 )
@@ -1127,10 +1157,14 @@ class SqlStorage(IStorage):
                 row = conn.execute(pg.release, params).first()
             counts = None if row is None else _Counts(row[0], row[1], row[2], row[3] == _ACTIVE)
         else:
-            with self._engine.begin() as conn:
+            with self._tx() as conn:
                 if conn.execute(self._q.release, params).rowcount != 1:
                     return
-                counts = self._bump(conn, self._q.down, params)
+                if self._q.returning or lease.pool_id in self._stats:
+                    counts = self._bump(conn, self._q.down, params)
+                else:  # nobody reads this pool's cached stats: skip reading the counts back
+                    conn.execute(self._q.down, params)
+                    counts = None
         if counts is not None:
             self._count_lease(counts, -1)
 
@@ -1160,7 +1194,7 @@ class SqlStorage(IStorage):
 
     def _sweep(self, limit: int) -> int:
         now = _now()
-        with self._engine.begin() as conn:
+        with self._tx() as conn:
             rows = conn.execute(
                 sa.select(leases.c.id, leases.c.proxy_id)
                 .where(leases.c.status == _LEASE_ACTIVE, leases.c.expires_at <= now)
@@ -1198,7 +1232,7 @@ class SqlStorage(IStorage):
     def purge_released_leases(self, older_than: timedelta = timedelta(days=1)) -> int:
         """Delete released leases older than `older_than` (history compaction)."""
         cutoff = _now() - older_than
-        with self._engine.begin() as conn:
+        with self._tx() as conn:
             return int(
                 conn.execute(
                     sa.delete(leases).where(
@@ -1314,7 +1348,7 @@ class SqlStorage(IStorage):
             proxy = self._proxy_from_row(found)
             pool_id = found["pool_id"]
         else:
-            with self._engine.begin() as conn:
+            with self._tx() as conn:
                 row = conn.execute(self._q.proxy_locked, {"b_pid": result.proxy_id}).mappings().first()
                 if row is None:
                     return None
@@ -1343,7 +1377,7 @@ class SqlStorage(IStorage):
     @_guarded
     def save_health_record(self, record: ProxyHealthRecord) -> None:
         """Add an observation to the proxy's bounded history (status unchanged)."""
-        with self._engine.begin() as conn:
+        with self._tx() as conn:
             seq = conn.execute(
                 sa.select(proxies.c.health_seq)
                 .where(proxies.c.id == record.proxy_id)
@@ -1434,7 +1468,7 @@ class SqlStorage(IStorage):
     @_guarded
     def save_pool(self, pool: ProxyPool) -> None:
         """Insert or update a pool by id."""
-        with self._engine.begin() as conn:
+        with self._tx() as conn:
             done = conn.execute(
                 sa.update(pools)
                 .where(pools.c.id == pool.id)
@@ -1479,7 +1513,7 @@ class SqlStorage(IStorage):
     def delete_pool(self, pool_id: str) -> None:
         """Delete a pool with its proxies, their leases and health records."""
         pid = UUID(str(pool_id))
-        with self._engine.begin() as conn:
+        with self._tx() as conn:
             proxy_ids = sa.select(proxies.c.id).where(proxies.c.pool_id == pid)
             conn.execute(sa.delete(health).where(health.c.proxy_id.in_(proxy_ids)))
             conn.execute(sa.delete(leases).where(leases.c.pool_id == pid))
@@ -1495,7 +1529,7 @@ class SqlStorage(IStorage):
     def save_proxy(self, proxy: Proxy) -> None:
         """Insert or update a proxy by id; lease counters stay the storage's own."""
         values = self._proxy_values(proxy)
-        with self._engine.begin() as conn:
+        with self._tx() as conn:
             pool_ok = conn.execute(
                 sa.select(pools.c.id).where(pools.c.id == proxy.pool_id)
             ).scalar_one_or_none()
@@ -1526,7 +1560,7 @@ class SqlStorage(IStorage):
         if not proxies_:
             return 0
         rows = [self._new_proxy_row(p) for p in proxies_]
-        with self._engine.begin() as conn:
+        with self._tx() as conn:
             for start in range(0, len(rows), 1000):
                 conn.execute(proxies.insert(), rows[start : start + 1000])
         for pool_id in {p.pool_id for p in proxies_}:
@@ -1585,7 +1619,7 @@ class SqlStorage(IStorage):
     def delete_proxy(self, proxy_id: str) -> None:
         """Delete a proxy with its leases and health records."""
         pid = UUID(str(proxy_id))
-        with self._engine.begin() as conn:
+        with self._tx() as conn:
             conn.execute(sa.delete(health).where(health.c.proxy_id == pid))
             conn.execute(sa.delete(leases).where(leases.c.proxy_id == pid))
             done = conn.execute(sa.delete(proxies).where(proxies.c.id == pid)).rowcount
