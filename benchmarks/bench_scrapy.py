@@ -31,6 +31,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
@@ -91,8 +92,6 @@ def start_proxy(kind: str) -> tuple[subprocess.Popen[str], int]:
         except OSError:
             if proc.poll() is not None:
                 raise SystemExit(f"{kind} did not start") from None
-            import time
-
             time.sleep(0.05)
     raise SystemExit(f"{kind} did not accept connections")
 
@@ -101,7 +100,7 @@ def start_proxy(kind: str) -> tuple[subprocess.Popen[str], int]:
 
 
 def crawl(variant: str, target: str, entries_file: str, pages: int) -> dict[str, Any]:
-    from scrapy import Request, Spider
+    from scrapy import Request, Spider, signals
     from scrapy.crawler import CrawlerProcess
 
     first = Path(entries_file).read_text().split("\n", 1)[0]
@@ -140,14 +139,21 @@ def crawl(variant: str, target: str, entries_file: str, pages: int) -> dict[str,
         settings["ROTATING_PROXY_LOGSTATS_INTERVAL"] = 3600
     process = CrawlerProcess(settings)
     crawler = process.create_crawler(Bench)
+    cpu: list[float] = []
+
+    def opened() -> None:
+        cpu.append(time.process_time())
+
+    crawler.signals.connect(opened, signal=signals.spider_opened)
     process.crawl(crawler)
     process.start()
     assert crawler.stats is not None
     stats = crawler.stats.get_stats()
-    return {"pages": Bench.seen, "seconds": stats["elapsed_time_seconds"]}
+    return {"pages": Bench.seen, "seconds": stats["elapsed_time_seconds"], "cpu": time.process_time() - cpu[0]}
 
 
-def run_child(variant: str, target: str, entries_file: str, pages: int) -> float:
+def run_child(variant: str, target: str, entries_file: str, pages: int) -> tuple[float, float]:
+    """(pages/s, crawler CPU ms per 100 pages) of one crawl in its own process."""
     argv = [sys.executable, __file__, "--child", variant, target, entries_file, str(pages)]
     done = subprocess.run(argv, capture_output=True, text=True, timeout=600, cwd=ROOT)
     if done.returncode != 0:
@@ -155,7 +161,7 @@ def run_child(variant: str, target: str, entries_file: str, pages: int) -> float
     result = json.loads(done.stdout.strip().splitlines()[-1])
     if result["pages"] != pages:
         raise SystemExit(f"{variant} crawl scraped {result['pages']} of {pages} pages")
-    return float(result["pages"] / result["seconds"])
+    return result["pages"] / result["seconds"], result["cpu"] * 1000.0 * 100 / result["pages"]
 
 
 # ---------------------------------------------------------------------------- the table
@@ -184,7 +190,7 @@ def main() -> None:
         rows = [("static", 1), ("pharox", 10), ("pharox", 10_000)]
     target_proc, target = start_target()
     proxy_proc, port = start_proxy(args.proxy)
-    results: list[tuple[str, int, float, list[float]]] = []
+    runs: dict[tuple[str, int], list[tuple[float, float]]] = {row: [] for row in rows}
     try:
         with tempfile.TemporaryDirectory() as tmp:
             files = {}
@@ -192,21 +198,35 @@ def main() -> None:
                 path = Path(tmp) / f"entries-{n}.txt"
                 path.write_text("\n".join(f"http://u{i}:p{i}@127.0.0.1:{port}" for i in range(n)))
                 files[n] = str(path)
-            for variant, n in rows:
-                runs = [run_child(variant, target, files[n], pages) for _ in range(repeats)]
-                results.append((variant, n, statistics.median(runs), runs))
-                print(f"  {variant:<9} {n:>6} entries: {', '.join(f'{r:.0f}' for r in runs)} pages/s", flush=True)
+            for repeat in range(repeats):  # rows interleaved, so a busy moment hits every row alike
+                for variant, n in rows:
+                    rate, cpu = run_child(variant, target, files[n], pages)
+                    runs[(variant, n)].append((rate, cpu))
+                    print(
+                        f"  run {repeat + 1}: {variant:<9} {n:>6} entries: {rate:4.0f} pages/s, {cpu:5.1f} ms CPU/100",
+                        flush=True,
+                    )
     finally:
         for proc in (proxy_proc, target_proc):
             proc.kill()
             proc.wait()
-    base = results[0][2]
     names = {"static": "static meta['proxy']", "pharox": "PharoxProxyMiddleware", "rotating": "scrapy-rotating-proxies"}
+    medians = {
+        row: (statistics.median(r for r, _ in got), statistics.median(c for _, c in got)) for row, got in runs.items()
+    }
+    base_rate, base_cpu = medians[rows[0]]
     print(f"\n{pages} pages per crawl, CONCURRENT_REQUESTS=32, proxy: {args.proxy}, median of {repeats}")
-    print(f"| {'setup':<26} | {'entries':>7} | {'pages/s':>7} | {'vs static':>9} |")
-    print(f"|{'-' * 28}|{'-' * 9}|{'-' * 9}|{'-' * 11}|")
-    for variant, n, median, _ in results:
-        print(f"| {names[variant]:<26} | {n:>7,} | {median:>7.0f} | {median / base:>8.2f}x |")
+    print("CPU = the crawling process's CPU time from spider_opened to the end (less sensitive to a busy machine)")
+    print(
+        f"| {'setup':<26} | {'entries':>7} | {'pages/s':>7} | {'vs static':>9} "
+        f"| {'CPU ms/100 pages':>16} | {'vs static':>9} |"
+    )
+    print(f"|{'-' * 28}|{'-' * 9}|{'-' * 9}|{'-' * 11}|{'-' * 18}|{'-' * 11}|")
+    for (variant, n), (rate, cpu) in medians.items():
+        print(
+            f"| {names[variant]:<26} | {n:>7,} | {rate:>7.0f} | {rate / base_rate:>8.2f}x "
+            f"| {cpu:>16.1f} | {cpu / base_cpu:>8.2f}x |"
+        )
 
 
 if __name__ == "__main__":
