@@ -21,7 +21,7 @@ from pharox import ProxyFilters
 from scrapy import signals
 from scrapy.exceptions import IgnoreRequest, NotConfigured
 from scrapy.utils.defer import deferred_from_coro
-from twisted.internet import defer
+from twisted.internet import defer, task
 
 from .attempts import ProxyAttempts, describe_error
 from .broker import LeaseBroker, ProxyLease
@@ -58,6 +58,10 @@ NO_REPORT = (IgnoreRequest, defer.CancelledError, asyncio.CancelledError)  # not
 class PharoxProxyMiddleware:
     """Downloader middleware: acquire → download → report → release, one proxy per request."""
 
+    #: How often leases of requests that left the downloader unsettled are looked for
+    #: (a later middleware's process_response raised, so ours never ran).
+    orphan_sweep_seconds = 5.0
+
     def __init__(self, crawler: Crawler, broker: LeaseBroker, settings: PharoxSettings, *, owns_broker: bool) -> None:
         self.crawler = crawler
         self.stats = crawler.stats
@@ -68,8 +72,9 @@ class PharoxProxyMiddleware:
         self.per_proxy_slot = settings.download_slot
         self.ban_policy = load_ban_policy(settings.ban_policy, crawler)
         self.header_by_scrapy = httpproxy_after(crawler.settings, type(self))
-        self._held: dict[UUID, ProxyLease] = {}
+        self._held: dict[UUID, tuple[ProxyLease, Request]] = {}
         self._closing = False
+        self._sweeper = task.LoopingCall(self._sweep_orphans)
         self._health_log = HealthLog(broker, settings.logstats_interval, lambda: len(self._held))
         crawler.signals.connect(self._spider_opened, signal=signals.spider_opened)
         crawler.signals.connect(self._spider_closed, signal=signals.spider_closed)
@@ -93,7 +98,15 @@ class PharoxProxyMiddleware:
         stale = meta.pop(LEASE, None)
         if stale is not None:  # a copy of a request whose lease was never settled
             await self._settle(stale, None)
-        if meta.get("dont_proxy") or ("proxy" in meta and not meta.get(MANAGED)):
+        if meta.get("dont_proxy"):
+            if meta.pop(MANAGED, False):  # meta copied from one of our requests: undo our proxy
+                meta["proxy"] = None  # direct, whatever HTTP(S)_PROXY says
+                request.headers.pop(b"Proxy-Authorization", None)
+                meta.pop("pharox_proxy", None)
+                if meta.get("download_slot") == meta.pop(SLOT, None):
+                    meta.pop("download_slot", None)
+            return None
+        if "proxy" in meta and not meta.get(MANAGED):
             return None
         try:
             lease = await acquire(
@@ -105,7 +118,7 @@ class PharoxProxyMiddleware:
             )
         except NoProxyAvailable as exc:
             self._exhausted(exc)
-        self._held[lease.lease.id] = lease
+        self._held[lease.lease.id] = (lease, request)
         self.stats.inc_value("pharox/leases/acquired")
         self.stats.max_value("pharox/leases/peak_active", len(self._held))
         meta[LEASE] = lease
@@ -233,19 +246,50 @@ class PharoxProxyMiddleware:
 
     def _spider_opened(self) -> None:
         self._health_log.start()
+        if self.orphan_sweep_seconds > 0:
+            self._sweeper.start(self.orphan_sweep_seconds, now=False)
+
+    def _sweep_orphans(self) -> defer.Deferred[None] | None:
+        """Release leases whose request is no longer in the downloader.
+
+        The downloader holds a request in `active` from before the first
+        process_request until after the last process_response, so a lease still held
+        for a request outside it can no longer be settled by this middleware.
+        """
+        engine = self.crawler.engine
+        active = getattr(getattr(engine, "downloader", None), "active", None)
+        if active is None:
+            return None
+        orphans = [lease for lease, request in self._held.values() if request not in active]
+        if not orphans:
+            return None
+        for lease in orphans:
+            self._held.pop(lease.lease.id, None)
+        self.stats.inc_value("pharox/leases/released_orphaned", len(orphans))
+        logger.info(
+            "pharox: released %(n)d lease(s) of requests that left the downloader without a response "
+            "reaching this middleware",
+            {"n": len(orphans)},
+        )
+        return deferred_from_coro(self._release_each(orphans))
+
+    async def _release_each(self, leases: list[ProxyLease]) -> None:
+        for lease in leases:
+            await off_reactor(self.broker.storage_blocks, self._release, lease)
 
     async def _spider_closed(self, reason: str) -> None:
         self._health_log.stop()
+        if self._sweeper.running:
+            self._sweeper.stop()
         await self._release_all("spider close")
 
     async def _engine_stopped(self) -> None:
         await self._release_all("engine stop")
 
     async def _release_all(self, when: str) -> None:
-        left = list(self._held.values())
+        left = [lease for lease, _ in self._held.values()]
         self._held.clear()
-        for lease in left:
-            await off_reactor(self.broker.storage_blocks, self._release, lease)
+        await self._release_each(left)
         if left:
             self.stats.inc_value("pharox/leases/released_at_close", len(left))
             logger.info("pharox: released %(n)d lease(s) still held at %(when)s", {"n": len(left), "when": when})

@@ -18,6 +18,7 @@ from servers import TargetServer
 
 from pharox_integrations import HealthPolicy, LeaseBroker
 from pharox_integrations.broker import ProxyLease
+from pharox_integrations.scrapy import PharoxProxyMiddleware
 
 pytestmark = pytest.mark.filterwarnings("error::scrapy.exceptions.ScrapyDeprecationWarning")
 
@@ -366,3 +367,53 @@ async def test_each_proxy_gets_its_own_download_slot(
         assert slot.startswith(proxy)  # the proxy's own slot: its safe URL, an id for accounts
         assert_no_secret(slot)
     assert_no_leases(broker)
+
+
+class RaiseOnResponse:
+    """A middleware at 650 whose process_response raises for `?gone` (ours never sees it)."""
+
+    def process_response(self, request: Request, response: Response, spider: object = None) -> Response:
+        if "gone" in request.url:
+            raise IgnoreRequest("dropped after download")
+        return response
+
+
+class QuickSweep(PharoxProxyMiddleware):
+    orphan_sweep_seconds = 0.2
+
+
+class Follower(Urls):
+    """Re-requests each page with a copy of its meta and dont_proxy (a common spider idiom)."""
+
+    def parse(self, response: Response) -> Any:
+        super().parse(response)
+        if "copy" not in response.url:
+            meta = {**response.meta, "dont_proxy": True}
+            yield Request(response.url + "&copy=1", meta=meta, dont_filter=True, errback=self.failed)
+
+
+@pytest_twisted.ensureDeferred
+async def test_orphaned_leases_are_swept_and_copied_meta_with_dont_proxy_goes_direct(
+    crawl: Crawl, target: Any, proxy_trio: Any, brokers: list[LeaseBroker], debug_logs: Any
+) -> None:
+    broker = LeaseBroker.from_proxies([p.url for p in proxy_trio])
+    brokers.append(broker)
+    urls = [(f"{target.url}/echo?gone={i}", {}) for i in range(3)]
+    urls += [(f"{target.url}/slow?ms=700&i={i}", {}) for i in range(2)]
+    settings = {
+        "PHAROX_BROKER": scrapy_brokers.use(broker),
+        "DOWNLOADER_MIDDLEWARES": {f"{__name__}.QuickSweep": 610, RaiseOnResponse: 650},
+    }
+    crawler = await crawl(Follower, settings, requests=urls)
+    stats = crawler.stats.get_stats()  # type: ignore[union-attr]
+    assert stats["pharox/leases/released_orphaned"] == 3
+    assert "pharox/leases/released_at_close" not in stats
+    assert stats["pharox/leases/acquired"] == stats["pharox/leases/released"] == 5
+    spider = crawler.spider
+    assert isinstance(spider, Follower)
+    copies = [r for r in spider.responses if "copy=1" in r.url]
+    assert len(copies) == 2
+    assert target.hits["127.0.0.1"] == 2  # the copies went direct
+    assert all("pharox_proxy" not in r.meta for r in copies)
+    assert_no_leases(broker)
+    assert_no_secret(debug_logs.text)
