@@ -314,6 +314,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="shorter cells, fewer rows")
     parser.add_argument("--skip-history", action="store_true")
+    parser.add_argument("--skip-table", action="store_true", help="only the history part")
     parser.add_argument("--only", default="", help="run only rows whose label contains this")
     args = parser.parse_args()
     seconds = 1.0 if args.quick else 2.5
@@ -335,7 +336,7 @@ def main() -> None:
         ("SqlStorage mariadb / acq_lease", lambda n: sql_storage("mysql", n), True),
     ]
     for label, opener, one_txn in plans:
-        if args.only not in label:
+        if args.only not in label or args.skip_table:
             continue
         for size in sizes:
             with opener(size) as (storage, table):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import threading
 import time
+import uuid
 from collections.abc import Iterator
 from datetime import timedelta
 from pathlib import Path
@@ -310,3 +311,36 @@ def test_purge_released_leases(storage: SqlStorage) -> None:
 def test_sqlite_rejects_memory_url() -> None:
     with pytest.raises(ValueError, match="SQLite file"):
         SqlStorage("sqlite://")
+
+
+def test_create_schema_flag_and_lowest_latency(tmp_path: Path) -> None:
+    store = SqlStorage(f"sqlite:///{tmp_path / 'fresh.db'}", create_schema=True)
+    try:
+        pool = _pool(store)
+        slow, fast = _proxies(store, pool, 2, max_concurrency=None)
+        # Never checked, and first by id: "no latency known" must sort last, not first.
+        store.add_proxy(
+            Proxy(
+                id=uuid.UUID(int=1),
+                host="127.0.0.9",
+                port=3128,
+                protocol=ProxyProtocol.HTTP,
+                pool_id=pool.id,
+                status=ProxyStatus.ACTIVE,
+            )
+        )
+        for proxy, latency in ((slow, 900), (fast, 40)):
+            store.apply_health_check_result(
+                HealthCheckResult(
+                    proxy_id=proxy.id,
+                    status=ProxyStatus.ACTIVE,
+                    latency_ms=latency,
+                    protocol=ProxyProtocol.HTTP,
+                )
+            )
+        found = store.find_available_proxy("shop", selector=SelectorStrategy.LOWEST_LATENCY)
+        assert found is not None and found.id == fast.id
+        lease = store.acquire_lease("shop", "c", 60, selector=SelectorStrategy.LEAST_USED)
+        assert lease is not None
+    finally:
+        store.close()
