@@ -392,6 +392,9 @@ class PharoxAdapter(HTTPAdapter):
                 lease = self._acquire(url)
             except NoProxyAvailable:
                 return response  # no other proxy: the caller gets the last answer
+            except BaseException:
+                response.close()
+                raise
             response.close()
 
     def _log_move(self, attempts: ProxyAttempts) -> None:
