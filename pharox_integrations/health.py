@@ -36,7 +36,10 @@ class Verdict(str, Enum):
 BanDetector = Callable[[int | None, Any], bool | None]
 ErrorClassifier = Callable[[BaseException], "Verdict | None"]
 
-# Errors that are the caller's doing, whatever proxy carried the request.
+# Errors that are the caller's or the site's doing, whatever proxy carried the request:
+# bad URLs and headers (requests' InvalidURL is both ValueError and OSError) and a
+# target certificate that fails verification (ssl.SSLCertVerificationError is a
+# ValueError too).
 _CALLER_ERRORS = (ValueError, TypeError, LookupError)
 
 
@@ -94,7 +97,7 @@ class HealthPolicy:
                 custom = self.error_classifier(error)
                 if custom is not None:
                     return Verdict(custom)
-            if isinstance(error, _CALLER_ERRORS) and not isinstance(error, OSError):
+            if isinstance(error, _CALLER_ERRORS):
                 return Verdict.TARGET_ERROR
             return Verdict.FAILURE
         if self.ban_detector is not None:

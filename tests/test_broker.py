@@ -180,6 +180,18 @@ def test_status_code_verdicts(code: int, verdict: Verdict) -> None:
     assert HealthPolicy().judge(code) is verdict
 
 
+def test_caller_and_certificate_errors_are_not_the_proxys_fault() -> None:
+    import ssl
+
+    import requests
+
+    policy = HealthPolicy()
+    assert policy.judge(error=requests.exceptions.InvalidURL("bad")) is Verdict.TARGET_ERROR
+    assert policy.judge(error=ssl.SSLCertVerificationError("self-signed")) is Verdict.TARGET_ERROR
+    assert policy.judge(error=requests.exceptions.ProxyError("tunnel failed")) is Verdict.FAILURE
+    assert policy.judge(error=ConnectionRefusedError()) is Verdict.FAILURE
+
+
 def test_body_based_ban_detector() -> None:
     policy = HealthPolicy(ban_detector=lambda status, body: "captcha" in body if body is not None else None)
     assert policy.judge(200, response="<h1>captcha</h1>") is Verdict.BAN
