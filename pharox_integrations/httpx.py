@@ -385,8 +385,8 @@ class _Door(Generic[T]):
                     can_move = replayable and attempts.should_move(verdict)
                     last = (response.status_code, None)
                     if can_move or self.raise_on_exhausted:
-                        yield _Close(response=response)
                         idle = self.routes.checkin(route)
+                        yield _Close(response=response)
                         yield _Release(lease)
                         lease = None
                         if idle is not None:
@@ -496,7 +496,10 @@ class _SyncDoor(_Door[httpx.HTTPTransport]):
         if op.response is not None:
             op.response.close()
         for transport in op.transports:
-            transport.close()
+            try:
+                transport.close()
+            except Exception as exc:  # an idle pool failing to close must not fail a request
+                logger.debug("closing an evicted proxy transport: %(error)s", {"error": describe_error(exc)})
         return None
 
 
@@ -616,7 +619,10 @@ class _AsyncDoor(_Door[httpx.AsyncHTTPTransport]):
         if op.response is not None:
             await op.response.aclose()
         for transport in op.transports:
-            await transport.aclose()
+            try:
+                await transport.aclose()
+            except Exception as exc:  # an idle pool failing to close must not fail a request
+                logger.debug("closing an evicted proxy transport: %(error)s", {"error": describe_error(exc)})
         return None
 
     async def _acquire(self, op: _Acquire) -> ProxyLease:
