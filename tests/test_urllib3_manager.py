@@ -389,7 +389,7 @@ def test_ban_with_no_tries_left_returns_the_ban_response(
         r = pm.request("GET", f"{target.url}/echo", preload_content=False)
         assert r.status == 429 and target.hits.total() == 2
         assert broker.held == 1  # the answer is the user's; its lease goes with it
-        r.release_conn()
+        r.drain_conn()  # read the ban page out and give the connection back
         with pytest.raises(NoProxyAvailableError) as raised:  # two benched, the last one too now
             pm.request("GET", f"{target.url}/echo")
     assert "'default'" in str(raised.value) and isinstance(raised.value, HTTPError)
