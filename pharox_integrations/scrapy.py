@@ -13,30 +13,31 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any, NoReturn
 from uuid import UUID
 
-from pharox import ProxyFilters
 from scrapy import signals
 from scrapy.exceptions import IgnoreRequest, NotConfigured
 from scrapy.utils.defer import deferred_from_coro
 from twisted.internet import defer, task
 
-from .attempts import ProxyAttempts, describe_error
+from .attempts import ProxyAttempts
 from .broker import LeaseBroker, ProxyLease
 from .errors import NoProxyAvailable
 from .health import Verdict
 from .scrapy_support import (
     HealthLog,
     acquire,
+    close_spider,
     custom_verdict,
     httpproxy_after,
     load_ban_policy,
+    meta_filters,
     off_reactor,
+    outcome_detail,
     slot_key,
 )
-from .settings import PharoxSettings, filters_from_mapping
+from .settings import PharoxSettings
 
 if TYPE_CHECKING:
     from scrapy import Request
@@ -113,7 +114,7 @@ class PharoxProxyMiddleware:
                 self.broker,
                 request.url,
                 pool=meta.get("pharox_pool"),
-                filters=_filters(meta.get("pharox_filters")),
+                filters=meta_filters(meta.get("pharox_filters")),
                 session=meta.get("pharox_session"),
             )
         except NoProxyAvailable as exc:
@@ -142,13 +143,7 @@ class PharoxProxyMiddleware:
         if self.close_on_exhausted and not self._closing:
             self._closing = True
             logger.error("pharox: no proxy available, closing the spider: %(why)s", {"why": exc})
-            engine = self.crawler.engine
-            if engine is not None:
-                closer = getattr(engine, "close_spider_async", None)
-                if closer is not None:
-                    deferred_from_coro(closer(reason="pharox_no_proxies"))
-                elif self.crawler.spider is not None:  # Scrapy 2.13
-                    engine.close_spider(self.crawler.spider, "pharox_no_proxies")
+            close_spider(self.crawler, "pharox_no_proxies")
         elif not self.close_on_exhausted:
             logger.warning("pharox: no proxy available, request ignored: %(why)s", {"why": exc})
         raise IgnoreRequest(f"no proxy available: {exc}") from None
@@ -176,6 +171,7 @@ class PharoxProxyMiddleware:
         if lease is None:
             return None
         if isinstance(exception, NO_REPORT):
+            _scrub(request, lease)
             await self._settle(lease, None)
             return None
         hook = self._hook("exception_is_ban")
@@ -191,14 +187,13 @@ class PharoxProxyMiddleware:
         if request is None:
             await off_reactor(self.broker.storage_blocks, self._release, lease)
             return None
+        _scrub(request, lease)
         meta = request.meta
-        if meta.get("proxy") == lease.url:  # never leave credentials in meta (errbacks, logs)
-            meta["proxy"] = lease.safe_url
         retries = meta.get(RETRIES_LEFT, meta.get("pharox_retry_times", self.retry_times))
         attempts = ProxyAttempts(self.broker, retries)
         attempts.attempts = list(meta.get(ATTEMPTS, ()))
         verdict = await off_reactor(self.broker.storage_blocks, self._report_release, lease, attempts, outcome)
-        self.stats.inc_value(f"pharox/verdict/{verdict.value}/{_detail(outcome)}")
+        self.stats.inc_value(f"pharox/verdict/{verdict.value}/{outcome_detail(outcome)}")
         if verdict is Verdict.BAN:
             self.stats.inc_value("pharox/bans")
         elif verdict is Verdict.FAILURE:
@@ -247,7 +242,9 @@ class PharoxProxyMiddleware:
     def _spider_opened(self) -> None:
         self._health_log.start()
         if self.orphan_sweep_seconds > 0:
-            self._sweeper.start(self.orphan_sweep_seconds, now=False)
+            self._sweeper.start(self.orphan_sweep_seconds, now=False).addErrback(
+                lambda failure: logger.error("pharox: lease sweeper stopped: %(e)s", {"e": failure.value})
+            )
 
     def _sweep_orphans(self) -> defer.Deferred[None] | None:
         """Release leases whose request is no longer in the downloader.
@@ -297,16 +294,11 @@ class PharoxProxyMiddleware:
             await off_reactor(self.broker.storage_blocks, self.broker.close)
 
 
-def _filters(value: object) -> ProxyFilters | None:
-    if value is None or isinstance(value, ProxyFilters):
-        return value
-    if isinstance(value, Mapping):
-        return filters_from_mapping(value, key='meta["pharox_filters"]')
-    raise TypeError(f'meta["pharox_filters"]={value!r}: expected ProxyFilters or a mapping')
+def _scrub(request: Request, lease: ProxyLease) -> None:
+    """Never leave credentials in meta: errbacks and logs see the request after us.
 
-
-def _detail(outcome: Mapping[str, Any]) -> str:
-    error = outcome.get("error")
-    if error is not None:
-        return describe_error(error).split(":", 1)[0]
-    return str(outcome.get("status_code"))
+    Until HttpProxyMiddleware (750) has turned them into the header, `meta["proxy"]`
+    holds them; a request that fails before that point would carry them on.
+    """
+    if request.meta.get("proxy") == lease.url:
+        request.meta["proxy"] = lease.safe_url

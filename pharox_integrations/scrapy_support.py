@@ -8,17 +8,20 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, Protocol, TypeVar
 
+from pharox import ProxyFilters
 from scrapy.utils.conf import build_component_list
-from scrapy.utils.defer import maybe_deferred_to_future
+from scrapy.utils.defer import deferred_from_coro, maybe_deferred_to_future
 from scrapy.utils.misc import load_object
 from twisted.internet import task, threads
 
+from .attempts import describe_error
 from .broker import HTTP_PROTOCOLS, LeaseBroker, ProxyLease
 from .errors import ConfigurationError, NoProxyAvailable
 from .health import Verdict
+from .settings import filters_from_mapping
 
 logger = logging.getLogger("pharox_integrations.scrapy")
 
@@ -201,3 +204,32 @@ class HealthLog:
             "pharox: %(health)s; %(held)d lease(s) held by this crawl, %(rate).0f leases/min",
             {"health": health, "held": self.held(), "rate": rate},
         )
+
+
+def close_spider(crawler: Any, reason: str) -> None:
+    """Ask the engine to close the spider, without waiting (we are inside a download)."""
+    engine = crawler.engine
+    if engine is None:
+        return
+    closer = getattr(engine, "close_spider_async", None)
+    if closer is not None:
+        deferred_from_coro(closer(reason=reason))
+    elif crawler.spider is not None:  # Scrapy 2.13
+        engine.close_spider(crawler.spider, reason)
+
+
+def meta_filters(value: object) -> ProxyFilters | None:
+    """`meta["pharox_filters"]`: ProxyFilters, or a mapping of its fields."""
+    if value is None or isinstance(value, ProxyFilters):
+        return value
+    if isinstance(value, Mapping):
+        return filters_from_mapping(value, key='meta["pharox_filters"]')
+    raise TypeError(f'meta["pharox_filters"]={value!r}: expected ProxyFilters or a mapping')
+
+
+def outcome_detail(outcome: Mapping[str, Any]) -> str:
+    """The stats key tail of one outcome: the status code or the exception's name."""
+    error = outcome.get("error")
+    if error is not None:
+        return describe_error(error).split(":", 1)[0]
+    return str(outcome.get("status_code"))

@@ -79,7 +79,10 @@ def assert_no_secret(*texts: object) -> None:
     for text in texts:
         shown = str(text)
         for secret in secrets():
-            assert secret not in shown, f"a credential leaked: …{shown[max(0, shown.find(secret) - 60) :][:160]}…"
+            if secret in shown:
+                at = shown.find(secret)
+                context = shown[max(0, at - 60) : at + len(secret) + 40].replace(secret, "<SECRET>")
+                raise AssertionError(f"a credential leaked: …{context}…")
 
 
 def assert_auth_only_to_its_proxy(target: Any, proxies: Iterable[Any]) -> None:
