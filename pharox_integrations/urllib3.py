@@ -45,7 +45,7 @@ from urllib3.response import BaseHTTPResponse
 from urllib3.util.retry import Retry
 
 from .attempts import ProxyAttempts, describe_error, mask_credentials
-from .broker import ALL_PROTOCOLS, HTTP_PROTOCOLS, LeaseBroker, ProxyLease
+from .broker import HTTP_PROTOCOLS, LeaseBroker, ProxyLease
 from .errors import AllProxiesFailed, NoProxyAvailable, PharoxIntegrationError
 from .health import Verdict
 
@@ -354,7 +354,8 @@ class PharoxProxyManager(urllib3.ProxyManager):
         self.lease_filters = filters
         self.lease_session = session
         self._socks = importlib.util.find_spec("socks") is not None
-        self.protocols = ALL_PROTOCOLS if self._socks else HTTP_PROTOCOLS
+        # None (no restriction) rather than ALL_PROTOCOLS keeps the storages' fast path.
+        self.protocols = None if self._socks else HTTP_PROTOCOLS
         self._lock = threading.Lock()
         self._routes: OrderedDict[tuple[Any, ...], _Route] = OrderedDict()
         self._held: dict[UUID, ProxyLease] = {}  # every lease this manager holds
