@@ -353,7 +353,7 @@ def main() -> None:
     if args.skip_history:
         return
     print(f"\n(load average now {os.getloadavg()[0]:.1f})")
-    history(seconds, args.only, reps=3)
+    history(2.0 if not args.quick else 1.0, args.only, reps=5 if not args.quick else 3)
 
 
 def history(seconds: float, only: str, reps: int) -> None:

@@ -1642,7 +1642,7 @@ class SqlStorage(IStorage):
 
     @_guarded
     def list_leases(self, consumer_id: str | None = None) -> Sequence[Lease]:
-        """Leases, optionally of one consumer (an admin call: it reads history)."""
+        """Leases, optionally of one consumer (an admin call: it scans the history)."""
         stmt = sa.select(leases).order_by(leases.c.acquired_at)
         if consumer_id is not None:
             stmt = stmt.where(leases.c.consumer_id == UUID(str(consumer_id)))
@@ -1653,6 +1653,7 @@ class SqlStorage(IStorage):
     @_guarded
     def count_active_leases(self, pool_name: str | None = None) -> int:
         """Active lease rows (indexed); for tests, admin tools and the broker's diagnostics."""
+        # Served by the (status, expires_at) index: only active rows are read.
         stmt = sa.select(sa.func.count()).select_from(leases).where(leases.c.status == _LEASE_ACTIVE)
         if pool_name is not None:
             pool_id = sa.select(pools.c.id).where(pools.c.name == pool_name).scalar_subquery()

@@ -90,12 +90,11 @@ def upgrade() -> None:
         sa.Column("expires_at", _datetime(), nullable=False),
         sa.Column("released_at", _datetime()),
     )
-    # The expiry sweep reads only the active head of this index, however much history
-    # the table holds.
+    # The expiry sweep (and counting active leases) reads only the active head of this
+    # index, however much history the table holds.  Few indexes on purpose: every
+    # lease inserts into each and every release updates them.
     op.create_index("pxi_leases_expiry", "pxi_leases", ["status", "expires_at"])
-    op.create_index("pxi_leases_proxy", "pxi_leases", ["proxy_id"])
-    op.create_index("pxi_leases_pool", "pxi_leases", ["pool_id", "status"])
-    op.create_index("pxi_leases_consumer", "pxi_leases", ["consumer_id"])
+    op.create_index("pxi_leases_proxy", "pxi_leases", ["proxy_id"])  # FK, delete_proxy
     op.create_table(
         "pxi_health",
         sa.Column(
