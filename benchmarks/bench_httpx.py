@@ -90,7 +90,11 @@ def start_pproxy() -> tuple[subprocess.Popen[str], int]:
         port = int(probe.getsockname()[1])
     env = dict(os.environ, PYTHONPATH=str(ROOT / "tests" / "servers"))
     proc = subprocess.Popen(
-        [sys.executable, "-m", "pproxy_main", f"http://127.0.0.1:{port}"], env=env, stdout=subprocess.PIPE, text=True
+        [sys.executable, "-m", "pproxy_main", f"http://127.0.0.1:{port}"],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,  # its "Task was destroyed" noise when clients hang up
+        text=True,
     )
     assert proc.stdout is not None
     line = proc.stdout.readline()
