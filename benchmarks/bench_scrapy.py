@@ -152,6 +152,34 @@ def crawl(variant: str, target: str, entries_file: str, pages: int) -> dict[str,
     return {"pages": Bench.seen, "seconds": stats["elapsed_time_seconds"], "cpu": time.process_time() - cpu[0]}
 
 
+def middleware_cost(entries: int, requests: int = 5000) -> float:
+    """CPU µs per request of process_request + process_response alone (no network)."""
+    from scrapy import Request
+    from scrapy.http import HtmlResponse
+    from scrapy.utils.test import get_crawler
+    from twisted.internet import asyncioreactor
+
+    asyncioreactor.install()
+    from pharox_integrations.scrapy import PharoxProxyMiddleware
+
+    proxies = [f"http://u{i}:p{i}@127.0.0.1:9" for i in range(entries)]
+    crawler = get_crawler(settings_dict={"PHAROX_PROXIES": proxies, "PHAROX_LOGSTATS_INTERVAL": 0})
+    middleware = PharoxProxyMiddleware.from_crawler(crawler)
+    batch = [Request(f"http://127.0.0.1:9/page/{i}") for i in range(requests)]
+
+    async def run() -> float:
+        start = time.process_time()
+        for request in batch:
+            await middleware.process_request(request)
+            response = HtmlResponse(request.url, status=200, body=b"<html></html>", request=request)
+            await middleware.process_response(request, response)
+        return (time.process_time() - start) / requests * 1e6
+
+    import asyncio
+
+    return asyncio.run(run())
+
+
 def run_child(variant: str, target: str, entries_file: str, pages: int) -> tuple[float, float]:
     """(pages/s, crawler CPU ms per 100 pages) of one crawl in its own process."""
     argv = [sys.executable, __file__, "--child", variant, target, entries_file, str(pages)]
@@ -177,7 +205,10 @@ def main() -> None:
     args = parser.parse_args()
     if args.child:
         variant, target, entries_file, pages = args.child
-        print(json.dumps(crawl(variant, target, entries_file, int(pages))))
+        if variant == "cost":
+            print(json.dumps(middleware_cost(int(entries_file))))
+        else:
+            print(json.dumps(crawl(variant, target, entries_file, int(pages))))
         return
     pages = args.pages or (300 if args.quick else 2000)
     repeats = args.repeats or (1 if args.quick else 3)
@@ -214,6 +245,10 @@ def main() -> None:
     medians = {
         row: (statistics.median(r for r, _ in got), statistics.median(c for _, c in got)) for row, got in runs.items()
     }
+    costs = {}
+    for n in (10, 10_000):
+        argv = [sys.executable, __file__, "--child", "cost", "-", str(n), "0"]
+        costs[n] = float(subprocess.run(argv, capture_output=True, text=True, check=True, cwd=ROOT).stdout.split()[-1])
     base_rate, base_cpu = medians[rows[0]]
     print(f"\n{pages} pages per crawl, CONCURRENT_REQUESTS=32, proxy: {args.proxy}, median of {repeats}")
     print("CPU = the crawling process's CPU time from spider_opened to the end (less sensitive to a busy machine)")
@@ -227,6 +262,10 @@ def main() -> None:
             f"| {names[variant]:<26} | {n:>7,} | {rate:>7.0f} | {rate / base_rate:>8.2f}x "
             f"| {cpu:>16.1f} | {cpu / base_cpu:>8.2f}x |"
         )
+
+    print("\nPharoxProxyMiddleware alone (process_request + process_response, no network, CPU per request):")
+    for n, cost in costs.items():
+        print(f"  {n:>6,} entries: {cost:.0f} µs")
 
 
 if __name__ == "__main__":
