@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import ssl
+import subprocess
+import sys
 import threading
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -469,3 +471,28 @@ def test_threads_with_a_banned_and_a_dead_proxy_lose_no_lease(
     # requests fail, always with an httpx error (a ReadError can also come mid-body).
     assert broker.counters["acquired"] == broker.counters["released"]
     transport.close()
+
+
+def test_proxy_added_by_another_process_is_used(
+    proxy_trio: list[KitProxy], target: TargetServer, tmp_path: Any
+) -> None:
+    from pharox_integrations.storage import storage_from_url
+
+    url = f"sqlite:///{tmp_path / 'pool.db'}"
+    storage = storage_from_url(url, create_schema=True)
+    broker = LeaseBroker.from_proxies([proxy_trio[0].url], storage=storage, acquire_timeout=2)
+    try:
+        with httpx.Client(transport=PharoxTransport(broker), timeout=TIMEOUT) as client:
+            assert client.get(f"{target.url}/echo").json()["peer_ip"] == proxy_trio[0].outbound_ip
+            # Another process seeds the same storage with a second proxy.
+            code = (
+                "import sys; from pharox_integrations import LeaseBroker; "
+                "LeaseBroker.from_proxies([sys.argv[2]], storage=sys.argv[1]).close()"
+            )
+            subprocess.run([sys.executable, "-c", code, url, proxy_trio[1].url], check=True, timeout=60)
+            seen = {client.get(f"{target.url}/echo").json()["peer_ip"] for _ in range(4)}
+        assert seen == {proxy_trio[0].outbound_ip, proxy_trio[1].outbound_ip}
+        assert_all_returned(broker)
+    finally:
+        broker.close()
+        storage.close()  # type: ignore[attr-defined]
