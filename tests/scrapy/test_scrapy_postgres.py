@@ -55,9 +55,10 @@ class QueryThreads:
 
 @pytest_twisted.ensureDeferred
 async def test_crawl_on_a_postgres_pool_stays_off_the_reactor(
-    crawl: Crawl, target: Any, proxy_trio: Any, postgres_url: str, debug_logs: Any
+    crawl: Crawl, target: Any, proxy_trio: Any, proxy_kit: Any, postgres_url: str, debug_logs: Any
 ) -> None:
     banned = proxy_trio[0]
+    dead = proxy_kit.dead()
     target.ban(banned.outbound_ip)
     queries = QueryThreads()
     sa.event.listen(sa.engine.Engine, "before_cursor_execute", queries)
@@ -73,7 +74,7 @@ async def test_crawl_on_a_postgres_pool_stays_off_the_reactor(
 
     settings = {
         "PHAROX_STORAGE_URL": postgres_url,
-        "PHAROX_PROXIES": [p.url for p in proxy_trio],
+        "PHAROX_PROXIES": [p.url for p in proxy_trio] + [dead.url],
         "PHAROX_LOGSTATS_INTERVAL": 0.3,
         "CONCURRENT_REQUESTS": 8,
     }
@@ -89,13 +90,14 @@ async def test_crawl_on_a_postgres_pool_stays_off_the_reactor(
     assert queries.off_reactor > 60
     stats = crawler.stats.get_stats()  # type: ignore[union-attr]
     assert stats["pharox/leases/acquired"] == stats["pharox/leases/released"]
-    assert stats["pharox/moved/ban"] >= 1
+    assert stats["pharox/moved/ban"] >= 1 and stats["pharox/moved/failure"] >= 3
     assert "pharox/leases/released_at_close" not in stats
     # A second process's view of the shared pool: nothing leased, the banned one benched.
     with LeaseBroker.from_settings({"PHAROX_STORAGE_URL": postgres_url}) as observer:
         assert_no_leases(observer)
         states = {p.port: ProxyStatus(p.status) for p in observer.proxies()}
         assert states[banned.port] == ProxyStatus.BANNED
+        assert states[dead.port] == ProxyStatus.INACTIVE
         assert sum(s == ProxyStatus.ACTIVE for s in states.values()) == 2
         observer.storage.engine.dispose()  # type: ignore[attr-defined]
     assert_auth_only_to_its_proxy(target, proxy_trio)
