@@ -523,6 +523,11 @@ def test_no_secret_in_logs_errors_or_reprs(
         with pytest.raises(HTTPError) as raised:
             PharoxProxyManager(make_broker([wrong]), retries=False).request("GET", f"{target.url}/echo")
         texts += [str(raised.value), repr(raised.value), repr(broker), str(broker.health())]
+        # A SOCKS5 proxy refusing a (longer) password: PySocks' error must not echo it.
+        bad_socks = socks5_proxy.url.replace("%40", "%40x", 1).replace("@127", "x@127")
+        with pytest.raises(HTTPError) as refused:
+            PharoxProxyManager(make_broker([bad_socks]), retries=False).request("GET", f"{target.url}/echo")
+        texts += [str(refused.value), repr(refused.value), repr(refused.value.__context__)]
     texts += [record.getMessage() for record in caplog.records]
     assert any("moving request off proxy" in t for t in texts)  # the logs were captured
     assert_no_secret(*texts)
