@@ -27,6 +27,7 @@ from typing import Any, TypeVar
 from uuid import UUID
 
 from pharox import (
+    AcquireEventPayload,
     HealthCheckResult,
     InMemoryStorage,
     IStorage,
@@ -572,13 +573,7 @@ class LeaseBroker:
                 return sticky
         for _ in range(_RACE_RETRIES):
             try:
-                lease = self.lease_manager.acquire_proxy(
-                    pool,
-                    consumer_name=self.consumer,
-                    duration_seconds=self.lease_seconds,
-                    filters=filters,
-                    selector=self.selector,
-                )
+                lease = self._acquire_once(pool, filters)
             except ProxyUnavailableError:
                 # find and create_lease are separate steps in pharox's storages; the
                 # proxy was taken in between.  Not an error for our callers: try again.
@@ -589,6 +584,42 @@ class LeaseBroker:
                 return None
             return self._wrap(lease, pool, session)
         return None
+
+    def _acquire_once(self, pool: str, filters: ProxyFilters | None) -> Lease | None:
+        """One acquisition attempt, through pharox's manager or the storage's one-step path.
+
+        A storage with `acquire_lease` (our SQL storage) finds and leases in one
+        transaction, where pharox's manager needs several and races between them.  The
+        manager's acquire callbacks are still called, so pharox's observability holds.
+        """
+        one_step = getattr(self.storage, "acquire_lease", None)
+        if not callable(one_step):
+            return self.lease_manager.acquire_proxy(
+                pool,
+                consumer_name=self.consumer,
+                duration_seconds=self.lease_seconds,
+                filters=filters,
+                selector=self.selector,
+            )
+        consumer = self.consumer or ProxyManager.DEFAULT_CONSUMER_NAME
+        started = datetime.now(timezone.utc)
+        lease: Lease | None = one_step(pool, consumer, self.lease_seconds, filters, self.selector)
+        if getattr(self.lease_manager, "_acquire_callbacks", None):
+            completed = datetime.now(timezone.utc)
+            self.lease_manager._notify_acquire(
+                AcquireEventPayload(
+                    lease=lease,
+                    pool_name=pool,
+                    consumer_name=consumer,
+                    filters=filters,
+                    selector=self.selector,
+                    started_at=started,
+                    completed_at=completed,
+                    duration_ms=max(0, int((completed - started).total_seconds() * 1000)),
+                    pool_stats=self.storage.get_pool_stats(pool),
+                )
+            )
+        return lease
 
     def _try_sticky(self, pool: str, filters: ProxyFilters | None, session: str) -> ProxyLease | None:
         key = (pool, session)

@@ -92,3 +92,16 @@ def test_async_acquire_runs_sql_off_the_event_loop(sql_url: str) -> None:
     worst = asyncio.run(scenario())
     assert broker.held == 0 and all(p.current_leases == 0 for p in broker.proxies())
     assert worst < 0.25, f"event loop stalled {worst * 1000:.0f} ms"
+
+
+def test_one_step_acquire_keeps_pharox_callbacks(sql_url: str) -> None:
+    """The SQL storage leases in one transaction; pharox's acquire/release callbacks still fire."""
+    broker = LeaseBroker.from_proxies(URLS, storage=storage_from_url(sql_url, create_schema=True))
+    acquired, released = [], []
+    broker.lease_manager.register_acquire_callback(lambda p: acquired.append((p.pool_name, p.lease.id)))
+    broker.lease_manager.register_release_callback(lambda p: released.append(p.lease.id))
+    for _ in range(3):
+        with broker.lease() as lease:
+            broker.report(lease, status_code=200)
+    assert [pool for pool, _ in acquired] == ["default"] * 3
+    assert [lease_id for _, lease_id in acquired] == released
