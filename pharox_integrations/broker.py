@@ -264,6 +264,7 @@ class LeaseBroker:
         self._revivals: list[tuple[float, UUID, str]] = []  # (wall time, proxy id, pool) heap
         self._last_scan: dict[str, float] = {}
         self._consumer_ready = consumer is None
+        self._filter_cache: dict[tuple[int, frozenset[ProxyProtocol]], tuple[Any, ProxyFilters | None]] = {}
         self._closed = False
         self.counters: dict[str, int] = {
             "acquired": 0,
@@ -516,10 +517,41 @@ class LeaseBroker:
         """`acquire` for asyncio: waits with `asyncio.sleep`, blocking storages off the loop."""
         steps = self._acquire_steps(pool, filters, session, protocols, timeout)
         while True:
-            finished, value = await self._run(_step, steps)
+            if self.storage_blocks:
+                finished, value = await self._step_off_loop(steps)
+            else:
+                finished, value = _step(steps)
             if finished:
                 return value  # type: ignore[no-any-return]
             await asyncio.sleep(value)
+
+    async def _step_off_loop(self, steps: Generator[float, None, ProxyLease]) -> tuple[bool, Any]:
+        """One acquisition step in a worker thread, cancellation-safe.
+
+        Cancelling the awaiting task cannot stop the thread: a lease it obtains after
+        (or while) the task was cancelled is released instead of being lost.
+        """
+        lock = threading.Lock()
+        state: dict[str, Any] = {"cancelled": False, "result": None}
+
+        def work() -> tuple[bool, Any]:
+            result = _step(steps)
+            with lock:
+                orphan = state["cancelled"]
+                state["result"] = result
+            if orphan and result[0]:
+                self.release(result[1])
+            return result
+
+        try:
+            return await asyncio.to_thread(work)
+        except asyncio.CancelledError:
+            with lock:
+                state["cancelled"] = True
+                result = state["result"]
+            if result is not None and result[0]:  # finished, but never delivered
+                threading.Thread(target=self.release, args=(result[1],), daemon=True).start()
+            raise
 
     async def _run(self, fn: Callable[..., T], *args: Any) -> T:
         if self.storage_blocks:
@@ -539,7 +571,7 @@ class LeaseBroker:
             raise RuntimeError("LeaseBroker is closed")
         name = pool or self.pool
         wanted = filters if filters is not None else self.filters
-        effective = with_protocols(wanted, protocols)
+        effective = self._effective_filters(wanted, protocols)
         deadline = time.monotonic() + (self.acquire_timeout if timeout is None else timeout)
         delay = 0.005
         while True:
@@ -556,6 +588,22 @@ class LeaseBroker:
             wait = min(delay * (0.5 + random.random()), deadline - now)
             delay = min(delay * 2, 0.25)
             yield max(wait, 0.0)
+
+    def _effective_filters(
+        self, filters: ProxyFilters | None, protocols: Collection[ProxyProtocol | str] | None
+    ) -> ProxyFilters | None:
+        """Caller filters plus the protocol restriction, built once per combination
+        (a pydantic model per request would cost more than the memory lease itself)."""
+        if protocols is None:
+            return filters
+        key = (id(filters), frozenset(ProxyProtocol(p) for p in protocols))
+        cached = self._filter_cache.get(key)
+        if cached is None or cached[0] is not filters:
+            cached = (filters, with_protocols(filters, key[1]))
+            if len(self._filter_cache) >= 256:
+                self._filter_cache.clear()
+            self._filter_cache[key] = cached
+        return cached[1]
 
     def _ensure_consumer(self) -> None:
         if not self._consumer_ready and self.consumer:

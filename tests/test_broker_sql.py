@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -105,3 +106,24 @@ def test_one_step_acquire_keeps_pharox_callbacks(sql_url: str) -> None:
             broker.report(lease, status_code=200)
     assert [pool for pool, _ in acquired] == ["default"] * 3
     assert [lease_id for _, lease_id in acquired] == released
+
+
+def test_cancelled_async_acquire_on_a_blocking_storage_loses_no_lease(sql_url: str) -> None:
+    """The worker thread cannot be stopped by cancellation: whatever it leases comes back."""
+    broker = LeaseBroker.from_proxies(URLS, storage=storage_from_url(sql_url, create_schema=True))
+
+    async def scenario() -> None:
+        for delay in (0, 0.0005, 0.002, 0.005, 0.02):
+            task = asyncio.create_task(broker.acquire_async())
+            await asyncio.sleep(delay)
+            task.cancel()
+            try:
+                lease = await task
+            except asyncio.CancelledError:
+                continue
+            broker.release(lease)  # it finished before the cancel landed
+
+    asyncio.run(scenario())
+    time.sleep(0.3)  # an orphaned lease is released by the thread that got it
+    assert broker.held == 0
+    assert all(p.current_leases == 0 for p in broker.proxies())
