@@ -419,3 +419,31 @@ async def test_orphaned_leases_are_swept_and_copied_meta_with_dont_proxy_goes_di
     assert all("pharox_proxy" not in r.meta for r in copies)
     assert_no_leases(broker)
     assert_no_secret(debug_logs.text)
+
+
+@pytest_twisted.ensureDeferred
+async def test_scrapys_retry_middleware_still_handles_target_errors(
+    crawl: Crawl, target: Any, proxy_trio: Any, brokers: list[LeaseBroker]
+) -> None:
+    """A 503 is the site's doing: no move, RetryMiddleware retries it, on a fresh lease."""
+    broker = LeaseBroker.from_proxies([p.url for p in proxy_trio])
+    brokers.append(broker)
+    order = []
+    for _ in range(3):  # learn the round-robin cycle, so the next two picks get 503s
+        with broker.lease() as lease:
+            order.append(lease.port)
+    by_port = {p.port: p for p in proxy_trio}
+    for port in order[:2]:
+        target.ban(by_port[port].outbound_ip, status=503)
+    settings = {"PHAROX_BROKER": scrapy_brokers.use(broker), "RETRY_ENABLED": True, "RETRY_TIMES": 2}
+    crawler = await crawl(Urls, settings, requests=[(f"{target.url}/echo", {})])
+    stats = crawler.stats.get_stats()  # type: ignore[union-attr]
+    assert stats["pharox/verdict/target_error/503"] == stats["retry/count"] == 2
+    assert "pharox/moved" not in stats
+    assert stats["pharox/leases/acquired"] == stats["pharox/leases/released"] == 3
+    spider = crawler.spider
+    assert isinstance(spider, Urls)
+    assert [r.status for r in spider.responses] == [200]
+    assert echo(spider.responses[0])["peer_ip"] == by_port[order[2]].outbound_ip
+    assert all(p.status == ProxyStatus.ACTIVE for p in broker.proxies())
+    assert_no_leases(broker)
