@@ -264,6 +264,7 @@ class LeaseBroker:
         self._revivals: list[tuple[float, UUID, str]] = []  # (wall time, proxy id, pool) heap
         self._last_scan: dict[str, float] = {}
         self._consumer_ready = consumer is None
+        self._default_consumer_ready = False
         self._filter_cache: dict[tuple[int, frozenset[ProxyProtocol]], tuple[Any, ProxyFilters | None]] = {}
         self._closed = False
         self.counters: dict[str, int] = {
@@ -640,15 +641,18 @@ class LeaseBroker:
         transaction, where pharox's manager needs several and races between them.  The
         manager's acquire callbacks are still called, so pharox's observability holds.
         """
+        watched = bool(getattr(self.lease_manager, "_acquire_callbacks", True))
         one_step = getattr(self.storage, "acquire_lease", None)
         if not callable(one_step):
-            return self.lease_manager.acquire_proxy(
-                pool,
-                consumer_name=self.consumer,
-                duration_seconds=self.lease_seconds,
-                filters=filters,
-                selector=self.selector,
-            )
+            if watched:
+                return self.lease_manager.acquire_proxy(
+                    pool,
+                    consumer_name=self.consumer,
+                    duration_seconds=self.lease_seconds,
+                    filters=filters,
+                    selector=self.selector,
+                )
+            one_step = self._find_and_lease
         consumer = self.consumer or ProxyManager.DEFAULT_CONSUMER_NAME
         started = datetime.now(timezone.utc)
         lease: Lease | None = one_step(pool, consumer, self.lease_seconds, filters, self.selector)
@@ -668,6 +672,19 @@ class LeaseBroker:
                 )
             )
         return lease
+
+    def _find_and_lease(
+        self, pool: str, consumer: str, duration: int, filters: ProxyFilters | None, selector: SelectorStrategy
+    ) -> Lease | None:
+        """pharox's manager steps without its event payloads and pool-stats calls, used
+        when nobody registered a callback to receive them (they cost more than the
+        lease itself on a memory storage)."""
+        if consumer == ProxyManager.DEFAULT_CONSUMER_NAME and not self._default_consumer_ready:
+            self.storage.ensure_consumer(consumer)
+            self._default_consumer_ready = True
+        self.storage.cleanup_expired_leases()
+        proxy = self.storage.find_available_proxy(pool, filters, selector)
+        return self.storage.create_lease(proxy, consumer, duration) if proxy is not None else None
 
     def _try_sticky(self, pool: str, filters: ProxyFilters | None, session: str) -> ProxyLease | None:
         key = (pool, session)
@@ -909,7 +926,11 @@ class LeaseBroker:
             lease.released = True
             self._held.pop(lease.lease.id, None)
         try:
-            self.lease_manager.release_proxy(lease.lease)
+            if getattr(self.lease_manager, "_release_callbacks", True):
+                self.lease_manager.release_proxy(lease.lease)
+            else:  # the manager's steps without the event payload nobody listens to
+                lease.lease.released_at = lease.lease.released_at or datetime.now(timezone.utc)
+                self.storage.release_lease(lease.lease)
         finally:
             with self._lock:
                 self.counters["released"] += 1
