@@ -15,7 +15,7 @@ from pharox import ProxyFilters
 from scrapy.utils.conf import build_component_list
 from scrapy.utils.defer import deferred_from_coro, maybe_deferred_to_future
 from scrapy.utils.misc import load_object
-from twisted.internet import task, threads
+from twisted.internet import defer, task, threads
 
 from .attempts import describe_error
 from .broker import HTTP_PROTOCOLS, LeaseBroker, ProxyLease
@@ -78,8 +78,26 @@ async def acquire(broker: LeaseBroker, url: str, **kwargs: Any) -> ProxyLease:
         except NoProxyAvailable:
             if broker.acquire_timeout <= 0:
                 raise
-    lease: ProxyLease = await maybe_deferred_to_future(threads.deferToThread(broker.acquire, url, **kwargs))
-    return lease
+    return await _acquire_in_thread(broker, url, kwargs)
+
+
+def _acquire_in_thread(broker: LeaseBroker, url: str, kwargs: dict[str, Any]) -> defer.Deferred[ProxyLease]:
+    """`broker.acquire` in a Twisted worker thread; a lease that arrives after the
+    caller was cancelled (download cancelled, spider closing) is released, not lost."""
+    result: defer.Deferred[ProxyLease] = defer.Deferred()
+
+    def arrived(lease: ProxyLease) -> None:
+        if result.called:  # cancelled meanwhile
+            threads.deferToThread(broker.release, lease)
+        else:
+            result.callback(lease)
+
+    def failed(failure: Any) -> None:
+        if not result.called:
+            result.errback(failure)
+
+    threads.deferToThread(broker.acquire, url, **kwargs).addCallbacks(arrived, failed)
+    return result
 
 
 def _release_late(broker: LeaseBroker, done: asyncio.Future[ProxyLease]) -> None:
