@@ -8,6 +8,7 @@ tries left and keeps the per-proxy story for the final error.
 from __future__ import annotations
 
 from typing import Any
+from uuid import UUID
 
 from .broker import LeaseBroker, ProxyLease
 from .errors import AllProxiesFailed, ProxyAttempt
@@ -36,6 +37,8 @@ class ProxyAttempts:
         self.broker = broker
         self.retries_left = retries
         self.attempts: list[ProxyAttempt] = []
+        #: proxies already tried: pass as `broker.acquire(..., avoid=attempts.tried)`
+        self.tried: set[UUID] = set()
 
     def judge(
         self,
@@ -47,7 +50,8 @@ class ProxyAttempts:
         latency_ms: float | None = None,
         verdict: Verdict | None = None,
     ) -> Verdict:
-        """Report the outcome to the broker and record it; see `should_move`."""
+        """Report the outcome to the broker and record it (and the proxy as tried); see `should_move`."""
+        self.tried.add(lease.proxy_id)
         verdict = self.broker.report(lease, status_code, error, latency_ms, response=response, verdict=verdict)
         detail = f"HTTP {status_code}" if error is None else describe_error(error)
         self.attempts.append(ProxyAttempt(lease.safe_url, verdict.value, detail))

@@ -490,6 +490,7 @@ class LeaseBroker:
         session: str | None = None,
         protocols: Collection[ProxyProtocol | str] | None = None,
         timeout: float | None = None,
+        avoid: Collection[UUID] = (),
     ) -> ProxyLease:
         """Lease a proxy, waiting with backoff up to the acquire timeout.
 
@@ -497,7 +498,7 @@ class LeaseBroker:
         the proxies to those the calling client can speak; `session` keeps one proxy
         for a sticky session while it stays healthy.
         """
-        steps = self._acquire_steps(pool, filters, session, protocols, timeout)
+        steps = self._acquire_steps(pool, filters, session, protocols, timeout, avoid)
         try:
             while True:
                 time.sleep(next(steps))
@@ -514,9 +515,10 @@ class LeaseBroker:
         session: str | None = None,
         protocols: Collection[ProxyProtocol | str] | None = None,
         timeout: float | None = None,
+        avoid: Collection[UUID] = (),
     ) -> ProxyLease:
         """`acquire` for asyncio: waits with `asyncio.sleep`, blocking storages off the loop."""
-        steps = self._acquire_steps(pool, filters, session, protocols, timeout)
+        steps = self._acquire_steps(pool, filters, session, protocols, timeout, avoid)
         while True:
             if self.storage_blocks:
                 finished, value = await self._step_off_loop(steps)
@@ -566,6 +568,7 @@ class LeaseBroker:
         session: str | None,
         protocols: Collection[ProxyProtocol | str] | None,
         timeout: float | None,
+        avoid: Collection[UUID] = (),
     ) -> Generator[float, None, ProxyLease]:
         """One acquisition as a generator of waits, shared by the sync and async forms."""
         if self._closed:
@@ -577,7 +580,7 @@ class LeaseBroker:
         delay = 0.005
         while True:
             self._revive_due(name)
-            lease = self._try_acquire(name, effective, session)
+            lease = self._try_acquire(name, effective, session, avoid)
             if lease is not None:
                 return lease
             now = time.monotonic()
@@ -611,7 +614,9 @@ class LeaseBroker:
             self.storage.ensure_consumer(self.consumer)
             self._consumer_ready = True
 
-    def _try_acquire(self, pool: str, filters: ProxyFilters | None, session: str | None) -> ProxyLease | None:
+    def _try_acquire(
+        self, pool: str, filters: ProxyFilters | None, session: str | None, avoid: Collection[UUID] = ()
+    ) -> ProxyLease | None:
         self._ensure_consumer()
         if session is not None:
             try:
@@ -620,19 +625,33 @@ class LeaseBroker:
                 return None  # sticky means this proxy: wait for a free slot on it
             if sticky is not None:
                 return sticky
-        for _ in range(_RACE_RETRIES):
+        skipped: list[ProxyLease] = []
+        chosen: ProxyLease | None = None
+        races = 0
+        # A proxy in `avoid` (already tried for this request) is passed over while the
+        # pool has others; held meanwhile so the selector moves on, released after.
+        while chosen is None and races < _RACE_RETRIES and len(skipped) <= len(avoid):
             try:
                 lease = self._acquire_once(pool, filters)
             except ProxyUnavailableError:
                 # find and create_lease are separate steps in pharox's storages; the
                 # proxy was taken in between.  Not an error for our callers: try again.
+                races += 1
                 with self._lock:
                     self.counters["races"] += 1
                 continue
             if lease is None:
-                return None
-            return self._wrap(lease, pool, session)
-        return None
+                break
+            held = self._wrap(lease, pool, session)
+            if held.proxy_id in avoid and len(skipped) < len(avoid):
+                skipped.append(held)
+            else:
+                chosen = held
+        if chosen is None and skipped:
+            chosen = skipped.pop(0)  # only tried proxies are left: better than none
+        for extra in skipped:
+            self.release(extra)
+        return chosen
 
     def _acquire_once(self, pool: str, filters: ProxyFilters | None) -> Lease | None:
         """One acquisition attempt, through pharox's manager or the storage's one-step path.

@@ -26,7 +26,7 @@ import re
 import ssl
 import threading
 from collections import OrderedDict
-from collections.abc import AsyncIterator, Callable, Generator, Iterator
+from collections.abc import AsyncIterator, Callable, Collection, Generator, Iterator
 from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
 from uuid import UUID
@@ -225,6 +225,7 @@ class _Acquire:
     filters: ProxyFilters | None  # the caller's, for explanations
     effective: ProxyFilters | None  # with the protocols httpx speaks
     session: str | None
+    avoid: Collection[UUID] = ()  # proxies this request already tried
 
 
 @dataclass
@@ -312,7 +313,7 @@ class _Door(Generic[T]):
     def acquire(self, op: _Acquire) -> ProxyLease:
         """Lease for `op` (blocking form; the async side runs its own)."""
         try:
-            return self.broker.acquire(op.url, pool=op.pool, filters=op.effective, session=op.session)
+            return self.broker.acquire(op.url, pool=op.pool, filters=op.effective, session=op.session, avoid=op.avoid)
         except NoProxyAvailable:
             raise self.explain(op) from None
 
@@ -331,6 +332,7 @@ class _Door(Generic[T]):
         if "proxy-authorization" in request.headers:
             del request.headers["proxy-authorization"]
         attempts = ProxyAttempts(self.broker, self.proxy_retries)
+        acquire.avoid = attempts.tried  # the same set: moves skip the proxies already tried
         replayable = isinstance(request.stream, httpx.ByteStream)  # bodies of bytes replay
         lease: ProxyLease | None = None
         last: tuple[int | None, BaseException | None] = (None, None)  # for the final error
@@ -634,7 +636,9 @@ class _AsyncDoor(_Door[httpx.AsyncHTTPTransport]):
             raise self.explain(op) from None
 
     async def _acquire_async(self, op: _Acquire) -> ProxyLease:
-        pending = self.broker.acquire_async(op.url, pool=op.pool, filters=op.effective, session=op.session)
+        pending = self.broker.acquire_async(
+            op.url, pool=op.pool, filters=op.effective, session=op.session, avoid=op.avoid
+        )
         if not self.broker.storage_blocks:
             return await pending  # cancellable only while waiting, when nothing is held
         # A worker thread may finish leasing after this task was cancelled: let the

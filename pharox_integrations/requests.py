@@ -50,7 +50,7 @@ import sys
 import threading
 import weakref
 from collections import Counter, OrderedDict
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Collection, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 from uuid import UUID
@@ -318,8 +318,8 @@ class PharoxAdapter(HTTPAdapter):
             return False
         return should_bypass_proxies(url, no_proxy=no_proxy)
 
-    def _acquire(self, url: str) -> ProxyLease:
-        lease = self.broker.acquire(url, pool=self.pool, filters=self.filters, protocols=_PROTOCOLS)
+    def _acquire(self, url: str, avoid: Collection[UUID] = ()) -> ProxyLease:
+        lease = self.broker.acquire(url, pool=self.pool, filters=self.filters, protocols=_PROTOCOLS, avoid=avoid)
         with self._lock:
             self._held[lease.lease.id] = _Held(lease)
         return lease
@@ -366,7 +366,7 @@ class PharoxAdapter(HTTPAdapter):
                     raise _all_failed(attempts, exc, request) from exc
                 self._log_move(attempts)
                 try:
-                    lease = self._acquire(url)
+                    lease = self._acquire(url, attempts.tried)
                 except NoProxyAvailable as none:
                     raise _all_failed(attempts, exc, request, none) from exc
                 continue
@@ -389,7 +389,7 @@ class PharoxAdapter(HTTPAdapter):
             self._release(lease)
             self._log_move(attempts)
             try:
-                lease = self._acquire(url)
+                lease = self._acquire(url, attempts.tried)
             except NoProxyAvailable:
                 return response  # no other proxy: the caller gets the last answer
             except BaseException:

@@ -29,7 +29,7 @@ import threading
 import time
 import weakref
 from collections import OrderedDict
-from collections.abc import Iterator, Mapping
+from collections.abc import Collection, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -374,7 +374,7 @@ class PharoxProxyManager(urllib3.ProxyManager):
         kw.setdefault("headers", self.headers)
         attempts = ProxyAttempts(self.broker, self.proxy_retries)
         while True:
-            lease = self._acquire(url)
+            lease = self._acquire(url, attempts.tried)
             hop = _Hop(lease, self._route(lease))
             stack.append(hop)
             try:
@@ -514,7 +514,7 @@ class PharoxProxyManager(urllib3.ProxyManager):
             )
         return stack[-1].route
 
-    def _acquire(self, url: str | None) -> ProxyLease:
+    def _acquire(self, url: str | None, avoid: Collection[UUID] = ()) -> ProxyLease:
         try:
             lease = self.broker.acquire(
                 url,
@@ -522,6 +522,7 @@ class PharoxProxyManager(urllib3.ProxyManager):
                 filters=self.lease_filters,
                 session=self.lease_session,
                 protocols=self.protocols,
+                avoid=avoid,
             )
         except NoProxyAvailable as exc:
             note = ""

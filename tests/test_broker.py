@@ -211,6 +211,27 @@ def test_slow_proxies_are_benched_on_their_median() -> None:
     assert broker.proxies()[0].status == ProxyStatus.SLOW
 
 
+def test_avoid_moves_a_request_to_a_proxy_it_has_not_tried() -> None:
+    broker = make(max_concurrency=1, selector="first_available")
+    first = broker.acquire()
+    broker.release(first)
+    again = broker.acquire(avoid={first.proxy_id})
+    assert again.proxy_id != first.proxy_id
+    third = broker.acquire(avoid={first.proxy_id, again.proxy_id})
+    assert third.proxy_id not in {first.proxy_id, again.proxy_id}
+    broker.release(again)
+    broker.release(third)
+    lonely = make(URLS[:1])
+    only = lonely.acquire()
+    lonely.release(only)
+    # Only tried proxies left: the request still gets one rather than nothing.
+    with lonely.lease() as lease:
+        assert lonely.acquire(avoid={only.proxy_id}).proxy_id == lease.proxy_id == only.proxy_id
+    lonely.close()
+    assert_nothing_held(broker)
+    assert_nothing_held(lonely)
+
+
 def test_sticky_session_keeps_its_proxy_until_benched() -> None:
     broker = make(URLS[:2], policy=HealthPolicy(backoff_base=60))
     first = broker.acquire(session="account-42")
