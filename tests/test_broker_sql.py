@@ -127,3 +127,10 @@ def test_cancelled_async_acquire_on_a_blocking_storage_loses_no_lease(sql_url: s
     time.sleep(0.3)  # an orphaned lease is released by the thread that got it
     assert broker.held == 0
     assert all(p.current_leases == 0 for p in broker.proxies())
+
+
+def test_a_database_without_the_schema_says_how_to_create_it(sql_url: str) -> None:
+    from pharox_integrations import StorageUnavailable
+
+    with pytest.raises(StorageUnavailable, match=r"no pharox-integrations schema in .*pharox-integrations db init"):
+        LeaseBroker.from_proxies(URLS, storage=storage_from_url(sql_url))

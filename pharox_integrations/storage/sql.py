@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import re
 import threading
 import time
 from collections import Counter
@@ -109,9 +110,7 @@ class _UtcDateTime(sa.types.TypeDecorator[datetime]):
             value = value.astimezone(timezone.utc).replace(tzinfo=None)
         return value
 
-    def process_result_value(
-        self, value: datetime | None, dialect: sa.Dialect
-    ) -> datetime | None:
+    def process_result_value(self, value: datetime | None, dialect: sa.Dialect) -> datetime | None:
         if value is not None and value.tzinfo is None:
             value = value.replace(tzinfo=timezone.utc)
         return value
@@ -119,9 +118,7 @@ class _UtcDateTime(sa.types.TypeDecorator[datetime]):
 
 # MariaDB's native UUID sorts by byte-swapped groups, not like Python's UUID ordering
 # (round-robin and the contract depend on that order): store 32 hex characters there.
-_UUID: sa.types.TypeEngine[UUID] = sa.Uuid().with_variant(
-    sa.Uuid(native_uuid=False), "mysql", "mariadb"
-)
+_UUID: sa.types.TypeEngine[UUID] = sa.Uuid().with_variant(sa.Uuid(native_uuid=False), "mysql", "mariadb")
 
 # Query-side view of the tables; the DDL lives in the migrations (frozen per revision).
 _meta = sa.MetaData()
@@ -215,14 +212,20 @@ def _guarded(
     def wrapper(self: SqlStorage, /, *args: _P.args, **kwargs: _P.kwargs) -> _R:
         try:
             return method(self, *args, **kwargs)
-        except (OperationalError, InterfaceError) as exc:
-            raise self._unavailable(exc) from exc
         except DBAPIError as exc:
+            if _NO_TABLE.search(str(exc.orig)):
+                raise self._no_schema() from exc
+            if isinstance(exc, (OperationalError, InterfaceError)):
+                raise self._unavailable(exc) from exc
             if exc.connection_invalidated:
                 raise self._unavailable(exc) from exc
             raise
 
     return wrapper
+
+
+# "relation … does not exist" (PostgreSQL), "no such table" (SQLite), "Table … doesn't exist" (MySQL)
+_NO_TABLE = re.compile(r"relation \S+ does not exist|no such table|Table \S+ doesn't exist", re.I)
 
 
 @dataclass
@@ -475,8 +478,17 @@ _SQL_CACHE: dict[tuple[str, bool, bool], _Sql] = {}
 _SQL_LOCK = threading.Lock()
 
 _HEALTH_VALUES = (
-    "seq", "record_id", "checked_at", "reachable", "latency_ms", "protocol",
-    "status_before", "status_after", "status_code", "attempts", "error",
+    "seq",
+    "record_id",
+    "checked_at",
+    "reachable",
+    "latency_ms",
+    "protocol",
+    "status_before",
+    "status_after",
+    "status_code",
+    "attempts",
+    "error",
 )
 
 
@@ -666,6 +678,14 @@ class SqlStorage(IStorage):
         err.database = self._where  # type: ignore[attr-defined]
         return err
 
+    def _no_schema(self) -> StorageUnavailable:
+        err = StorageUnavailable(
+            f"no pharox-integrations schema in {self._where}: create it once with "
+            "`pharox-integrations db init --storage URL` (or SqlStorage(url, create_schema=True))"
+        )
+        err.database = self._where  # type: ignore[attr-defined]
+        return err
+
     @property
     def engine(self) -> Engine:
         """The SQLAlchemy engine (for tests, admin tools and migrations)."""
@@ -770,9 +790,22 @@ class SqlStorage(IStorage):
         data: dict[str, Any] = {
             key: row[key]
             for key in (
-                "id", "pool_id", "host", "port", "protocol", "status", "checked_at",
-                "source", "country", "city", "latitude", "longitude", "isp", "asn",
-                "max_concurrency", "current_leases",
+                "id",
+                "pool_id",
+                "host",
+                "port",
+                "protocol",
+                "status",
+                "checked_at",
+                "source",
+                "country",
+                "city",
+                "latitude",
+                "longitude",
+                "isp",
+                "asn",
+                "max_concurrency",
+                "current_leases",
             )
         }
         if row["cred_user"] is not None:
@@ -1092,9 +1125,7 @@ class SqlStorage(IStorage):
                 if counts_or_none is None:
                     raise ProxyUnavailableError(f"Proxy {proxy.id} is no longer available.")
                 counts = counts_or_none
-                lease = self._insert_lease(
-                    conn, proxy.id, counts.pool_id, consumer_id, duration_seconds
-                )
+                lease = self._insert_lease(conn, proxy.id, counts.pool_id, consumer_id, duration_seconds)
         self._count_lease(counts, +1)
         return lease
 
@@ -1140,9 +1171,7 @@ class SqlStorage(IStorage):
                     row["max_concurrency"],
                     row["status"] == _ACTIVE,
                 )
-                lease = self._insert_lease(
-                    conn, row["id"], counts.pool_id, consumer_id, duration_seconds
-                )
+                lease = self._insert_lease(conn, row["id"], counts.pool_id, consumer_id, duration_seconds)
         self._count_lease(counts, +1)
         return lease
 
@@ -1235,9 +1264,7 @@ class SqlStorage(IStorage):
         with self._tx() as conn:
             return int(
                 conn.execute(
-                    sa.delete(leases).where(
-                        leases.c.status == _LEASE_RELEASED, leases.c.expires_at < cutoff
-                    )
+                    sa.delete(leases).where(leases.c.status == _LEASE_RELEASED, leases.c.expires_at < cutoff)
                 ).rowcount
             )
 
@@ -1379,16 +1406,12 @@ class SqlStorage(IStorage):
         """Add an observation to the proxy's bounded history (status unchanged)."""
         with self._tx() as conn:
             seq = conn.execute(
-                sa.select(proxies.c.health_seq)
-                .where(proxies.c.id == record.proxy_id)
-                .with_for_update()
+                sa.select(proxies.c.health_seq).where(proxies.c.id == record.proxy_id).with_for_update()
             ).scalar_one_or_none()
             if seq is None:
                 raise ProxyNotFoundError(f"Proxy {record.proxy_id} not found.")
             seq = int(seq) + 1
-            conn.execute(
-                sa.update(proxies).where(proxies.c.id == record.proxy_id).values(health_seq=seq)
-            )
+            conn.execute(sa.update(proxies).where(proxies.c.id == record.proxy_id).values(health_seq=seq))
             self._record_health(
                 conn,
                 record.proxy_id,
@@ -1413,10 +1436,7 @@ class SqlStorage(IStorage):
         with self._read() as conn:
             rows = (
                 conn.execute(
-                    sa.select(health)
-                    .where(health.c.proxy_id == proxy_id)
-                    .order_by(health.c.seq.desc())
-                    .limit(limit)
+                    sa.select(health).where(health.c.proxy_id == proxy_id).order_by(health.c.seq.desc()).limit(limit)
                 )
                 .mappings()
                 .all()
@@ -1442,10 +1462,7 @@ class SqlStorage(IStorage):
         with self._read() as conn:
             r = (
                 conn.execute(
-                    sa.select(health)
-                    .where(health.c.proxy_id == proxy_id)
-                    .order_by(health.c.seq.desc())
-                    .limit(1)
+                    sa.select(health).where(health.c.proxy_id == proxy_id).order_by(health.c.seq.desc()).limit(1)
                 )
                 .mappings()
                 .first()
@@ -1470,14 +1487,10 @@ class SqlStorage(IStorage):
         """Insert or update a pool by id."""
         with self._tx() as conn:
             done = conn.execute(
-                sa.update(pools)
-                .where(pools.c.id == pool.id)
-                .values(name=pool.name, description=pool.description)
+                sa.update(pools).where(pools.c.id == pool.id).values(name=pool.name, description=pool.description)
             ).rowcount
             if done == 0:
-                conn.execute(
-                    pools.insert().values(id=pool.id, name=pool.name, description=pool.description)
-                )
+                conn.execute(pools.insert().values(id=pool.id, name=pool.name, description=pool.description))
         with self._lock:
             self._pool_names[pool.id] = pool.name
             self._stats.pop(pool.id, None)
@@ -1530,14 +1543,10 @@ class SqlStorage(IStorage):
         """Insert or update a proxy by id; lease counters stay the storage's own."""
         values = self._proxy_values(proxy)
         with self._tx() as conn:
-            pool_ok = conn.execute(
-                sa.select(pools.c.id).where(pools.c.id == proxy.pool_id)
-            ).scalar_one_or_none()
+            pool_ok = conn.execute(sa.select(pools.c.id).where(pools.c.id == proxy.pool_id)).scalar_one_or_none()
             if pool_ok is None:
                 raise PoolNotFoundError(f"Pool {proxy.pool_id} not found.")
-            done = conn.execute(
-                sa.update(proxies).where(proxies.c.id == proxy.id).values(**values)
-            ).rowcount
+            done = conn.execute(sa.update(proxies).where(proxies.c.id == proxy.id).values(**values)).rowcount
             if done == 0:
                 conn.execute(proxies.insert().values(self._new_proxy_row(proxy)))
         self._forget_stats(proxy.pool_id)
@@ -1571,11 +1580,7 @@ class SqlStorage(IStorage):
     def get_proxy(self, proxy_id: str) -> Proxy:
         """A proxy by id, or `ProxyNotFoundError`."""
         with self._read() as conn:
-            row = (
-                conn.execute(sa.select(proxies).where(proxies.c.id == UUID(str(proxy_id))))
-                .mappings()
-                .first()
-            )
+            row = conn.execute(sa.select(proxies).where(proxies.c.id == UUID(str(proxy_id)))).mappings().first()
         if row is None:
             raise ProxyNotFoundError(f"Proxy {proxy_id!r} not found.")
         return self._proxy_from_row(row)
@@ -1588,16 +1593,12 @@ class SqlStorage(IStorage):
             if conn.execute(sa.select(pools.c.id).where(pools.c.id == pid)).first() is None:
                 raise PoolNotFoundError(f"Pool {pool_id!r} not found.")
             rows = (
-                conn.execute(sa.select(proxies).where(proxies.c.pool_id == pid).order_by(proxies.c.id))
-                .mappings()
-                .all()
+                conn.execute(sa.select(proxies).where(proxies.c.pool_id == pid).order_by(proxies.c.id)).mappings().all()
             )
         return [self._proxy_from_row(r) for r in rows]
 
     @_guarded
-    def list_proxies_by_status(
-        self, pool_name: str, statuses: Iterable[ProxyStatus | str]
-    ) -> list[Proxy]:
+    def list_proxies_by_status(self, pool_name: str, statuses: Iterable[ProxyStatus | str]) -> list[Proxy]:
         """Proxies of a pool in the given statuses (indexed; used for revival)."""
         wanted = sorted({ProxyStatus(s).value for s in statuses})
         if not wanted:
@@ -1633,11 +1634,7 @@ class SqlStorage(IStorage):
     def get_lease(self, lease_id: str) -> Lease | None:
         """A lease by id (active or released), or None."""
         with self._read() as conn:
-            row = (
-                conn.execute(sa.select(leases).where(leases.c.id == UUID(str(lease_id))))
-                .mappings()
-                .first()
-            )
+            row = conn.execute(sa.select(leases).where(leases.c.id == UUID(str(lease_id)))).mappings().first()
             return self._lease_from_row(conn, row) if row is not None else None
 
     @_guarded
