@@ -307,7 +307,7 @@ class LeaseBroker:
         """Build from `PHAROX_*` keys of a dict, Scrapy `Settings` or (None) the environment."""
         settings = source if isinstance(source, PharoxSettings) else PharoxSettings.from_mapping(source)
         if settings.broker:
-            return _load_broker(settings.broker)
+            return _load_broker(settings.broker) if isinstance(settings.broker, str) else _as_broker(settings.broker)
         from .storage import storage_from_url
 
         storage = storage_from_url(settings.storage_url)
@@ -1030,6 +1030,12 @@ class LeaseBroker:
             logger.info("released %(n)d lease(s) still held at close", {"n": released})
         return released
 
+    def __copy__(self) -> LeaseBroker:
+        return self  # a broker is a shared service (Scrapy copies its settings)
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> LeaseBroker:
+        return self
+
     def __enter__(self) -> LeaseBroker:
         return self
 
@@ -1152,10 +1158,16 @@ def _load_broker(path: str) -> LeaseBroker:
         raise ConfigurationError(
             f"PHAROX_BROKER={path!r}: cannot import it ({exc}); expected 'package.module.name' of a LeaseBroker"
         ) from None
+    return _as_broker(obj, path)
+
+
+def _as_broker(obj: Any, path: str | None = None) -> LeaseBroker:
+    """A ready broker, or what a factory returns."""
     if not isinstance(obj, LeaseBroker) and callable(obj):
         obj = obj()
     if not isinstance(obj, LeaseBroker):
+        shown = repr(path) if path is not None else "<object>"
         raise ConfigurationError(
-            f"PHAROX_BROKER={path!r}: found {type(obj).__name__}; expected a LeaseBroker or a callable returning one"
+            f"PHAROX_BROKER={shown}: found {type(obj).__name__}; expected a LeaseBroker or a callable returning one"
         )
     return obj

@@ -198,7 +198,7 @@ class PharoxSettings:
     slow_ms: int | None = None
     backoff_base: float = 30.0
     backoff_cap: float = 1800.0
-    broker: str | None = None
+    broker: Any = None  # an import path, or a ready LeaseBroker (or a callable returning one)
     retry_times: int = 5
     on_exhausted: str = "close_spider"
     ban_policy: str | None = None
@@ -221,7 +221,9 @@ class PharoxSettings:
             reader.reject_unknown()
         explicit = frozenset(k for k in SETTINGS_DOC if reader.has(k))
         proxies = reader.proxies()
-        broker = reader.text("PHAROX_BROKER")
+        broker = reader.raw("PHAROX_BROKER")
+        if isinstance(broker, str):
+            broker = broker.strip()
         if broker and (proxies or reader.has("PHAROX_STORAGE_URL")):
             raise ConfigurationError(
                 "PHAROX_BROKER is set together with PHAROX_PROXIES/PHAROX_PROXIES_FILE/"

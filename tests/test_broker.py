@@ -10,6 +10,7 @@ import tracemalloc
 from collections import Counter
 
 import pytest
+from loophelpers import run_in_fresh_loop
 from pharox import InMemoryStorage, ProxyFilters, ProxyManager, ProxyStatus
 
 from pharox_integrations import HealthPolicy, LeaseBroker, NoProxyAvailable, Verdict
@@ -327,7 +328,7 @@ def test_async_acquire_waits_without_blocking_the_loop() -> None:
         task.cancel()
         return ticks, url
 
-    ticks, url = asyncio.run(scenario())
+    ticks, url = run_in_fresh_loop(scenario())
     assert ticks >= 10 and url == "http://127.0.0.1:8001"
     assert_nothing_held(broker)
 
@@ -347,7 +348,7 @@ def test_async_lease_is_released_on_cancellation() -> None:
         with pytest.raises(asyncio.CancelledError):
             await task
 
-    asyncio.run(scenario())
+    run_in_fresh_loop(scenario())
     assert_nothing_held(broker)
 
 

@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 import pytest
+from loophelpers import run_in_fresh_loop
 from pharox import ProxyManager, ProxyStatus
 from sqlhelpers import backend_params, private_database
 
@@ -29,9 +30,7 @@ def test_two_brokers_share_bans_and_revival(sql_url: str) -> None:
     a = LeaseBroker.from_proxies(
         URLS, storage=storage_from_url(sql_url, create_schema=True), policy=policy, max_concurrency=1
     )
-    b = LeaseBroker(
-        ProxyManager(storage_from_url(sql_url)), policy=policy, acquire_timeout=5, revive_scan_seconds=0.1
-    )
+    b = LeaseBroker(ProxyManager(storage_from_url(sql_url)), policy=policy, acquire_timeout=5, revive_scan_seconds=0.1)
     assert b.storage_blocks and not LeaseBroker.from_proxies(URLS).storage_blocks
     with a.lease() as lease:
         banned = lease.proxy_id
@@ -90,7 +89,7 @@ def test_async_acquire_runs_sql_off_the_event_loop(sql_url: str) -> None:
         await task
         return worst
 
-    worst = asyncio.run(scenario())
+    worst = run_in_fresh_loop(scenario())
     assert broker.held == 0 and all(p.current_leases == 0 for p in broker.proxies())
     assert worst < 0.25, f"event loop stalled {worst * 1000:.0f} ms"
 
@@ -123,7 +122,7 @@ def test_cancelled_async_acquire_on_a_blocking_storage_loses_no_lease(sql_url: s
                 continue
             broker.release(lease)  # it finished before the cancel landed
 
-    asyncio.run(scenario())
+    run_in_fresh_loop(scenario())
     time.sleep(0.3)  # an orphaned lease is released by the thread that got it
     assert broker.held == 0
     assert all(p.current_leases == 0 for p in broker.proxies())

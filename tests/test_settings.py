@@ -143,3 +143,13 @@ def test_broker_import_path(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> 
     assert broker.pool == "p"
     with pytest.raises(ConfigurationError, match=r"PHAROX_BROKER='mybrokers.nothing': cannot import"):
         LeaseBroker.from_settings({"PHAROX_BROKER": "mybrokers.nothing"})
+
+
+def test_broker_object_in_scrapy_settings_survives_their_copies() -> None:
+    from scrapy.settings import Settings
+
+    ready = LeaseBroker.from_proxies(["http://a:1"], pool="ready")
+    settings = Settings({"PHAROX_BROKER": ready}).copy()
+    assert LeaseBroker.from_settings(settings) is ready
+    with pytest.raises(ConfigurationError, match=r"PHAROX_BROKER=<object>: found int; expected a LeaseBroker"):
+        LeaseBroker.from_settings({"PHAROX_BROKER": 42})
