@@ -30,10 +30,7 @@ import argparse
 import asyncio
 import itertools
 import logging
-import os
-import socket
 import statistics
-import subprocess
 import sys
 import time
 from collections import OrderedDict
@@ -46,66 +43,13 @@ import httpx
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+from loopback import entries, start_pproxy, start_target  # noqa: E402
+
 from pharox_integrations import LeaseBroker  # noqa: E402
 from pharox_integrations.httpx import AsyncPharoxTransport  # noqa: E402
 
 Fetch = Callable[[str], Awaitable[int]]
 Series = Callable[[], Awaitable[tuple[Fetch, Callable[[], Awaitable[None]]]]]
-
-# The whole answer in one write, keep-alive, any path: the target must not be the limit.
-_TARGET = """
-import asyncio, os, sys
-ANSWER = b"HTTP/1.1 200 OK\\r\\nContent-Type: text/plain\\r\\nContent-Length: 3\\r\\n\\r\\nok\\n"
-
-async def serve(reader, writer):
-    try:
-        while True:
-            await reader.readuntil(b"\\r\\n\\r\\n")
-            writer.write(ANSWER)
-    except (asyncio.IncompleteReadError, asyncio.LimitOverrunError, ConnectionError):
-        pass
-    finally:
-        writer.close()
-
-async def main():
-    server = await asyncio.start_server(serve, "127.0.0.1", 0, backlog=1024)
-    print(server.sockets[0].getsockname()[1], flush=True)
-    await asyncio.get_running_loop().run_in_executor(None, sys.stdin.read)
-    os._exit(0)
-
-asyncio.run(main())
-"""
-
-
-def start_target() -> tuple[subprocess.Popen[str], str]:
-    proc = subprocess.Popen([sys.executable, "-c", _TARGET], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-    assert proc.stdout is not None
-    return proc, f"http://127.0.0.1:{int(proc.stdout.readline())}/"
-
-
-def start_pproxy() -> tuple[subprocess.Popen[str], int]:
-    """pproxy HTTP (no auth) on a free loopback port, through the kit's launcher."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = int(probe.getsockname()[1])
-    env = dict(os.environ, PYTHONPATH=str(ROOT / "tests" / "servers"))
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "pproxy_main", f"http://127.0.0.1:{port}"],
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL,  # its "Task was destroyed" noise when clients hang up
-        text=True,
-    )
-    assert proc.stdout is not None
-    line = proc.stdout.readline()
-    if "listening" not in line:
-        raise SystemExit(f"pproxy did not start: {line!r}")
-    return proc, port
-
-
-def entries(port: int, n: int) -> list[str]:
-    return [f"http://u{i}:p{i}@127.0.0.1:{port}" for i in range(n)]
-
 
 # ---------------------------------------------------------------------- the series
 
@@ -298,6 +242,7 @@ def main() -> None:
     logging.basicConfig(level=logging.WARNING)
 
     target, url = start_target()
+    url += "/"
     proxy, port = start_pproxy()
     try:
         asyncio.run(amain(args, url, port))

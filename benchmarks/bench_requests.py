@@ -28,8 +28,6 @@ from __future__ import annotations
 import argparse
 import itertools
 import logging
-import os
-import socket
 import statistics
 import subprocess
 import sys
@@ -44,6 +42,7 @@ import requests
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
 sys.path.insert(0, str(ROOT))
+from loopback import entries, start_pproxy, start_target  # noqa: E402
 from servers import ProxyKit  # noqa: E402
 
 from pharox_integrations import LeaseBroker  # noqa: E402
@@ -52,62 +51,6 @@ from pharox_integrations.requests import pharox_session  # noqa: E402
 Fetch = Callable[[str], int]
 Finish = Callable[[], None]
 Series = Callable[[], tuple[Fetch, Finish]]
-
-# A minimal keep-alive HTTP/1.1 server in its own process: the whole answer in one
-# write (a header write then a body write meets Nagle + delayed ACK: ~40 ms a request).
-_TARGET = """
-import asyncio, os, sys
-ANSWER = b"HTTP/1.1 200 OK\\r\\nContent-Type: text/plain\\r\\nContent-Length: 3\\r\\n\\r\\nok\\n"
-
-async def serve(reader, writer):
-    try:
-        while True:
-            await reader.readuntil(b"\\r\\n\\r\\n")
-            writer.write(ANSWER)
-    except (asyncio.IncompleteReadError, asyncio.LimitOverrunError, ConnectionError):
-        pass
-    finally:
-        writer.close()
-
-async def main():
-    server = await asyncio.start_server(serve, "127.0.0.1", 0, backlog=1024)
-    print(server.sockets[0].getsockname()[1], flush=True)
-    await asyncio.get_running_loop().run_in_executor(None, sys.stdin.read)
-    os._exit(0)  # stdin closed: the benchmark is done
-
-asyncio.run(main())
-"""
-
-
-def start_pproxy() -> tuple[subprocess.Popen[str], int]:
-    """An HTTP pproxy listener (no auth) on a free loopback port."""
-    env = dict(os.environ, PYTHONPATH=str(ROOT / "tests" / "servers"))
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = int(probe.getsockname()[1])
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "pproxy_main", f"http://127.0.0.1:{port}"],
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL,  # pproxy reports every torn-down connection
-        text=True,
-    )
-    assert proc.stdout is not None
-    line = proc.stdout.readline()
-    if "listening" not in line:
-        raise SystemExit(f"pproxy did not start: {line!r}")
-    return proc, port
-
-
-def start_target() -> tuple[subprocess.Popen[str], str]:
-    proc = subprocess.Popen([sys.executable, "-c", _TARGET], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-    assert proc.stdout is not None
-    port = int(proc.stdout.readline())
-    return proc, f"http://127.0.0.1:{port}/"
-
-
-def entries(port: int, n: int) -> list[str]:
-    return [f"http://u{i}:p{i}@127.0.0.1:{port}" for i in range(n)]
 
 
 def run(fetch: Fetch, url: str, total: int, threads: int, finish: Finish | None = None) -> tuple[float, float]:
@@ -212,6 +155,7 @@ def main() -> None:
     logging.basicConfig(level=logging.WARNING)
 
     target, url = start_target()
+    url += "/"
     kit = ProxyKit()
     proxy_proc: subprocess.Popen[str] | None = None
     try:

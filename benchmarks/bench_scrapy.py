@@ -36,54 +36,20 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from loopback import free_port, start_pproxy, start_target  # noqa: E402
 
-# A keep-alive HTTP/1.1 server answering every GET with a small HTML page in one write.
-_TARGET = """
-import asyncio, os, sys
-BODY = b"<!DOCTYPE html><html><head><title>page</title></head><body><h1>page</h1><p>ok</p></body></html>"
-ANSWER = (b"HTTP/1.1 200 OK\\r\\nContent-Type: text/html\\r\\nContent-Length: %d\\r\\n\\r\\n" % len(BODY)) + BODY
-
-async def serve(reader, writer):
-    try:
-        while True:
-            await reader.readuntil(b"\\r\\n\\r\\n")
-            writer.write(ANSWER)
-    except (asyncio.IncompleteReadError, asyncio.LimitOverrunError, ConnectionError):
-        pass
-    finally:
-        writer.close()
-
-async def main():
-    server = await asyncio.start_server(serve, "127.0.0.1", 0, backlog=1024)
-    print(server.sockets[0].getsockname()[1], flush=True)
-    await asyncio.get_running_loop().run_in_executor(None, sys.stdin.read)
-    os._exit(0)
-
-asyncio.run(main())
-"""
-
-
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
-
-
-def start_target() -> tuple[subprocess.Popen[str], str]:
-    proc = subprocess.Popen([sys.executable, "-c", _TARGET], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-    assert proc.stdout is not None
-    return proc, f"http://127.0.0.1:{int(proc.stdout.readline())}"
+# The page every request gets: small HTML, answered in one write.
+_PAGE = b"<!DOCTYPE html><html><head><title>page</title></head><body><h1>page</h1><p>ok</p></body></html>"
 
 
 def start_proxy(kind: str) -> tuple[subprocess.Popen[str], int]:
     """A no-auth HTTP proxy on a free loopback port: pproxy (kit launcher) or proxy.py."""
-    port = _free_port()
     if kind == "pproxy":
-        env = dict(os.environ, PYTHONPATH=str(ROOT / "tests" / "servers"))
-        argv = [sys.executable, "-m", "pproxy_main", f"http://127.0.0.1:{port}"]
-    else:
-        env = dict(os.environ)
-        argv = [sys.executable, "-m", "proxy", "--hostname", "127.0.0.1", "--port", str(port), "--num-workers", "1"]
+        return start_pproxy()
+    port = free_port()
+    env = dict(os.environ)
+    argv = [sys.executable, "-m", "proxy", "--hostname", "127.0.0.1", "--port", str(port), "--num-workers", "1"]
     proc = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     for _ in range(200):
         try:
@@ -219,7 +185,7 @@ def main() -> None:
     except ImportError:
         print("scrapy-rotating-proxies not installed (pip install -e '.[bench]'): its rows are skipped")
         rows = [("static", 1), ("pharox", 10), ("pharox", 10_000)]
-    target_proc, target = start_target()
+    target_proc, target = start_target(_PAGE, "text/html")
     proxy_proc, port = start_proxy(args.proxy)
     runs: dict[tuple[str, int], list[tuple[float, float]]] = {row: [] for row in rows}
     try:

@@ -27,15 +27,10 @@ from __future__ import annotations
 import argparse
 import itertools
 import logging
-import os
-import socket
 import statistics
-import subprocess
-import sys
 import threading
 import time
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import urllib3
@@ -45,48 +40,7 @@ from pharox_integrations.urllib3 import PharoxProxyManager
 
 Fetch = Callable[[str], int]
 
-KIT = Path(__file__).resolve().parent.parent / "tests" / "servers"
-
-TARGET = """
-import asyncio
-ANSWER = b"HTTP/1.1 200 OK\\r\\nContent-Length: 2\\r\\nContent-Type: text/plain\\r\\n\\r\\nok"
-async def handle(reader, writer):
-    try:
-        while True:
-            await reader.readuntil(b"\\r\\n\\r\\n")
-            writer.write(ANSWER)
-            await writer.drain()
-    except (asyncio.IncompleteReadError, asyncio.LimitOverrunError, ConnectionError):
-        pass
-    finally:
-        writer.close()
-async def main():
-    server = await asyncio.start_server(handle, "127.0.0.1", 0, backlog=1024)
-    print(server.sockets[0].getsockname()[1], flush=True)
-    await server.serve_forever()
-asyncio.run(main())
-"""
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def start(argv: list[str], env: dict[str, str] | None = None) -> tuple[subprocess.Popen[str], str]:
-    """Start a server subprocess and return it with its first line of output."""
-    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, text=True, env=env, start_new_session=True)
-    assert proc.stdout is not None
-    line = proc.stdout.readline().strip()
-    if not line or "failed" in line.lower():
-        proc.kill()
-        raise SystemExit(f"server {argv[1:]} did not start: {line!r}")
-    return proc, line
-
-
-def entries(port: int, n: int) -> list[str]:
-    return [f"http://u{i}:p{i}@127.0.0.1:{port}" for i in range(n)]
+from loopback import entries, start_pproxy, start_target  # noqa: E402
 
 
 def run(fetch: Fetch, url: str, requests: int, threads: int) -> float:
@@ -189,13 +143,10 @@ def main() -> None:
     logging.getLogger("urllib3").setLevel(logging.ERROR)
     logging.getLogger("pharox_integrations").setLevel(logging.ERROR)
 
-    target, target_port = start([sys.executable, "-c", TARGET])
-    port = free_port()
-    env = {k: v for k, v in os.environ.items() if "proxy" not in k.lower()}
-    env["PYTHONPATH"] = str(KIT)
-    proxy, _ = start([sys.executable, "-m", "pproxy_main", f"http://127.0.0.1:{port}"], env)
+    target, base = start_target()
+    proxy, port = start_pproxy()
     try:
-        url = f"http://127.0.0.1:{target_port}/status/200"
+        url = f"{base}/status/200"
         print(
             f"urllib3 {urllib3.__version__}; pproxy HTTP proxy at 127.0.0.1:{port}; {args.requests} requests per run, "
             f"median of {args.repeats}"
@@ -221,7 +172,7 @@ def main() -> None:
         print("req/s, median of the repeats; static uses one proxy whatever the pool size.")
     finally:
         for server in (proxy, target):
-            server.terminate()
+            server.kill()
             server.wait()
 
 
