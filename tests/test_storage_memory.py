@@ -16,6 +16,7 @@ import pytest
 from pharox import (
     HealthCheckResult,
     InMemoryStorage,
+    InvalidLeaseError,
     IStorage,
     Lease,
     PoolNotFoundError,
@@ -591,3 +592,24 @@ def test_lease_history_does_not_grow() -> None:
     assert storage.active_lease_count() == 0
     # Internal: the expiry heap drops entries of leases released before expiring.
     assert len(storage._expiry) <= 2 * 1024 + 1
+
+
+def test_one_step_acquire_agrees_with_find_then_lease(storage: MemoryStorage, pool: ProxyPool) -> None:
+    """`acquire_lease` picks what find_available_proxy would, leases it, honours
+    filters/concurrency, sweeps expired leases first and says None when nothing is left."""
+    us = add(storage, pool, country="US", max_concurrency=1)
+    add(storage, pool, country="DE", max_concurrency=1)
+    only_us = ProxyFilters(country="US")
+    assert pick(storage, pool, filters=only_us) == us.id
+    got = storage.acquire_lease(pool.name, "new-consumer", 1, only_us, SelectorStrategy.ROUND_ROBIN)
+    assert got is not None and got.proxy_id == us.id and got.pool_name == "main"
+    assert storage.acquire_lease(pool.name, "new-consumer", 60, only_us) is None  # at capacity
+    assert storage.acquire_lease("no-such-pool", "c", 60) is None
+    assert_consistent(storage, pool)
+    time.sleep(1.1)
+    again = storage.acquire_lease(pool.name, "new-consumer", 60, only_us)  # the expired one was swept
+    assert again is not None and again.proxy_id == us.id
+    storage.release_lease(again)
+    assert storage.get_proxy(str(us.id)).current_leases == 0
+    with pytest.raises(InvalidLeaseError):
+        storage.acquire_lease(pool.name, "c", 0)

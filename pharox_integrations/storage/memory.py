@@ -658,23 +658,59 @@ class MemoryStorage(IStorage):
                 raise ProxyNotFoundError(f"Proxy with ID {proxy.id} not found in storage.")
             if not entry.available:
                 raise ProxyUnavailableError(f"Proxy {proxy.id} is no longer available.")
-            now = datetime.now(timezone.utc)
-            pool = entry.pool
-            lease = Lease(
-                id=uuid4(),
-                proxy_id=proxy.id,
-                consumer_id=consumer_id,
-                pool_id=pool.model.id,
-                pool_name=pool.model.name,
-                acquired_at=now,
-                expires_at=now + timedelta(seconds=duration_seconds),
-            )
-            self._leases[lease.id] = lease
-            heapq.heappush(self._expiry, (lease.expires_at, lease.id))
-            entry.proxy.current_leases += 1
-            pool.total_leases += 1
-            self._refresh(entry)
-            return lease.model_copy()
+            return self._lease(entry, consumer_id, duration_seconds)
+
+    def acquire_lease(
+        self,
+        pool_name: str,
+        consumer_name: str,
+        duration_seconds: int,
+        filters: ProxyFilters | None = None,
+        selector: SelectorStrategy | None = None,
+    ) -> Lease | None:
+        """Find and lease in one step under the lock (extension; the core prefers it).
+
+        pharox's manager finds (one proxy copy) then leases (a race window); here the
+        pick and the lease happen together, so neither the copy nor the race exists.
+        Expired leases are swept first, as pharox's manager does before every acquire.
+        """
+        if duration_seconds <= 0:
+            raise InvalidLeaseError("duration_seconds must be positive.")
+        strategy = SelectorStrategy(selector) if selector is not None else _FIRST
+        self.cleanup_expired_leases()
+        with self._lock:
+            pool_id = self._pool_ids.get(pool_name)
+            if pool_id is None:
+                return None
+            consumer_id = self._consumers.get(consumer_name)
+            if consumer_id is None:
+                consumer_id = self._consumers[consumer_name] = uuid4()
+            pool = self._pools[pool_id]
+            entry = self._select(pool, strategy, filters)
+            if entry is None:
+                return None
+            if strategy is _ROUND_ROBIN:
+                pool.rr_last = entry.uid
+            return self._lease(entry, consumer_id, duration_seconds)
+
+    def _lease(self, entry: _Entry, consumer_id: UUID, duration_seconds: int) -> Lease:
+        now = datetime.now(timezone.utc)
+        pool = entry.pool
+        lease = Lease(
+            id=uuid4(),
+            proxy_id=entry.proxy.id,
+            consumer_id=consumer_id,
+            pool_id=pool.model.id,
+            pool_name=pool.model.name,
+            acquired_at=now,
+            expires_at=now + timedelta(seconds=duration_seconds),
+        )
+        self._leases[lease.id] = lease
+        heapq.heappush(self._expiry, (lease.expires_at, lease.id))
+        entry.proxy.current_leases += 1
+        pool.total_leases += 1
+        self._refresh(entry)
+        return lease.model_copy()
 
     def release_lease(self, lease: Lease) -> None:
         """Release an active lease; unknown or already released leases are ignored."""
