@@ -3,6 +3,7 @@
     python docs/gen_benchmarks.py            # full runs (several minutes each)
     python docs/gen_benchmarks.py --quick    # the scripts' --quick mode
     python docs/gen_benchmarks.py --only bench_core.py
+    python docs/gen_benchmarks.py --saved DIR    # paste outputs recorded earlier (DIR/<script>.txt)
 
 Each script's output goes between `<!-- begin: NAME -->` and `<!-- end: NAME -->`;
 scripts listed in `CHARTS` also get a Mermaid line chart of their first table between
@@ -118,6 +119,12 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--only", nargs="+", default=None, help="script names, e.g. bench_core.py")
+    parser.add_argument(
+        "--saved",
+        type=Path,
+        default=None,
+        help="folder of outputs recorded earlier (<script>.txt, full runs): use them instead of running",
+    )
     args = parser.parse_args()
     page = PAGE.read_text(encoding="utf-8")
     scripts = args.only or sorted(p.name for p in (ROOT / "benchmarks").glob("bench_*.py"))
@@ -126,9 +133,14 @@ def main() -> int:
         if f"<!-- begin: {script} -->" not in page:
             print(f"skip {script}: no markers in {PAGE.name}")
             continue
-        print(f"running {script} ...", flush=True)
-        output = run(script, args.quick)
-        command = f"python benchmarks/{script}{' --quick' if args.quick else ''}"
+        saved = args.saved / f"{script}.txt" if args.saved else None
+        if saved is not None and saved.exists():
+            output = saved.read_text(encoding="utf-8").rstrip()
+            command = f"python benchmarks/{script}"
+        else:
+            print(f"running {script} ...", flush=True)
+            output = run(script, args.quick)
+            command = f"python benchmarks/{script}{' --quick' if args.quick else ''}"
         where = f"{stamp}, Python {platform.python_version()}, {platform.machine()}"
         page = replace(page, script, render(command, where, output))
         spec = CHARTS.get(script)
