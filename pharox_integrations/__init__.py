@@ -3,7 +3,7 @@
 One leasing core (`LeaseBroker`) and thin doors for Scrapy, requests, urllib3 and httpx.
 """
 
-from .broker import LeaseBroker, PoolHealth, ProxyLease
+from .broker import LeaseBroker
 from .errors import (
     AllProxiesFailed,
     ConfigurationError,
@@ -16,6 +16,7 @@ from .errors import (
     UnknownStorage,
 )
 from .health import HealthPolicy, Verdict
+from .lease import PoolHealth, ProxyLease
 from .settings import PharoxSettings, ProxySpec, parse_proxy, parse_proxy_lines
 
 __version__ = "0.1.0"

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import base64
 import heapq
 import logging
 import random
@@ -46,13 +45,12 @@ from pharox import (
 from .errors import ConfigurationError, NoProxyAvailable
 from .filters import ProtocolFilter, with_protocols
 from .health import BENCHED, HealthPolicy, Verdict, strikes_from_records
+from .lease import PoolHealth, ProxyLease, _Endpoint
 from .settings import (
     PharoxSettings,
     ProxySpec,
     SettingsSource,
-    build_proxy_url,
     describe_filters,
-    format_host,
     parse_proxy,
 )
 
@@ -69,115 +67,6 @@ _RACE_RETRIES = 8  # ProxyUnavailableError races retried at once before waiting
 _SESSIONS_MAX = 10_000
 
 
-@dataclass(frozen=True)
-class _Endpoint:
-    """What clients need of a proxy, computed once per proxy id."""
-
-    url: str = field(repr=False)  # with percent-encoded credentials
-    safe_url: str
-    protocol: ProxyProtocol
-    host: str
-    port: int
-    username: str | None
-    password: str | None = field(repr=False)
-
-    @classmethod
-    def of(cls, proxy: Proxy) -> _Endpoint:
-        protocol = ProxyProtocol(proxy.protocol)
-        host = str(proxy.host)
-        user = proxy.credentials.user if proxy.credentials else None
-        password = proxy.credentials.password if proxy.credentials else None
-        return cls(
-            url=build_proxy_url(protocol.value, host, proxy.port, user, password),
-            safe_url=f"{protocol.value}://{format_host(host)}:{proxy.port}",
-            protocol=protocol,
-            host=host,
-            port=proxy.port,
-            username=user,
-            password=password,
-        )
-
-
-class ProxyLease:
-    """One leased proxy for one request.  `repr`/`str` never show credentials."""
-
-    __slots__ = (
-        "_endpoint",
-        "acquired_at",
-        "lease",
-        "pool",
-        "proxy",
-        "released",
-        "reported",
-        "session",
-        "started",
-        "verdict",
-    )
-
-    def __init__(self, lease: Lease, proxy: Proxy, endpoint: _Endpoint, pool: str, session: str | None) -> None:
-        self.lease = lease
-        self.proxy = proxy
-        self._endpoint = endpoint
-        self.pool = pool
-        self.session = session
-        self.acquired_at: datetime = lease.acquired_at
-        self.started = time.monotonic()
-        self.released = False
-        self.reported = False
-        self.verdict: Verdict | None = None
-
-    @property
-    def proxy_id(self) -> UUID:
-        return self.proxy.id
-
-    @property
-    def url(self) -> str:
-        """Proxy URL with percent-encoded credentials, for the client only: never log it."""
-        return self._endpoint.url
-
-    @property
-    def safe_url(self) -> str:
-        """Proxy URL without credentials: safe for logs, stats and `response.meta`."""
-        return self._endpoint.safe_url
-
-    @property
-    def protocol(self) -> ProxyProtocol:
-        return self._endpoint.protocol
-
-    @property
-    def host(self) -> str:
-        return self._endpoint.host
-
-    @property
-    def port(self) -> int:
-        return self._endpoint.port
-
-    @property
-    def username(self) -> str | None:
-        return self._endpoint.username
-
-    @property
-    def password(self) -> str | None:
-        return self._endpoint.password
-
-    @property
-    def proxy_authorization(self) -> str | None:
-        """`Proxy-Authorization` header value for HTTP proxies, or None without credentials."""
-        if self._endpoint.username is None:
-            return None
-        raw = f"{self._endpoint.username}:{self._endpoint.password or ''}".encode()
-        return "Basic " + base64.b64encode(raw).decode("ascii")
-
-    def elapsed_ms(self) -> float:
-        return (time.monotonic() - self.started) * 1000.0
-
-    def __repr__(self) -> str:
-        state = "released" if self.released else "held"
-        return f"<ProxyLease {self.safe_url} pool={self.pool!r} {state}>"
-
-    __str__ = __repr__
-
-
 @dataclass
 class _ProxyState:
     """Per-proxy health memory of this process (bounded: one per proxy)."""
@@ -191,32 +80,6 @@ class _ProxyState:
     benched: bool = False
     revived: bool = False  # came back from a cool-down; first success writes a record
     last_flush: float = 0.0
-
-
-@dataclass(frozen=True)
-class PoolHealth:
-    """A snapshot of one pool for stats pages and log lines."""
-
-    pool: str
-    total: int
-    active: int
-    banned: int
-    inactive: int
-    slow: int
-    leased: int
-    held_here: int
-    requests: int
-    success_rate: float | None
-    median_latency_ms: float | None
-
-    def __str__(self) -> str:
-        rate = "-" if self.success_rate is None else f"{self.success_rate:.0%}"
-        lat = "-" if self.median_latency_ms is None else f"{self.median_latency_ms:.0f} ms"
-        return (
-            f"pool {self.pool!r}: {self.active}/{self.total} active, {self.banned} banned, "
-            f"{self.inactive} inactive, {self.slow} slow, {self.leased} leased; "
-            f"success {rate}, median latency {lat}"
-        )
 
 
 class LeaseBroker:
@@ -1171,3 +1034,6 @@ def _as_broker(obj: Any, path: str | None = None) -> LeaseBroker:
             f"PHAROX_BROKER={shown}: found {type(obj).__name__}; expected a LeaseBroker or a callable returning one"
         )
     return obj
+
+
+__all__ = ["ALL_PROTOCOLS", "HTTP_PROTOCOLS", "LeaseBroker", "PoolHealth", "ProxyLease"]

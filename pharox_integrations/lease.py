@@ -1,0 +1,149 @@
+"""What a door holds while a request is in flight: the leased proxy, its URLs, its secrets kept out of sight."""
+
+from __future__ import annotations
+
+import base64
+import time
+from dataclasses import dataclass, field
+from datetime import datetime
+from uuid import UUID
+
+from pharox import Lease, Proxy, ProxyProtocol
+
+from .health import Verdict
+from .settings import build_proxy_url, format_host
+
+
+@dataclass(frozen=True)
+class _Endpoint:
+    """What clients need of a proxy, computed once per proxy id."""
+
+    url: str = field(repr=False)  # with percent-encoded credentials
+    safe_url: str
+    protocol: ProxyProtocol
+    host: str
+    port: int
+    username: str | None
+    password: str | None = field(repr=False)
+
+    @classmethod
+    def of(cls, proxy: Proxy) -> _Endpoint:
+        protocol = ProxyProtocol(proxy.protocol)
+        host = str(proxy.host)
+        user = proxy.credentials.user if proxy.credentials else None
+        password = proxy.credentials.password if proxy.credentials else None
+        return cls(
+            url=build_proxy_url(protocol.value, host, proxy.port, user, password),
+            safe_url=f"{protocol.value}://{format_host(host)}:{proxy.port}",
+            protocol=protocol,
+            host=host,
+            port=proxy.port,
+            username=user,
+            password=password,
+        )
+
+
+class ProxyLease:
+    """One leased proxy for one request.  `repr`/`str` never show credentials."""
+
+    __slots__ = (
+        "_endpoint",
+        "acquired_at",
+        "lease",
+        "pool",
+        "proxy",
+        "released",
+        "reported",
+        "session",
+        "started",
+        "verdict",
+    )
+
+    def __init__(self, lease: Lease, proxy: Proxy, endpoint: _Endpoint, pool: str, session: str | None) -> None:
+        self.lease = lease
+        self.proxy = proxy
+        self._endpoint = endpoint
+        self.pool = pool
+        self.session = session
+        self.acquired_at: datetime = lease.acquired_at
+        self.started = time.monotonic()
+        self.released = False
+        self.reported = False
+        self.verdict: Verdict | None = None
+
+    @property
+    def proxy_id(self) -> UUID:
+        return self.proxy.id
+
+    @property
+    def url(self) -> str:
+        """Proxy URL with percent-encoded credentials, for the client only: never log it."""
+        return self._endpoint.url
+
+    @property
+    def safe_url(self) -> str:
+        """Proxy URL without credentials: safe for logs, stats and `response.meta`."""
+        return self._endpoint.safe_url
+
+    @property
+    def protocol(self) -> ProxyProtocol:
+        return self._endpoint.protocol
+
+    @property
+    def host(self) -> str:
+        return self._endpoint.host
+
+    @property
+    def port(self) -> int:
+        return self._endpoint.port
+
+    @property
+    def username(self) -> str | None:
+        return self._endpoint.username
+
+    @property
+    def password(self) -> str | None:
+        return self._endpoint.password
+
+    @property
+    def proxy_authorization(self) -> str | None:
+        """`Proxy-Authorization` header value for HTTP proxies, or None without credentials."""
+        if self._endpoint.username is None:
+            return None
+        raw = f"{self._endpoint.username}:{self._endpoint.password or ''}".encode()
+        return "Basic " + base64.b64encode(raw).decode("ascii")
+
+    def elapsed_ms(self) -> float:
+        return (time.monotonic() - self.started) * 1000.0
+
+    def __repr__(self) -> str:
+        state = "released" if self.released else "held"
+        return f"<ProxyLease {self.safe_url} pool={self.pool!r} {state}>"
+
+    __str__ = __repr__
+
+
+@dataclass(frozen=True)
+class PoolHealth:
+    """A snapshot of one pool for stats pages and log lines."""
+
+    pool: str
+    total: int
+    active: int
+    banned: int
+    inactive: int
+    slow: int
+    leased: int
+    held_here: int
+    requests: int
+    success_rate: float | None
+    median_latency_ms: float | None
+
+    def __str__(self) -> str:
+        rate = "-" if self.success_rate is None else f"{self.success_rate:.0%}"
+        lat = "-" if self.median_latency_ms is None else f"{self.median_latency_ms:.0f} ms"
+        return (
+            f"pool {self.pool!r}: {self.active}/{self.total} active, {self.banned} banned, "
+            f"{self.inactive} inactive, {self.slow} slow, {self.leased} leased; "
+            f"success {rate}, median latency {lat}"
+        )
