@@ -7,16 +7,21 @@ Code that holds ``urllib3.ProxyManager("http://proxy:3128")`` switches to
     with PharoxProxyManager(broker, headers={"User-Agent": "shop-bot"}) as http:
         r = http.request("GET", "https://example.com/")
 
-How it is built: each leased proxy gets a *route*, a plain urllib3 `ProxyManager` (or
-`SOCKSProxyManager`) for that one proxy, so urllib3 itself decides forwarding vs CONNECT
-tunnels, HTTPS-to-proxy and SOCKS.  Routes hold no pools of their own: every pool lives
-in this manager's single `pools` LRU, whose keys already carry the proxy, so
+How it is built: each leased proxy gets a *route*, the few facts urllib3's
+`ProxyManager` (or `SOCKSProxyManager`) would derive from that one proxy: which pool
+class, which pool arguments (`_proxy`, `_proxy_headers`, `_socks_options`), and whether
+a target scheme is forwarded or tunnelled.  A request parses its URL once, goes from
+the lease straight to the right urllib3 `HTTPConnectionPool` and calls its `urlopen`
+as `ProxyManager` would; urllib3's pools and connections still do forwarding, CONNECT
+tunnels, HTTPS-to-proxy and SOCKS.  (A nested urllib3 manager per proxy parsed every
+URL four times and rebuilt pool keys on every request: ~80 µs of CPU per request.)
+Every pool lives in this manager's single `pools` LRU, keyed by proxy and target, so
 `num_pools` bounds the pools across all proxies and an evicted pool is closed (a
 response still streaming keeps its connection until it is done).
 
-urllib3 follows redirects by calling `urlopen` again from inside `PoolManager.urlopen`;
-routes send that call back here, so every hop leases, reports and releases its own
-proxy.  A per-thread stack of hops tells a redirect hop from a new request.
+Redirects follow urllib3's `PoolManager` rules (303 turns into GET without a body,
+unsafe headers dropped across hosts, `Retry` counts them), and every hop leases,
+reports and releases its own proxy.
 """
 
 from __future__ import annotations
@@ -27,27 +32,39 @@ import queue
 import ssl
 import threading
 import time
+import warnings
 import weakref
 from collections import OrderedDict
 from collections.abc import Collection, Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import dataclass, field
 from typing import Any, Literal
+from urllib.parse import urljoin
 from uuid import UUID
 
 import urllib3
 from pharox import ProxyFilters, ProxyProtocol
+from urllib3 import HTTPHeaderDict
 from urllib3.connection import ProxyConfig
-from urllib3.connectionpool import HTTPConnectionPool
-from urllib3.exceptions import HTTPError, MaxRetryError, ProxyError, ResponseError, SSLError
-from urllib3.poolmanager import PoolKey
+from urllib3.connectionpool import HTTPConnectionPool, port_by_scheme
+from urllib3.exceptions import (
+    HTTPError,
+    LocationValueError,
+    MaxRetryError,
+    ProxyError,
+    ResponseError,
+    SSLError,
+    URLSchemeUnknown,
+)
+from urllib3.poolmanager import SSL_KEYWORDS
 from urllib3.response import BaseHTTPResponse
 from urllib3.util.retry import Retry
+from urllib3.util.url import Url, parse_url
 
 from .attempts import ProxyAttempts, describe_error, mask_credentials
 from .broker import HTTP_PROTOCOLS, LeaseBroker, ProxyLease
 from .errors import AllProxiesFailed, ConfigurationError, NoProxyAvailable, PharoxIntegrationError
 from .health import Verdict
+from .settings import format_host
 
 __all__ = [
     "AllProxiesFailedError",
@@ -62,7 +79,19 @@ logger = logging.getLogger("pharox_integrations.urllib3")
 
 _SOCKS = frozenset({ProxyProtocol.SOCKS4, ProxyProtocol.SOCKS5})
 _CLOSE_BATCH_SECONDS = 0.05
-_ROUTES_MAX = 1024  # route objects are ~13 µs to build; this only saves rebuilding them
+_ROUTES_MAX = 1024  # routes are cheap (~4 µs); the cache only saves rebuilding them
+# RFC 9110 15.4.4: a 303 turns the request into a GET without a body, so the headers
+# that describe that body go too (the same list as urllib3's PoolManager).
+_BODY_HEADERS = (
+    "Content-Encoding",
+    "Content-Language",
+    "Content-Location",
+    "Content-Type",
+    "Content-Length",
+    "Digest",
+    "Last-Modified",
+    "Transfer-Encoding",
+)
 
 
 # ---------------------------------------------------------------------------- errors
@@ -124,63 +153,76 @@ class AllProxiesFailedError(AllProxiesFailed, MaxRetryError):
 # ---------------------------------------------------------------------------- routes
 
 
-class _HTTPRoute(urllib3.ProxyManager):
-    """urllib3's own ProxyManager for one leased HTTP(S) proxy, pooling into its owner."""
+class _Route:
+    """How to reach targets through one leased proxy: what urllib3's `ProxyManager`
+    (or `SOCKSProxyManager`) would work out for it, worked out once per proxy."""
 
-    def __init__(self, owner: PharoxProxyManager, proxy_url: str, **kw: Any) -> None:
-        super().__init__(proxy_url, num_pools=1, **kw)
-        self.owner = owner
-        self.pool_classes_by_scheme = owner.pool_classes_by_scheme
-        self.key_fn_by_scheme = owner.key_fn_by_scheme
+    __slots__ = ("forward_https", "key", "pool_classes", "pool_kw", "proxy")
 
-    def connection_from_pool_key(self, pool_key: PoolKey, request_context: dict[str, Any]) -> HTTPConnectionPool:
-        return self.owner._shared_pool(self, pool_key, request_context)
+    def __init__(
+        self,
+        key: tuple[Any, ...],
+        proxy: Url | None,
+        pool_kw: dict[str, Any],
+        pool_classes: Mapping[str, type[HTTPConnectionPool]],
+        forward_https: bool = False,
+    ) -> None:
+        self.key = key
+        self.proxy = proxy  # None for SOCKS: the pools connect through it themselves
+        self.pool_kw = pool_kw
+        self.pool_classes = pool_classes
+        self.forward_https = forward_https  # an HTTPS proxy asked to forward HTTPS requests
 
-    def urlopen(self, method: str, url: str, redirect: bool = True, **kw: Any) -> BaseHTTPResponse:  # type: ignore[override]
-        # Reached only by urllib3's redirect recursion: the next hop leases anew.
-        return self.owner.urlopen(method, url, redirect=redirect, **kw)
+    def pool_target(self, scheme: str, host: str, port: int) -> tuple[str, str, int]:
+        """Scheme, host and port of the pool for a target, as `ProxyManager.connection_from_host`
+        picks them: plain HTTP through an HTTP(S) proxy shares the proxy's own pool."""
+        proxy = self.proxy
+        if proxy is not None and scheme != "https":
+            return proxy.scheme or "http", proxy.host or "", proxy.port or 80
+        if scheme not in self.pool_classes:
+            raise URLSchemeUnknown(scheme)
+        return scheme, host, port
 
-    def send(self, method: str, url: str, redirect: bool, **kw: Any) -> BaseHTTPResponse:
-        return super().urlopen(method, url, redirect=redirect, **kw)
+    def forwards(self, scheme: str) -> bool:
+        """True when the proxy gets the absolute URL (no CONNECT tunnel), as in
+        `urllib3.util.proxy.connection_requires_http_tunnel`."""
+        return self.proxy is not None and (scheme == "http" or self.forward_https)
+
+    def new_pool(self, scheme: str, host: str, port: int, overrides: Mapping[str, Any] | None) -> HTTPConnectionPool:
+        """A pool built like `PoolManager._new_pool` builds it from this route's arguments."""
+        kw = dict(self.pool_kw)
+        for name, value in (overrides or {}).items():
+            if value is None:
+                kw.pop(name, None)
+            else:
+                kw[name] = value
+        if kw.get("blocksize") is None:
+            kw.pop("blocksize", None)  # the connection's own default
+        if scheme == "http":
+            for name in SSL_KEYWORDS:
+                kw.pop(name, None)
+        return self.pool_classes[scheme](host, port, **kw)
 
 
-def _socks_route_class() -> type[Any]:
-    """Built on first use so the door imports without PySocks (the `socks` extra)."""
+def _socks_pool_classes() -> Mapping[str, type[HTTPConnectionPool]]:
+    """Imported on first use so the door imports without PySocks (the `socks` extra)."""
     from urllib3.contrib.socks import SOCKSProxyManager
 
-    class _SOCKSRoute(SOCKSProxyManager):
-        def __init__(self, owner: PharoxProxyManager, proxy_url: str, **kw: Any) -> None:
-            super().__init__(proxy_url, num_pools=1, **kw)
-            self.owner = owner
-            self.key_fn_by_scheme = owner.key_fn_by_scheme
-
-        def connection_from_pool_key(self, pool_key: PoolKey, request_context: dict[str, Any]) -> HTTPConnectionPool:
-            return self.owner._shared_pool(self, pool_key, request_context)
-
-        def urlopen(  # type: ignore[override]
-            self, method: str, url: str, redirect: bool = True, **kw: Any
-        ) -> BaseHTTPResponse:
-            return self.owner.urlopen(method, url, redirect=redirect, **kw)
-
-        def send(self, method: str, url: str, redirect: bool, **kw: Any) -> BaseHTTPResponse:
-            response: BaseHTTPResponse = super().urlopen(method, url, redirect=redirect, **kw)
-            return response
-
-    return _SOCKSRoute
+    return SOCKSProxyManager.pool_classes_by_scheme
 
 
-_Route = Any  # _HTTPRoute or the SOCKS route class
+_SOCKS_VERSIONS = {ProxyProtocol.SOCKS4: 1, ProxyProtocol.SOCKS5: 2}  # PySocks' PROXY_TYPE_SOCKS4 / 5
 
 
-@dataclass
 class _Hop:
     """One proxy carrying one hop of a request on this thread."""
 
-    lease: ProxyLease
-    route: _Route
-    explicit: bool = False  # from `leased()`: not part of a redirect chain
-    handed_off: bool = False  # urllib3 went on to the next redirect hop
-    pools: list[HTTPConnectionPool] = field(default_factory=list)  # in use until the hop ends
+    __slots__ = ("lease", "pools", "route")
+
+    def __init__(self, lease: ProxyLease, route: _Route) -> None:
+        self.lease = lease
+        self.route = route
+        self.pools: list[HTTPConnectionPool] = []  # in use until the hop ends
 
 
 class _LeaseOnResponse:
@@ -368,20 +410,25 @@ class PharoxProxyManager(urllib3.ProxyManager):
         self, method: str, url: str, redirect: bool = True, **kw: Any
     ) -> BaseHTTPResponse:
         """`urllib3.ProxyManager.urlopen` through a leased proxy (``url`` must be absolute)."""
-        stack = self._stack()
-        if stack and not stack[-1].explicit and not stack[-1].handed_off:
-            self._finish_redirected(stack[-1], kw.get("retries"))
+        target = parse_url(url)
+        if target.scheme is None:
+            warnings.warn(
+                "URLs without a scheme are deprecated in urllib3 and will raise an error in urllib3 v3.0; "
+                "start the URL with 'http://' or 'https://'",
+                FutureWarning,
+                stacklevel=2,
+            )
         kw.setdefault("headers", self.headers)
+        stack = self._stack()
         attempts = ProxyAttempts(self.broker, self.proxy_retries)
         while True:
             lease = self._acquire(url, attempts.tried)
             hop = _Hop(lease, self._route(lease))
             stack.append(hop)
             try:
-                response: BaseHTTPResponse = hop.route.send(method, url, redirect, **kw)
+                pool, response = self._send(hop, method, url, target, kw)
+                follow = self._redirect(pool, method, url, response, kw) if redirect else None
             except Exception as exc:
-                if hop.handed_off:
-                    raise  # a later hop failed; it was judged there
                 try:
                     verdict = attempts.judge(lease, error=exc, verdict=_verdict_for(exc))
                 finally:
@@ -399,8 +446,14 @@ class PharoxProxyManager(urllib3.ProxyManager):
             finally:
                 stack.pop()
                 self._done_with(hop)
-            if hop.handed_off:
-                return response  # the last hop's response, already bound to its lease
+            if follow is not None:
+                # urllib3 drained the redirect; this hop is done and the next one leases anew.
+                try:
+                    self.broker.report(lease, status_code=response.status)
+                finally:
+                    self._release(lease)
+                next_method, location, next_kw = follow
+                return self.urlopen(next_method, location, redirect=redirect, **next_kw)
             try:
                 verdict = attempts.judge(lease, status_code=response.status, response=response)
             except BaseException:  # the storage failed us: do not strand the lease or the connection
@@ -431,8 +484,13 @@ class PharoxProxyManager(urllib3.ProxyManager):
         pool_kwargs: dict[str, Any] | None = None,
     ) -> HTTPConnectionPool:
         """The pool for `host` through the proxy leased on this thread (see `leased()`)."""
-        pool: HTTPConnectionPool = self._current_route().connection_from_host(host, port, scheme, pool_kwargs)
-        return pool
+        hop = self._current_hop()
+        if not host:
+            raise LocationValueError("No host specified.")
+        scheme = (scheme or "http").lower()
+        if port is None:
+            port = port_by_scheme.get(scheme, 80)
+        return self._pool(hop, scheme, host.lower(), port, pool_kwargs)
 
     def connection_from_context(self, request_context: dict[str, Any]) -> HTTPConnectionPool:
         """Like `connection_from_host`, from urllib3's request-context dict."""
@@ -468,7 +526,7 @@ class PharoxProxyManager(urllib3.ProxyManager):
         exit (an escaping exception is reported against the proxy first).
         """
         lease = self._acquire(url)
-        hop = _Hop(lease, self._route(lease), explicit=True)
+        hop = _Hop(lease, self._route(lease))
         stack = self._stack()
         stack.append(hop)
         try:
@@ -505,14 +563,14 @@ class PharoxProxyManager(urllib3.ProxyManager):
             stack = self._local.hops = []
         return stack
 
-    def _current_route(self) -> _Route:
+    def _current_hop(self) -> _Hop:
         stack = self._stack()
         if not stack:
             raise ProxyNotLeasedError(
                 "no proxy is leased on this thread: use request()/urlopen(), or call "
                 "connection_from_* inside `with manager.leased():`"
             )
-        return stack[-1].route
+        return stack[-1]
 
     def _acquire(self, url: str | None, avoid: Collection[UUID] = ()) -> ProxyLease:
         try:
@@ -545,19 +603,70 @@ class PharoxProxyManager(urllib3.ProxyManager):
                 return
         self.broker.release(lease)
 
-    def _finish_redirected(self, hop: _Hop, retries: Any) -> None:
-        """urllib3 drained this hop's redirect response and moves on: report and release."""
-        hop.handed_off = True
-        status = None
-        if isinstance(retries, Retry) and retries.history:
-            status = retries.history[-1].status
+    def _send(
+        self, hop: _Hop, method: str, url: str, target: Url, kw: dict[str, Any]
+    ) -> tuple[HTTPConnectionPool, BaseHTTPResponse]:
+        """One hop, sent as `ProxyManager.urlopen` sends it, redirects left to `_redirect`."""
+        scheme = target.scheme or "http"
+        if not target.host:
+            raise LocationValueError("No host specified.")
+        pool = self._pool(hop, scheme, target.host, target.port or port_by_scheme.get(scheme, 80), None)
+        send = dict(kw)
+        send["assert_same_host"] = False
+        send["redirect"] = False
+        if not hop.route.forwards(scheme):
+            return pool, pool.urlopen(method, target.request_uri, **send)
+        # The proxy gets the absolute URL (the pool drops any fragment) with the headers
+        # `ProxyManager._set_proxy_headers` adds; the pool adds the proxy's own headers.
+        headers = {"Accept": "*/*"}
+        if target.netloc:
+            headers["Host"] = target.netloc
+        headers.update(kw["headers"])
+        send["headers"] = headers
+        return pool, pool.urlopen(method, url, **send)
+
+    def _redirect(
+        self, pool: HTTPConnectionPool, method: str, url: str, response: BaseHTTPResponse, kw: dict[str, Any]
+    ) -> tuple[str, str, dict[str, Any]] | None:
+        """Where urllib3's `PoolManager.urlopen` would go next: (method, URL, arguments), or
+        None to return `response` (not a redirect, or redirects exhausted without raising)."""
+        location = response.get_redirect_location()
+        if not location:
+            return None
+        location = urljoin(url, location)
+        kw = dict(kw)
+        if response.status == 303:
+            method = "GET"
+            kw["body"] = None
+            kw["chunked"] = False
+            kw["body_pos"] = None
+            headers = HTTPHeaderDict(kw["headers"])
+            for name in _BODY_HEADERS:
+                headers.discard(name)
+            kw["headers"] = headers
+        retries = kw.get("retries", response.retries)
+        if not isinstance(retries, Retry):
+            retries = Retry.from_int(retries, redirect=True)
+        if retries.remove_headers_on_redirect and not pool.is_same_host(location):
+            unsafe = retries.remove_headers_on_redirect
+            kept = kw["headers"].copy()
+            for name in kw["headers"]:
+                if name.lower() in unsafe:
+                    kept.pop(name, None)
+            kw["headers"] = kept
         try:
-            self.broker.report(hop.lease, status_code=status)
-        finally:
-            self._release(hop.lease)
+            retries = retries.increment(method, url, response=response, _pool=pool)
+        except MaxRetryError:
+            if retries.raise_on_redirect:
+                response.drain_conn()
+                raise
+            return None
+        kw["retries"] = retries
+        response.drain_conn()
+        return method, location, kw
 
     def _route(self, lease: ProxyLease) -> _Route:
-        """The (cached) urllib3 manager that speaks to this proxy."""
+        """The (cached) route through this proxy."""
         key = (lease.proxy_id, lease.url)
         with self._lock:
             route = self._routes.get(key)
@@ -566,43 +675,62 @@ class PharoxProxyManager(urllib3.ProxyManager):
                 return route
         kw = dict(self.connection_pool_kw)
         if lease.protocol in _SOCKS:
-            route = _socks_route_class()(
-                self, lease.safe_url, username=lease.username, password=lease.password, headers=self.headers, **kw
-            )
+            kw["_socks_options"] = {
+                "socks_version": _SOCKS_VERSIONS[lease.protocol],
+                "proxy_host": lease.host,
+                "proxy_port": lease.port,
+                "username": lease.username,
+                "password": lease.password,
+                "rdns": False,
+            }
+            route = _Route(key, None, kw, _socks_pool_classes())
         else:
+            scheme = lease.protocol.value
+            host = format_host(lease.host)
+            # What parse_url makes of the proxy URL, without parsing one per proxy.
+            proxy = Url(scheme, host=host.lower(), port=lease.port) if host.isascii() else parse_url(lease.safe_url)
             proxy_headers = dict(self.proxy_headers)
             if lease.proxy_authorization is not None:
                 proxy_headers["Proxy-Authorization"] = lease.proxy_authorization
-            route = _HTTPRoute(
-                self,
-                lease.safe_url,
-                headers=self.headers,
-                proxy_headers=proxy_headers,
-                proxy_ssl_context=self._proxy_options.ssl_context,
-                use_forwarding_for_https=self._proxy_options.use_forwarding_for_https,
-                proxy_assert_hostname=self._proxy_options.assert_hostname,
-                proxy_assert_fingerprint=self._proxy_options.assert_fingerprint,
-                **kw,
-            )
+            forward_https = scheme == "https" and self._proxy_options.use_forwarding_for_https
+            if forward_https and kw.get("ssl_context") is not None:
+                warnings.warn(
+                    "ssl_context with use_forwarding_for_https=True is deprecated in urllib3 and will raise "
+                    "an error in urllib3 v3.0; use proxy_ssl_context for the TLS connection to the proxy",
+                    FutureWarning,
+                    stacklevel=4,
+                )
+            kw["_proxy"] = proxy
+            kw["_proxy_headers"] = proxy_headers
+            kw["_proxy_config"] = self.proxy_config
+            route = _Route(key, proxy, kw, self.pool_classes_by_scheme, forward_https)
         with self._lock:
             self._routes[key] = route
             while len(self._routes) > _ROUTES_MAX:
                 self._routes.popitem(last=False)
         return route
 
-    def _shared_pool(self, route: _Route, pool_key: PoolKey, request_context: dict[str, Any]) -> HTTPConnectionPool:
-        """Get or make a route's pool in the one LRU shared by every proxy."""
-        stack = self._stack()
+    def _pool(
+        self, hop: _Hop, scheme: str, host: str, port: int, pool_kwargs: Mapping[str, Any] | None
+    ) -> HTTPConnectionPool:
+        """Get or make the hop's pool for a target in the one LRU shared by every proxy.
+
+        Keyed by proxy and pool target: a route's pool arguments are fixed, so urllib3's
+        full pool key would only cost a normalisation per request.  Pools asked for
+        with extra `pool_kwargs` are keyed by those too.
+        """
+        route = hop.route
+        pool_scheme, pool_host, pool_port = route.pool_target(scheme, host, port)
+        key: Any = (route.key, pool_scheme, pool_host, pool_port)
+        if pool_kwargs:
+            key += (repr(sorted(pool_kwargs.items())),)
         with self.pools.lock:  # also serialises eviction (`_dispose`) and the in-use counts
-            pool = self.pools.get(pool_key)
+            pool = self.pools.get(key)
             if pool is None:
-                pool = route._new_pool(
-                    request_context["scheme"], request_context["host"], request_context["port"], request_context
-                )
-                self.pools[pool_key] = pool
-            if stack:
-                self._in_use[pool] = self._in_use.get(pool, 0) + 1
-                stack[-1].pools.append(pool)
+                pool = route.new_pool(pool_scheme, pool_host, pool_port, pool_kwargs)
+                self.pools[key] = pool
+            self._in_use[pool] = self._in_use.get(pool, 0) + 1
+            hop.pools.append(pool)
         return pool
 
     def _dispose(self, pool: HTTPConnectionPool) -> None:
