@@ -5,11 +5,16 @@ rows go through `pharox.ProxyManager` exactly as pharox users do (ensure_consume
 cleanup, find, create, stats, release, stats); the "acquire_lease" rows use
 SqlStorage's one-transaction extension that the core prefers.  Every proxy has
 `max_concurrency=1` and the selector is ROUND_ROBIN.  Each cell is one time-boxed run;
-"p50 ms" is the median time of one lease, over-leases are counted in process
-(a proxy handed to a second thread while held) and checked in the database afterwards.
+"p50 ms" is the median time of one lease, "cpu ms" the client processes' CPU per lease;
+over-leases are counted in process (a proxy handed to a second thread while held) and
+checked in the database afterwards (a counter left above zero).
 
-    python benchmarks/bench_sql.py            # full run (~4 minutes)
-    python benchmarks/bench_sql.py --quick    # ~1.5 minutes
+A fleet is many processes, and one Python process is bound by its GIL, so the
+"/ procs" rows spread the same 1, 4 and 16 workers over up to 4 processes (16 = 4
+processes x 4 threads), each with its own storage object on the same database.
+
+    python benchmarks/bench_sql.py            # full run (~6 minutes)
+    python benchmarks/bench_sql.py --quick    # ~2.5 minutes
 
 Each run works in throw-away schemas/databases, dropped at the end.  Never a test.
 """
@@ -17,6 +22,7 @@ Each run works in throw-away schemas/databases, dropped at the end.  Never a tes
 from __future__ import annotations
 
 import argparse
+import multiprocessing
 import os
 import statistics
 import sys
@@ -161,6 +167,60 @@ def run_cell(storage: IStorage, workers: int, seconds: float, one_txn: bool) -> 
     return cell
 
 
+MAX_PROCS = 4
+
+
+def _open_for_child(kind: str, url: str) -> tuple[IStorage, Callable[[], None]]:
+    if kind == "pharox":
+        from pharox.storage.postgres import PostgresStorage
+
+        engine = sa.create_engine(url, pool_size=20, max_overflow=20)
+        return PostgresStorage(engine), engine.dispose
+    storage = SqlStorage(url, pool_size=20)
+    return storage, storage.close
+
+
+def _child(kind: str, url: str, threads: int, seconds: float, one_txn: bool, ready: Any, out: Any) -> None:
+    """One process of a multi-process cell: its own storage, `threads` workers."""
+    storage, close = _open_for_child(kind, url)
+    try:
+        storage.get_pool_stats(POOL)  # connect and warm the caches before the clock starts
+        ready.wait()
+        cell = run_cell(storage, threads, seconds, one_txn)
+        out.put((cell.leases, cell.empty, cell.races, cell.errors, cell.over, cell.seconds, cell.cpu, cell.samples))
+    finally:
+        close()
+
+
+def run_cell_procs(kind: str, url: str, workers: int, seconds: float, one_txn: bool) -> Cell:
+    """`workers` threads spread over up to MAX_PROCS processes sharing one database."""
+    procs = min(workers, MAX_PROCS)
+    ctx = multiprocessing.get_context("spawn")
+    ready = ctx.Barrier(procs + 1)
+    out = ctx.Queue()
+    children = [
+        ctx.Process(target=_child, args=(kind, url, workers // procs, seconds, one_txn, ready, out))
+        for _ in range(procs)
+    ]
+    for child in children:
+        child.start()
+    ready.wait(timeout=120)
+    cell = Cell()
+    for _ in children:
+        leases, empty, races, errors, over, secs, cpu, samples = out.get(timeout=seconds + 120)
+        cell.leases += leases
+        cell.empty += empty
+        cell.races += races
+        cell.errors += errors
+        cell.over += over
+        cell.seconds = max(cell.seconds, secs)
+        cell.cpu += cpu
+        cell.samples.extend(samples)
+    for child in children:
+        child.join(timeout=30)
+    return cell
+
+
 def seed(storage: IStorage, size: int) -> ProxyPool:
     pool = ProxyPool(name=POOL)
     storage.save_pool(pool)
@@ -236,7 +296,7 @@ def sql_storage(kind: str, size: int) -> Iterator[tuple[SqlStorage, str]]:
         storage = SqlStorage(url, pool_size=20)
         seed(storage, size)
         try:
-            yield storage, "pxi_proxies"
+            yield storage, "pxi_proxies", url
         finally:
             storage.close()
 
@@ -252,7 +312,7 @@ def pharox_storage(size: int) -> Iterator[tuple[IStorage, str]]:
         storage = PostgresStorage(engine)
         seed(storage, size)
         try:
-            yield storage, "proxy"
+            yield storage, "proxy", url
         finally:
             engine.dispose()
 
@@ -326,22 +386,30 @@ def main() -> None:
         f"load average at start {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs\n"
     )
     print(HEADER)
-    plans: list[tuple[str, Callable[[int], Any], bool]] = [
-        ("pharox PostgresStorage", pharox_storage, False),
-        ("SqlStorage pg / manager", lambda n: sql_storage("postgres", n), False),
-        ("SqlStorage pg / acquire_lease", lambda n: sql_storage("postgres", n), True),
-        ("SqlStorage sqlite / manager", lambda n: sql_storage("sqlite", n), False),
-        ("SqlStorage sqlite / acq_lease", lambda n: sql_storage("sqlite", n), True),
-        ("SqlStorage mariadb / manager", lambda n: sql_storage("mysql", n), False),
-        ("SqlStorage mariadb / acq_lease", lambda n: sql_storage("mysql", n), True),
+    # (label, storage kind, opener, one transaction, workers spread over processes)
+    plans: list[tuple[str, str, Callable[[int], Any], bool, bool]] = [
+        ("pharox PostgresStorage", "pharox", pharox_storage, False, False),
+        ("pharox PostgresStorage / procs", "pharox", pharox_storage, False, True),
+        ("SqlStorage pg / manager", "postgres", lambda n: sql_storage("postgres", n), False, False),
+        ("SqlStorage pg / acquire_lease", "postgres", lambda n: sql_storage("postgres", n), True, False),
+        ("SqlStorage pg / acq_lease/procs", "postgres", lambda n: sql_storage("postgres", n), True, True),
+        ("SqlStorage sqlite / manager", "sqlite", lambda n: sql_storage("sqlite", n), False, False),
+        ("SqlStorage sqlite / acq_lease", "sqlite", lambda n: sql_storage("sqlite", n), True, False),
+        ("SqlStorage sqlite / acq/procs", "sqlite", lambda n: sql_storage("sqlite", n), True, True),
+        ("SqlStorage mariadb / manager", "mysql", lambda n: sql_storage("mysql", n), False, False),
+        ("SqlStorage mariadb / acq_lease", "mysql", lambda n: sql_storage("mysql", n), True, False),
     ]
-    for label, opener, one_txn in plans:
+    rates: dict[tuple[str, int, int], float] = {}
+    for label, kind, opener, one_txn, procs in plans:
         if args.only not in label or args.skip_table:
             continue
         for size in sizes:
-            with opener(size) as (storage, table):
+            with opener(size) as (storage, table, url):
                 for workers in workers_list:
-                    cell = run_cell(storage, workers, seconds, one_txn)
+                    if procs:
+                        cell = run_cell_procs(kind, url, workers, seconds, one_txn)
+                    else:
+                        cell = run_cell(storage, workers, seconds, one_txn)
                     if isinstance(storage, SqlStorage):
                         storage.cleanup_expired_leases(force=True)
                         engine = storage.engine
@@ -349,6 +417,16 @@ def main() -> None:
                         engine = storage._engine
                     cell.over += db_over_leased(engine, table)
                     print(fmt(label, size, workers, cell), flush=True)
+                    rates[(label, size, workers)] = cell.rate
+
+    for size in sizes:
+        for ours, theirs, how in (
+            ("SqlStorage pg / acquire_lease", "pharox PostgresStorage", "threads in one process"),
+            ("SqlStorage pg / acq_lease/procs", "pharox PostgresStorage / procs", f"over {MAX_PROCS} processes"),
+        ):
+            a, b = rates.get((ours, size, 16)), rates.get((theirs, size, 16))
+            if a and b:
+                print(f"pool {size:>6}, 16 workers {how}: SqlStorage acquire_lease = {a / b:.1f}x pharox")
 
     if args.skip_history:
         return
@@ -382,7 +460,7 @@ def history(seconds: float, only: str, reps: int) -> None:
         with ExitStack() as stack:
             stores = []
             for rows in steps:
-                storage, _table = stack.enter_context(opener(10))
+                storage, _table, _url = stack.enter_context(opener(10))
                 if rows:
                     add_history(storage, rows, family == "pharox")
                 stores.append(storage)

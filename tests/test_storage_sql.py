@@ -203,6 +203,32 @@ def test_filters_sql_and_python(storage: SqlStorage) -> None:
     assert found is not None and found.id == socks.id
 
 
+
+def test_acquire_lease_with_protocols_the_common_door_filter(storage: SqlStorage) -> None:
+    """Every door leases with a protocol filter: the cached one-statement form must
+    honour it (PostgreSQL runs it on psycopg directly), for each protocol set."""
+    pool = _pool(storage)
+    http, socks = (
+        Proxy(host="127.0.0.1", port=1, protocol=ProxyProtocol.HTTP, pool_id=pool.id,
+              status=ProxyStatus.ACTIVE, max_concurrency=1),
+        Proxy(host="127.0.0.2", port=2, protocol=ProxyProtocol.SOCKS5, pool_id=pool.id,
+              status=ProxyStatus.ACTIVE, max_concurrency=1),
+    )
+    storage.add_proxies_bulk([http, socks])
+    rr = SelectorStrategy.ROUND_ROBIN
+    web = with_protocols(None, ["http", "https"])
+    lease = storage.acquire_lease("shop", "c", 60, web, rr)
+    assert lease is not None and lease.proxy_id == http.id
+    assert storage.acquire_lease("shop", "c", 60, web, rr) is None  # the socks5 one never
+    socks_lease = storage.acquire_lease("shop", "c", 60, with_protocols(None, ["socks5"]), rr)
+    assert socks_lease is not None and socks_lease.proxy_id == socks.id
+    storage.release_lease(lease)
+    again = storage.acquire_lease("shop", "c", 60, web, rr)
+    assert again is not None and again.proxy_id == http.id
+    for held in (again, socks_lease):
+        storage.release_lease(held)
+    assert storage.count_active_leases("shop") == 0
+
 def test_pool_stats_cached_but_exact_for_own_leases(storage: SqlStorage) -> None:
     pool = _pool(storage)
     items = _proxies(storage, pool, 3)

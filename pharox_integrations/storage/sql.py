@@ -515,10 +515,11 @@ class _PgDirect:
         entry = self._compiled.get(id(stmt))
         if entry is None:
             compiled = stmt.compile(dialect=self._dialect)
-            constants = {
-                name: bind.effective_value for bind, name in compiled.bind_names.items() if not name.startswith("b_")
-            }
-            entry = (stmt, str(compiled), constants, None)
+            sql = str(compiled)
+            if "POSTCOMPILE" in sql:
+                raise TypeError("a statement for the direct path must not need SQLAlchemy's post-compilation")
+            constants = {name: value for name, value in compiled.params.items() if not name.startswith("b_")}
+            entry = (stmt, sql, constants, None)
             self._compiled[id(stmt)] = entry
         return entry
 
@@ -1039,7 +1040,9 @@ class SqlStorage(IStorage):
         if filters.predicate is not None:
             if isinstance(filters.predicate, ProtocolFilter):
                 allowed = sorted(p.value for p in filters.predicate.protocols)
-                clauses.append(c.protocol.in_(allowed))
+                # Literal elements, not an "expanding" list: the SQL is then final at
+                # compile time, which the direct PostgreSQL path needs.
+                clauses.append(c.protocol.in_([sa.literal(p) for p in allowed]))
             else:
                 exact = False
         for child in filters.all_of or ():
