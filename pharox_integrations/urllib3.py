@@ -7,14 +7,14 @@ Code that holds ``urllib3.ProxyManager("http://proxy:3128")`` switches to
     with PharoxProxyManager(broker, headers={"User-Agent": "shop-bot"}) as http:
         r = http.request("GET", "https://example.com/")
 
-How it is built: each leased proxy gets a *route*, the few facts urllib3's
-`ProxyManager` (or `SOCKSProxyManager`) would derive from that one proxy: which pool
-class, which pool arguments (`_proxy`, `_proxy_headers`, `_socks_options`), and whether
-a target scheme is forwarded or tunnelled.  A request parses its URL once, goes from
-the lease straight to the right urllib3 `HTTPConnectionPool` and calls its `urlopen`
-as `ProxyManager` would; urllib3's pools and connections still do forwarding, CONNECT
-tunnels, HTTPS-to-proxy and SOCKS.  (A nested urllib3 manager per proxy parsed every
-URL four times and rebuilt pool keys on every request: ~80 µs of CPU per request.)
+How it is built: a request parses its URL once, goes from the leased proxy straight
+to the right urllib3 `HTTPConnectionPool` and calls its `urlopen` as urllib3's
+`ProxyManager` would (absolute URL and `Host` for forwarding, the path for CONNECT
+tunnels and SOCKS).  A pool gets the arguments `ProxyManager` / `SOCKSProxyManager`
+would give it for that one proxy (`_proxy`, `_proxy_headers`, `_socks_options`), so
+urllib3's pools and connections still do forwarding, tunnels, HTTPS-to-proxy and SOCKS.
+(A nested urllib3 `ProxyManager` per proxy parsed each URL four times and rebuilt a
+pool key per request: ~90 µs more CPU per request than this at 10 proxies.)
 Every pool lives in this manager's single `pools` LRU, keyed by proxy and target, so
 `num_pools` bounds the pools across all proxies and an evicted pool is closed (a
 response still streaming keeps its connection until it is done).
@@ -34,7 +34,6 @@ import threading
 import time
 import warnings
 import weakref
-from collections import OrderedDict
 from collections.abc import Collection, Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any, Literal
@@ -79,7 +78,6 @@ logger = logging.getLogger("pharox_integrations.urllib3")
 
 _SOCKS = frozenset({ProxyProtocol.SOCKS4, ProxyProtocol.SOCKS5})
 _CLOSE_BATCH_SECONDS = 0.05
-_ROUTES_MAX = 1024  # routes are cheap (~4 µs); the cache only saves rebuilding them
 # RFC 9110 15.4.4: a 303 turns the request into a GET without a body, so the headers
 # that describe that body go too (the same list as urllib3's PoolManager).
 _BODY_HEADERS = (
@@ -150,58 +148,7 @@ class AllProxiesFailedError(AllProxiesFailed, MaxRetryError):
         return (type(self), (self.attempts, None, self.url, self.reason))
 
 
-# ---------------------------------------------------------------------------- routes
-
-
-class _Route:
-    """How to reach targets through one leased proxy: what urllib3's `ProxyManager`
-    (or `SOCKSProxyManager`) would work out for it, worked out once per proxy."""
-
-    __slots__ = ("forward_https", "key", "pool_classes", "pool_kw", "proxy")
-
-    def __init__(
-        self,
-        key: tuple[Any, ...],
-        proxy: Url | None,
-        pool_kw: dict[str, Any],
-        pool_classes: Mapping[str, type[HTTPConnectionPool]],
-        forward_https: bool = False,
-    ) -> None:
-        self.key = key
-        self.proxy = proxy  # None for SOCKS: the pools connect through it themselves
-        self.pool_kw = pool_kw
-        self.pool_classes = pool_classes
-        self.forward_https = forward_https  # an HTTPS proxy asked to forward HTTPS requests
-
-    def pool_target(self, scheme: str, host: str, port: int) -> tuple[str, str, int]:
-        """Scheme, host and port of the pool for a target, as `ProxyManager.connection_from_host`
-        picks them: plain HTTP through an HTTP(S) proxy shares the proxy's own pool."""
-        proxy = self.proxy
-        if proxy is not None and scheme != "https":
-            return proxy.scheme or "http", proxy.host or "", proxy.port or 80
-        if scheme not in self.pool_classes:
-            raise URLSchemeUnknown(scheme)
-        return scheme, host, port
-
-    def forwards(self, scheme: str) -> bool:
-        """True when the proxy gets the absolute URL (no CONNECT tunnel), as in
-        `urllib3.util.proxy.connection_requires_http_tunnel`."""
-        return self.proxy is not None and (scheme == "http" or self.forward_https)
-
-    def new_pool(self, scheme: str, host: str, port: int, overrides: Mapping[str, Any] | None) -> HTTPConnectionPool:
-        """A pool built like `PoolManager._new_pool` builds it from this route's arguments."""
-        kw = dict(self.pool_kw)
-        for name, value in (overrides or {}).items():
-            if value is None:
-                kw.pop(name, None)
-            else:
-                kw[name] = value
-        if kw.get("blocksize") is None:
-            kw.pop("blocksize", None)  # the connection's own default
-        if scheme == "http":
-            for name in SSL_KEYWORDS:
-                kw.pop(name, None)
-        return self.pool_classes[scheme](host, port, **kw)
+# ---------------------------------------------------------------------------- hops
 
 
 def _socks_pool_classes() -> Mapping[str, type[HTTPConnectionPool]]:
@@ -217,11 +164,10 @@ _SOCKS_VERSIONS = {ProxyProtocol.SOCKS4: 1, ProxyProtocol.SOCKS5: 2}  # PySocks'
 class _Hop:
     """One proxy carrying one hop of a request on this thread."""
 
-    __slots__ = ("lease", "pools", "route")
+    __slots__ = ("lease", "pools")
 
-    def __init__(self, lease: ProxyLease, route: _Route) -> None:
+    def __init__(self, lease: ProxyLease) -> None:
         self.lease = lease
-        self.route = route
         self.pools: list[HTTPConnectionPool] = []  # in use until the hop ends
 
 
@@ -375,7 +321,7 @@ class PharoxProxyManager(urllib3.ProxyManager):
         if proxy_retries < 0:
             raise ConfigurationError(f"proxy_retries={proxy_retries!r}: expected an integer >= 0")
         # Not ProxyManager.__init__: it wants one fixed proxy URL.  The per-proxy
-        # settings it would store are kept here and handed to each route.
+        # settings it would store are kept here and given to each proxy's pools.
         urllib3.PoolManager.__init__(self, num_pools, headers, **connection_pool_kw)
         # Evicted pools are closed, but never under a request still using them (a
         # pool closed between `connection_from_*` and getting a connection raises
@@ -399,7 +345,6 @@ class PharoxProxyManager(urllib3.ProxyManager):
         # None (no restriction) rather than ALL_PROTOCOLS keeps the storages' fast path.
         self.protocols = None if self._socks else HTTP_PROTOCOLS
         self._lock = threading.Lock()
-        self._routes: OrderedDict[tuple[Any, ...], _Route] = OrderedDict()
         self._held: dict[UUID, ProxyLease] = {}  # every lease this manager holds
         self._streams: dict[UUID, ProxyLease] = {}  # those held by a response's body
         self._local = threading.local()
@@ -423,7 +368,7 @@ class PharoxProxyManager(urllib3.ProxyManager):
         attempts = ProxyAttempts(self.broker, self.proxy_retries)
         while True:
             lease = self._acquire(url, attempts.tried)
-            hop = _Hop(lease, self._route(lease))
+            hop = _Hop(lease)
             stack.append(hop)
             try:
                 pool, response = self._send(hop, method, url, target, kw)
@@ -510,7 +455,6 @@ class PharoxProxyManager(urllib3.ProxyManager):
             finally:
                 self._close_inline = False
         with self._lock:
-            self._routes.clear()
             streams = list(self._streams.values())
         for lease in streams:  # requests in flight release their own leases
             self._release(lease)
@@ -526,7 +470,7 @@ class PharoxProxyManager(urllib3.ProxyManager):
         exit (an escaping exception is reported against the proxy first).
         """
         lease = self._acquire(url)
-        hop = _Hop(lease, self._route(lease))
+        hop = _Hop(lease)
         stack = self._stack()
         stack.append(hop)
         try:
@@ -614,7 +558,7 @@ class PharoxProxyManager(urllib3.ProxyManager):
         send = dict(kw)
         send["assert_same_host"] = False
         send["redirect"] = False
-        if not hop.route.forwards(scheme):
+        if not self._forwards(hop.lease, scheme):
             return pool, pool.urlopen(method, target.request_uri, **send)
         # The proxy gets the absolute URL (the pool drops any fragment) with the headers
         # `ProxyManager._set_proxy_headers` adds; the pool adds the proxy's own headers.
@@ -624,6 +568,14 @@ class PharoxProxyManager(urllib3.ProxyManager):
         headers.update(kw["headers"])
         send["headers"] = headers
         return pool, pool.urlopen(method, url, **send)
+
+    def _forwards(self, lease: ProxyLease, scheme: str) -> bool:
+        """True when the proxy gets the absolute URL rather than a CONNECT tunnel (as
+        `urllib3.util.proxy.connection_requires_http_tunnel` decides; never for SOCKS)."""
+        protocol = lease.protocol
+        if protocol in _SOCKS:
+            return False
+        return scheme == "http" or (protocol is ProxyProtocol.HTTPS and self._proxy_options.use_forwarding_for_https)
 
     def _redirect(
         self, pool: HTTPConnectionPool, method: str, url: str, response: BaseHTTPResponse, kw: dict[str, Any]
@@ -665,16 +617,44 @@ class PharoxProxyManager(urllib3.ProxyManager):
         response.drain_conn()
         return method, location, kw
 
-    def _route(self, lease: ProxyLease) -> _Route:
-        """The (cached) route through this proxy."""
-        key = (lease.proxy_id, lease.url)
-        with self._lock:
-            route = self._routes.get(key)
-            if route is not None:
-                self._routes.move_to_end(key)
-                return route
+    def _pool(
+        self, hop: _Hop, scheme: str, host: str, port: int, pool_kwargs: Mapping[str, Any] | None
+    ) -> HTTPConnectionPool:
+        """Get or make the hop's pool for a target in the one LRU shared by every proxy.
+
+        Pools are picked as `ProxyManager.connection_from_host` picks them (plain HTTP
+        through an HTTP(S) proxy shares the proxy's own pool) but keyed by proxy and
+        target only: a proxy's pool arguments are fixed, so urllib3's full pool key
+        would cost a normalisation per request for nothing.  Pools asked for with
+        extra `pool_kwargs` are keyed by those too.
+        """
+        lease = hop.lease
+        socks = lease.protocol in _SOCKS
+        if scheme not in ("http", "https"):
+            raise URLSchemeUnknown(scheme)
+        key: Any = (
+            (lease.proxy_id, lease.url)
+            if not socks and scheme == "http"
+            else (lease.proxy_id, lease.url, scheme, host, port)
+        )
+        if pool_kwargs:
+            key += (repr(sorted(pool_kwargs.items())),)
+        with self.pools.lock:  # also serialises eviction (`_dispose`) and the in-use counts
+            pool = self.pools.get(key)
+            if pool is None:
+                pool = self._new_proxy_pool(lease, socks, scheme, host, port, pool_kwargs)
+                self.pools[key] = pool
+            self._in_use[pool] = self._in_use.get(pool, 0) + 1
+            hop.pools.append(pool)
+        return pool
+
+    def _new_proxy_pool(
+        self, lease: ProxyLease, socks: bool, scheme: str, host: str, port: int, overrides: Mapping[str, Any] | None
+    ) -> HTTPConnectionPool:
+        """A pool through `lease`'s proxy, with the arguments `ProxyManager` (or
+        `SOCKSProxyManager`) would give it, built as `PoolManager._new_pool` builds it."""
         kw = dict(self.connection_pool_kw)
-        if lease.protocol in _SOCKS:
+        if socks:
             kw["_socks_options"] = {
                 "socks_version": _SOCKS_VERSIONS[lease.protocol],
                 "proxy_host": lease.host,
@@ -683,55 +663,42 @@ class PharoxProxyManager(urllib3.ProxyManager):
                 "password": lease.password,
                 "rdns": False,
             }
-            route = _Route(key, None, kw, _socks_pool_classes())
+            pool_classes = _socks_pool_classes()
         else:
-            scheme = lease.protocol.value
-            host = format_host(lease.host)
+            proxy_scheme = lease.protocol.value
+            proxy_host = format_host(lease.host)
             # What parse_url makes of the proxy URL, without parsing one per proxy.
-            proxy = Url(scheme, host=host.lower(), port=lease.port) if host.isascii() else parse_url(lease.safe_url)
+            if proxy_host.isascii():
+                proxy = Url(proxy_scheme, host=proxy_host.lower(), port=lease.port)
+            else:
+                proxy = parse_url(lease.safe_url)
             proxy_headers = dict(self.proxy_headers)
             if lease.proxy_authorization is not None:
                 proxy_headers["Proxy-Authorization"] = lease.proxy_authorization
-            forward_https = scheme == "https" and self._proxy_options.use_forwarding_for_https
-            if forward_https and kw.get("ssl_context") is not None:
+            if proxy_scheme == "https" and self._proxy_options.use_forwarding_for_https and kw.get("ssl_context"):
                 warnings.warn(
                     "ssl_context with use_forwarding_for_https=True is deprecated in urllib3 and will raise "
                     "an error in urllib3 v3.0; use proxy_ssl_context for the TLS connection to the proxy",
                     FutureWarning,
-                    stacklevel=4,
+                    stacklevel=5,
                 )
             kw["_proxy"] = proxy
             kw["_proxy_headers"] = proxy_headers
             kw["_proxy_config"] = self.proxy_config
-            route = _Route(key, proxy, kw, self.pool_classes_by_scheme, forward_https)
-        with self._lock:
-            self._routes[key] = route
-            while len(self._routes) > _ROUTES_MAX:
-                self._routes.popitem(last=False)
-        return route
-
-    def _pool(
-        self, hop: _Hop, scheme: str, host: str, port: int, pool_kwargs: Mapping[str, Any] | None
-    ) -> HTTPConnectionPool:
-        """Get or make the hop's pool for a target in the one LRU shared by every proxy.
-
-        Keyed by proxy and pool target: a route's pool arguments are fixed, so urllib3's
-        full pool key would only cost a normalisation per request.  Pools asked for
-        with extra `pool_kwargs` are keyed by those too.
-        """
-        route = hop.route
-        pool_scheme, pool_host, pool_port = route.pool_target(scheme, host, port)
-        key: Any = (route.key, pool_scheme, pool_host, pool_port)
-        if pool_kwargs:
-            key += (repr(sorted(pool_kwargs.items())),)
-        with self.pools.lock:  # also serialises eviction (`_dispose`) and the in-use counts
-            pool = self.pools.get(key)
-            if pool is None:
-                pool = route.new_pool(pool_scheme, pool_host, pool_port, pool_kwargs)
-                self.pools[key] = pool
-            self._in_use[pool] = self._in_use.get(pool, 0) + 1
-            hop.pools.append(pool)
-        return pool
+            pool_classes = self.pool_classes_by_scheme
+            if scheme == "http":  # forwarded: the pool connects to the proxy itself
+                scheme, host, port = proxy_scheme, proxy.host or "", lease.port
+        for name, value in (overrides or {}).items():
+            if value is None:
+                kw.pop(name, None)
+            else:
+                kw[name] = value
+        if kw.get("blocksize") is None:
+            kw.pop("blocksize", None)  # the connection's own default
+        if scheme == "http":
+            for name in SSL_KEYWORDS:
+                kw.pop(name, None)
+        return pool_classes[scheme](host, port, **kw)
 
     def _dispose(self, pool: HTTPConnectionPool) -> None:
         """LRU eviction or `clear()`: close the pool now, or when its last request ends."""
