@@ -204,6 +204,32 @@ def test_redirect_hops_lease_and_report_each(
         assert pm.request("GET", f"{target.url}/redirect?to=/echo", redirect=False).status == 302
 
 
+@pytest.mark.parametrize("code", [303, 307])
+def test_redirects_rewrite_requests_like_urllib3(
+    make_broker: MakeBroker, http_proxy: KitProxy, target: TargetServer, code: int
+) -> None:
+    """The door follows redirects itself: a POST sent across hosts through plain
+    ProxyManager and ours must arrive the same (303: a GET without body or body
+    headers; 307: the same POST; Authorization dropped across hosts), except that
+    ours names the new host in `Host` where plain urllib3 keeps the first one."""
+    elsewhere = quote(f"http://localhost:{target.port}/echo", safe="")
+    url = f"{target.url}/redirect?code={code}&to={elsewhere}"
+    headers = {**CLOSE, "Content-Type": "text/plain", "Authorization": "Bearer t", "X-Keep": "1"}
+    seen = []
+    plain = urllib3.ProxyManager(http_proxy.url, timeout=TIMEOUT)
+    ours = PharoxProxyManager(make_broker([http_proxy]), timeout=TIMEOUT)
+    for manager in (plain, ours):
+        with manager:
+            body = echo(manager.request("POST", url, body=b"payload", headers=headers))
+            seen.append({key: body[key] for key in ("method", "body", "headers")})
+    assert seen[0]["headers"].pop("Host") == f"127.0.0.1:{target.port}"  # urllib3 2.8's stale Host
+    assert seen[1]["headers"].pop("Host") == f"localhost:{target.port}"
+    assert seen[1] == seen[0]
+    assert seen[1]["method"] == ("GET" if code == 303 else "POST")
+    assert "Authorization" not in seen[1]["headers"] and seen[1]["headers"]["X-Keep"] == "1"
+    assert ("Content-Type" in seen[1]["headers"]) is (code == 307)
+
+
 def test_too_many_redirects_is_not_the_proxys_fault(
     make_broker: MakeBroker, http_proxy: KitProxy, target: TargetServer
 ) -> None:
