@@ -14,7 +14,6 @@ from __future__ import annotations
 import asyncio
 import logging
 from typing import TYPE_CHECKING, Any, NoReturn
-from uuid import UUID
 
 from scrapy import signals
 from scrapy.exceptions import IgnoreRequest, NotConfigured
@@ -66,6 +65,10 @@ class PharoxProxyMiddleware:
     def __init__(self, crawler: Crawler, broker: LeaseBroker, settings: PharoxSettings, *, owns_broker: bool) -> None:
         self.crawler = crawler
         self.stats = crawler.stats
+        # Bound once: each attribute lookup on Scrapy's stats collector costs as much as the call.
+        self._inc = crawler.stats.inc_value
+        self._peak = 0  # the highest `pharox/leases/peak_active` written so far
+        self._hooks: tuple[object, Any, Any] = (self, None, None)  # (spider, response hook, exception hook)
         self.broker = broker
         self.owns_broker = owns_broker
         self.retry_times = settings.retry_times
@@ -73,7 +76,7 @@ class PharoxProxyMiddleware:
         self.per_proxy_slot = settings.download_slot
         self.ban_policy = load_ban_policy(settings.ban_policy, crawler)
         self.header_by_scrapy = httpproxy_after(crawler.settings, type(self))
-        self._held: dict[UUID, tuple[ProxyLease, Request]] = {}
+        self._held: dict[ProxyLease, Request] = {}  # keyed by identity: cheaper to hash than the lease id
         self._closing = False
         self._sweeper = task.LoopingCall(self._sweep_orphans)
         self._health_log = HealthLog(broker, settings.logstats_interval, lambda: len(self._held))
@@ -96,9 +99,8 @@ class PharoxProxyMiddleware:
 
     async def process_request(self, request: Request, spider: object = None) -> None:
         meta = request.meta
-        stale = meta.pop(LEASE, None)
-        if stale is not None:  # a copy of a request whose lease was never settled
-            await self._settle(stale, None)
+        if LEASE in meta:  # a copy of a request whose lease was never settled
+            await self._settle(meta.pop(LEASE), None)
         if meta.get("dont_proxy"):
             if meta.pop(MANAGED, False):  # meta copied from one of our requests: undo our proxy
                 meta["proxy"] = None  # direct, whatever HTTP(S)_PROXY says
@@ -109,26 +111,30 @@ class PharoxProxyMiddleware:
             return None
         if "proxy" in meta and not meta.get(MANAGED):
             return None
+        filters = meta.get("pharox_filters")
         try:
             lease = await acquire(
                 self.broker,
                 request.url,
                 pool=meta.get("pharox_pool"),
-                filters=meta_filters(meta.get("pharox_filters")),
+                filters=None if filters is None else meta_filters(filters),
                 session=meta.get("pharox_session"),
             )
         except NoProxyAvailable as exc:
             self._exhausted(exc)
-        self._held[lease.lease.id] = (lease, request)
-        self.stats.inc_value("pharox/leases/acquired")
-        self.stats.max_value("pharox/leases/peak_active", len(self._held))
+        held = self._held
+        held[lease] = request
+        self._inc("pharox/leases/acquired")
+        if len(held) > self._peak:
+            self._peak = len(held)
+            self.stats.max_value("pharox/leases/peak_active", self._peak)
         meta[LEASE] = lease
         meta[MANAGED] = True
-        meta["pharox_proxy"] = lease.safe_url
+        meta["pharox_proxy"] = safe_url = lease.safe_url
         if self.header_by_scrapy:
             meta["proxy"] = lease.url  # HttpProxyMiddleware (750) turns the credentials into the header
         else:
-            meta["proxy"] = lease.safe_url
+            meta["proxy"] = safe_url
             auth = lease.proxy_authorization
             if auth is None:
                 request.headers.pop(b"Proxy-Authorization", None)
@@ -151,18 +157,19 @@ class PharoxProxyMiddleware:
     # ------------------------------------------------------------------ outcome
 
     async def process_response(self, request: Request, response: Response, spider: object = None) -> Any:
-        lease = request.meta.pop(LEASE, None)
-        if lease is None:
+        meta = request.meta
+        if LEASE not in meta:
             return response
-        latency = request.meta.get("download_latency")
-        hook = self._hook("response_is_ban")
+        lease = meta.pop(LEASE)
+        latency = meta.get("download_latency")
+        hook = self._hook(0)
         moved = await self._settle(
             lease,
             request,
             status_code=response.status,
             response=response,
             latency_ms=latency * 1000.0 if isinstance(latency, (int, float)) else None,
-            answer=hook(request, response) if hook else None,
+            answer=None if hook is None else hook(request, response),
         )
         return moved or response
 
@@ -174,68 +181,96 @@ class PharoxProxyMiddleware:
             _scrub(request, lease)
             await self._settle(lease, None)
             return None
-        hook = self._hook("exception_is_ban")
-        return await self._settle(lease, request, error=exception, answer=hook(request, exception) if hook else None)
+        hook = self._hook(1)
+        return await self._settle(
+            lease, request, error=exception, answer=None if hook is None else hook(request, exception)
+        )
 
-    def _hook(self, name: str) -> Any:
-        """The spider's own method first (scrapy-rotating-proxies style), then PHAROX_BAN_POLICY."""
-        return getattr(self.crawler.spider, name, None) or getattr(self.ban_policy, name, None)
+    def _hook(self, which: int) -> Any:
+        """The spider's response_is_ban (0) / exception_is_ban (1) first, scrapy-rotating-proxies
+        style, then PHAROX_BAN_POLICY's; looked up once per spider, not per response."""
+        spider = self.crawler.spider
+        if self._hooks[0] is not spider:
+            self._hooks = (
+                spider,
+                getattr(spider, "response_is_ban", None) or getattr(self.ban_policy, "response_is_ban", None),
+                getattr(spider, "exception_is_ban", None) or getattr(self.ban_policy, "exception_is_ban", None),
+            )
+        return self._hooks[1 + which]
 
-    async def _settle(self, lease: ProxyLease, request: Request | None, **outcome: Any) -> Request | None:
+    async def _settle(
+        self,
+        lease: ProxyLease,
+        request: Request | None,
+        *,
+        status_code: int | None = None,
+        error: BaseException | None = None,
+        response: Response | None = None,
+        latency_ms: float | None = None,
+        answer: object = None,
+    ) -> Request | None:
         """Report (unless `request` is None), release, and maybe move the request to another proxy."""
-        self._held.pop(lease.lease.id, None)
+        self._held.pop(lease, None)
+        blocks = self.broker.storage_blocks
         if request is None:
-            await off_reactor(self.broker.storage_blocks, self._release, lease)
+            if blocks:
+                await off_reactor(True, self._release, lease)
+            else:
+                self._release(lease)
             return None
         _scrub(request, lease)
         meta = request.meta
         retries = meta.get(RETRIES_LEFT, meta.get("pharox_retry_times", self.retry_times))
         attempts = ProxyAttempts(self.broker, retries)
-        attempts.attempts = list(meta.get(ATTEMPTS, ()))
-        verdict = await off_reactor(self.broker.storage_blocks, self._report_release, lease, attempts, outcome)
-        self.stats.inc_value(f"pharox/verdict/{verdict.value}/{outcome_detail(outcome)}")
-        if verdict is Verdict.BAN:
-            self.stats.inc_value("pharox/bans")
-        elif verdict is Verdict.FAILURE:
-            self.stats.inc_value("pharox/failures")
+        if ATTEMPTS in meta:
+            attempts.attempts = list(meta[ATTEMPTS])
+        args = (lease, attempts, status_code, error, response, latency_ms, answer)
+        # Memory storages answer inline: no coroutine to build and await per response.
+        verdict = await off_reactor(True, self._report_release, *args) if blocks else self._report_release(*args)
+        outcome = verdict.value
+        self._inc(f"pharox/verdict/{outcome}/{status_code if error is None else outcome_detail(error)}")
+        if not verdict.moves_request:
+            return None
+        self._inc("pharox/bans" if verdict is Verdict.BAN else "pharox/failures")
         if attempts.should_move(verdict):
-            self.stats.inc_value("pharox/moved")
-            self.stats.inc_value(f"pharox/moved/{verdict.value}")
+            self._inc("pharox/moved")
+            self._inc(f"pharox/moved/{outcome}")
             moved = request.replace(dont_filter=True)
             moved.meta[RETRIES_LEFT] = attempts.retries_left
             moved.meta[ATTEMPTS] = attempts.attempts
             logger.debug(
                 "pharox: %(request)s moved off %(proxy)s (%(verdict)s)",
-                {"request": request, "proxy": lease.safe_url, "verdict": verdict.value},
+                {"request": request, "proxy": lease.safe_url, "verdict": outcome},
             )
             return moved
-        if verdict.moves_request:
-            self.stats.inc_value("pharox/moved/gave_up")
-            logger.warning("pharox: %(request)s: %(why)s", {"request": request, "why": attempts.failure()})
+        self._inc("pharox/moved/gave_up")
+        logger.warning("pharox: %(request)s: %(why)s", {"request": request, "why": attempts.failure()})
         return None
 
-    def _report_release(self, lease: ProxyLease, attempts: ProxyAttempts, outcome: dict[str, Any]) -> Verdict:
-        """One trip off the reactor for both calls (SQL storages)."""
+    def _report_release(
+        self,
+        lease: ProxyLease,
+        attempts: ProxyAttempts,
+        status_code: int | None,
+        error: BaseException | None,
+        response: Response | None,
+        latency_ms: float | None,
+        answer: object,
+    ) -> Verdict:
+        """Report then release, in one trip off the reactor (SQL storages)."""
         try:
-            status_code = outcome.get("status_code")
             verdict = None
-            if outcome.get("answer") is not None:
-                default = self.broker.policy.judge(status_code, outcome.get("error"))
-                verdict = custom_verdict(outcome["answer"], status_code, default)
+            if answer is not None:
+                verdict = custom_verdict(answer, status_code, self.broker.policy.judge(status_code, error))
             return attempts.judge(
-                lease,
-                status_code=status_code,
-                error=outcome.get("error"),
-                response=outcome.get("response"),
-                latency_ms=outcome.get("latency_ms"),
-                verdict=verdict,
+                lease, status_code=status_code, error=error, response=response, latency_ms=latency_ms, verdict=verdict
             )
         finally:
             self._release(lease)
 
     def _release(self, lease: ProxyLease) -> None:
         if self.broker.release(lease):
-            self.stats.inc_value("pharox/leases/released")
+            self._inc("pharox/leases/released")
 
     # ------------------------------------------------------------------ life cycle
 
@@ -257,11 +292,11 @@ class PharoxProxyMiddleware:
         active = getattr(getattr(engine, "downloader", None), "active", None)
         if active is None:
             return None
-        orphans = [lease for lease, request in self._held.values() if request not in active]
+        orphans = [lease for lease, request in self._held.items() if request not in active]
         if not orphans:
             return None
         for lease in orphans:
-            self._held.pop(lease.lease.id, None)
+            del self._held[lease]
         self.stats.inc_value("pharox/leases/released_orphaned", len(orphans))
         logger.info(
             "pharox: released %(n)d lease(s) of requests that left the downloader without a response "
@@ -284,7 +319,7 @@ class PharoxProxyMiddleware:
         await self._release_all("engine stop")
 
     async def _release_all(self, when: str) -> None:
-        left = [lease for lease, _ in self._held.values()]
+        left = list(self._held)
         self._held.clear()
         await self._release_each(left)
         if left:

@@ -245,9 +245,6 @@ def meta_filters(value: object) -> ProxyFilters | None:
     raise TypeError(f'meta["pharox_filters"]={value!r}: expected ProxyFilters or a mapping')
 
 
-def outcome_detail(outcome: Mapping[str, Any]) -> str:
-    """The stats key tail of one outcome: the status code or the exception's name."""
-    error = outcome.get("error")
-    if error is not None:
-        return describe_error(error).split(":", 1)[0]
-    return str(outcome.get("status_code"))
+def outcome_detail(error: BaseException) -> str:
+    """The stats key tail of an error outcome: the exception's name (a response's is its status code)."""
+    return describe_error(error).split(":", 1)[0]
