@@ -269,6 +269,67 @@ def test_health_history_is_bounded(db_url: str) -> None:
         store.close()
 
 
+
+def test_more_threads_than_connections_wait_their_turn(db_url: str) -> None:
+    """pool_size=1 (2 connections with overflow) under 8 threads: everyone is served
+    in turn (PostgreSQL's direct path has its own bounded pool), nothing leaks."""
+    store = SqlStorage(db_url, pool_size=1)
+    try:
+        pool = _pool(store)
+        _proxies(store, pool, 8, max_concurrency=None)
+        errors: list[BaseException] = []
+
+        def work() -> None:
+            try:
+                for _ in range(20):
+                    lease = store.acquire_lease("shop", "w", 30, selector=SelectorStrategy.ROUND_ROBIN)
+                    assert lease is not None
+                    store.release_lease(lease)
+            except BaseException as exc:
+                errors.append(exc)
+
+        threads = [threading.Thread(target=work) for _ in range(8)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=60)
+        assert not errors, errors
+        assert store.count_active_leases("shop") == 0
+    finally:
+        store.close()
+
+
+def test_cursor_event_listeners_see_the_hot_path(storage: SqlStorage) -> None:
+    """Tracing hooks on the engine see every lease statement (PostgreSQL then leaves
+    its direct psycopg path for SQLAlchemy's), and leasing works either way."""
+    pool = _pool(storage)
+    (proxy,) = _proxies(storage, pool, 1)
+    rr = SelectorStrategy.ROUND_ROBIN
+    seen: list[str] = []
+
+    def listener(conn: object, cursor: object, statement: str, *args: object) -> None:
+        seen.append(statement)
+
+    for watched in (False, True, False):
+        if watched:
+            sa.event.listen(storage.engine, "before_cursor_execute", listener)
+        try:
+            lease = storage.acquire_lease("shop", "c", 60, selector=rr)
+            assert lease is not None and lease.proxy_id == proxy.id
+            storage.apply_health_check_result(
+                HealthCheckResult(proxy_id=proxy.id, status=ProxyStatus.ACTIVE, latency_ms=5,
+                                  protocol=ProxyProtocol.HTTP, status_code=200)
+            )
+            storage.release_lease(lease)
+        finally:
+            if watched:
+                sa.event.remove(storage.engine, "before_cursor_execute", listener)
+        if watched:
+            assert any("pxi_leases" in s for s in seen) and any("pxi_health" in s for s in seen)
+            count = len(seen)
+    assert len(seen) == count  # nothing reported once the listener is gone
+    assert storage.count_active_leases("shop") == 0
+
 def test_manager_threads_never_over_lease(storage: SqlStorage) -> None:
     """8 threads through pharox.ProxyManager on 3 single-slot proxies: no overlap."""
     pool = _pool(storage)

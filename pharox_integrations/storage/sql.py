@@ -504,9 +504,14 @@ class _PgDirect:
         self._cargs = tuple(cargs)
         self._cparams = dict(cparams)
         self._keep = max(1, size)
+        self._limit = 2 * self._keep  # like pool_size + max_overflow
         self._lock = threading.Lock()
+        # A counter under the lock, not a Semaphore: threading's is Python code costing
+        # a few µs per call, and it is taken and given back on every statement.
+        self._freed = threading.Condition(self._lock)
+        self._out = 0
+        self._waiting = 0
         self._idle: list[tuple[Any, float]] = []
-        self._slots = threading.BoundedSemaphore(2 * self._keep)  # like pool_size + max_overflow
         self._pid = os.getpid()
         # id(statement) -> (statement kept alive, SQL, constant parameters, column names)
         self._compiled: dict[int, tuple[Any, str, dict[str, Any], list[str] | None]] = {}
@@ -564,16 +569,23 @@ class _PgDirect:
 
     def _checkout(self) -> Any:
         if os.getpid() != self._pid:  # a forked child must not share the parent's sockets
-            with self._lock:
-                self._idle = []
-                self._slots = threading.BoundedSemaphore(2 * self._keep)
-                self._pid = os.getpid()
-        if not self._slots.acquire(timeout=30):
-            raise sa.exc.TimeoutError(f"all {2 * self._keep} PostgreSQL connections of this storage busy for 30 s")
+            self._lock = threading.Lock()
+            self._freed = threading.Condition(self._lock)
+            self._idle, self._out, self._waiting, self._pid = [], 0, 0, os.getpid()
+        with self._lock:
+            if self._out >= self._limit:
+                self._waiting += 1
+                try:
+                    if not self._freed.wait_for(lambda: self._out < self._limit, timeout=30):
+                        raise sa.exc.TimeoutError(
+                            f"all {self._limit} PostgreSQL connections of this storage busy for 30 s"
+                        )
+                finally:
+                    self._waiting -= 1
+            self._out += 1
+            item = self._idle.pop() if self._idle else None
         try:
             while True:
-                with self._lock:
-                    item = self._idle.pop() if self._idle else None
                 if item is None:
                     conn = self._psycopg.connect(*self._cargs, **self._cparams, autocommit=True)
                     # Only lease creation waits for the WAL flush (it switches it on itself).
@@ -587,20 +599,32 @@ class _PgDirect:
                     return conn
                 except self._psycopg.Error:
                     conn.close()
+                with self._lock:
+                    item = self._idle.pop() if self._idle else None
         except BaseException:
-            self._slots.release()
+            self._give_back()
             raise
 
     def _checkin(self, conn: Any, *, discard: bool = False) -> None:
+        if not discard and not conn.closed:
+            used = time.monotonic()
+            with self._lock:
+                if len(self._idle) < self._keep:
+                    self._idle.append((conn, used))
+                    self._out -= 1
+                    if self._waiting:
+                        self._freed.notify()
+                    return
         try:
-            if not discard and not conn.closed:
-                with self._lock:
-                    if len(self._idle) < self._keep:
-                        self._idle.append((conn, time.monotonic()))
-                        return
             conn.close()
         finally:
-            self._slots.release()
+            self._give_back()
+
+    def _give_back(self) -> None:
+        with self._lock:
+            self._out -= 1
+            if self._waiting:
+                self._freed.notify()
 
     def _drop_idle(self) -> None:
         with self._lock:
@@ -884,8 +908,24 @@ class SqlStorage(IStorage):
             stmt = pg.stamp(candidates, key) if kind == "find" else pg.lease(candidates, key)
         return stmt
 
+    def _pg_row(self, stmt: Any, params: dict[str, Any]) -> dict[str, Any] | None:
+        """Run a one-statement PostgreSQL operation in autocommit mode; the first row.
+
+        Datetime parameters are naive UTC (what the columns hold).  Direct on psycopg,
+        unless someone listens to this engine's cursor events (tracing, tests that
+        watch which thread queries): then through SQLAlchemy, so they see every
+        statement, at SQLAlchemy's cost.
+        """
+        direct = self._direct
+        dispatch = self._engine.dispatch
+        if direct is not None and not dispatch.before_cursor_execute and not dispatch.after_cursor_execute:
+            return direct.row(stmt, params)
+        with self._autocommit() as conn:
+            found = conn.execute(stmt, params).mappings().first()
+        return None if found is None else dict(found)
+
     def _pg_lease(
-        self, direct: _PgDirect, stmt: Any, params: dict[str, Any], consumer_id: UUID, seconds: int
+        self, stmt: Any, params: dict[str, Any], consumer_id: UUID, seconds: int
     ) -> tuple[Lease, _Counts] | None:
         acquired = _now()
         lease_id = uuid4()
@@ -896,7 +936,7 @@ class SqlStorage(IStorage):
             b_acquired=acquired.replace(tzinfo=None),  # the columns hold naive UTC
             b_expires=expires.replace(tzinfo=None),
         )
-        row = direct.row(stmt, params)
+        row = self._pg_row(stmt, params)
         if row is None:
             return None
         pool_id = row["pool_id"]
@@ -1253,8 +1293,8 @@ class SqlStorage(IStorage):
                 row = self._pick(conn, pool_name, filters, selector, lock=False)
                 return self._proxy_from_row(row) if row is not None else None
         stmt = self._pg_statement("find", filters, selector)
-        if stmt is not None and self._direct is not None:
-            found = self._direct.row(stmt, {"b_pool": pool_name, "b_stamp": _stamp()})
+        if stmt is not None:
+            found = self._pg_row(stmt, {"b_pool": pool_name, "b_stamp": _stamp()})
             return self._proxy_from_row(_aware(found)) if found is not None else None
         with self._tx() as conn:
             row = self._pick(conn, pool_name, filters, selector, lock=True)
@@ -1269,10 +1309,10 @@ class SqlStorage(IStorage):
         if duration_seconds <= 0:
             raise InvalidLeaseError("duration_seconds must be positive.")
         consumer_id = self.ensure_consumer(consumer_name)
-        pg, direct = self._q.pg, self._direct
-        if pg is not None and direct is not None:
+        pg = self._q.pg
+        if pg is not None:
             stmt = pg.lease(None, ("create",))
-            got = self._pg_lease(direct, stmt, {"b_pid": proxy.id}, consumer_id, duration_seconds)
+            got = self._pg_lease(stmt, {"b_pid": proxy.id}, consumer_id, duration_seconds)
             if got is None:
                 raise ProxyUnavailableError(f"Proxy {proxy.id} is no longer available.")
             lease, counts = got
@@ -1305,9 +1345,9 @@ class SqlStorage(IStorage):
         self.cleanup_expired_leases()
         consumer_id = self.ensure_consumer(consumer_name)
         stmt = self._pg_statement("acquire", filters, selector)
-        if stmt is not None and self._direct is not None:
+        if stmt is not None:
             params = {"b_pool": pool_name, "b_stamp": _stamp()}
-            got = self._pg_lease(self._direct, stmt, params, consumer_id, duration_seconds)
+            got = self._pg_lease(stmt, params, consumer_id, duration_seconds)
             if got is None:
                 return None
             lease, counts = got
@@ -1337,9 +1377,9 @@ class SqlStorage(IStorage):
         released_at = lease.released_at or _now()
         params = {"b_lid": lease.id, "b_pid": lease.proxy_id, "b_at": released_at}
         pg = self._q.pg
-        if pg is not None and self._direct is not None:
+        if pg is not None:
             params["b_at"] = released_at.astimezone(timezone.utc).replace(tzinfo=None)
-            row = self._direct.row(pg.release, params)
+            row = self._pg_row(pg.release, params)
             counts = (
                 None
                 if row is None
@@ -1518,7 +1558,7 @@ class SqlStorage(IStorage):
         }
         latency = min(max(0, result.latency_ms), _NO_LATENCY - 1) if reachable else None
         pg = self._q.pg
-        if pg is not None and self._direct is not None:
+        if pg is not None:
             checked = result.checked_at
             if checked.tzinfo is not None:
                 checked = checked.astimezone(timezone.utc).replace(tzinfo=None)
@@ -1530,7 +1570,7 @@ class SqlStorage(IStorage):
                 b_latency=latency,
                 b_ring=self._health_history,
             )
-            found = self._direct.row(pg.health, params)
+            found = self._pg_row(pg.health, params)
             if found is None:
                 return None
             before = found["old_status"]
