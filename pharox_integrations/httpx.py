@@ -137,6 +137,7 @@ class _Route(Generic[T]):
     """One proxy's inner transport and how many requests or streams still use it."""
 
     transport: T
+    url: str = field(repr=False)  # what it was built for: same proxy id, new credentials -> new route
     active: int = 0
     evicted: bool = False
 
@@ -156,24 +157,23 @@ class _Routes(Generic[T]):
         self._size = size
         self._lock = threading.Lock()
         self._routes: OrderedDict[UUID, _Route[T]] = OrderedDict()
-        self._endpoints: dict[UUID, str] = {}  # URL the route was built for (credentials change)
 
     def checkout(self, lease: ProxyLease) -> tuple[_Route[T], list[T]]:
         """The route for `lease` (one more user) and the transports now due for closing."""
         stale: list[T] = []
+        key, url = lease.proxy_id, lease.url
         with self._lock:
-            route = self._routes.get(lease.proxy_id)
-            if route is not None and self._endpoints.get(lease.proxy_id) != lease.url:
-                self._evict(lease.proxy_id, stale)  # same id, new address or credentials
+            route = self._routes.get(key)
+            if route is not None and route.url != url:
+                self._evict(key, stale)  # same id, new address or credentials
                 route = None
             if route is None:
-                route = _Route(self._make(_proxy_config(lease)))
-                self._routes[lease.proxy_id] = route
-                self._endpoints[lease.proxy_id] = lease.url
+                route = _Route(self._make(_proxy_config(lease)), url)
+                self._routes[key] = route
                 while len(self._routes) > self._size:
                     self._evict(next(iter(self._routes)), stale)
             else:
-                self._routes.move_to_end(lease.proxy_id)
+                self._routes.move_to_end(key)
             route.active += 1
         return route, stale
 
@@ -187,7 +187,6 @@ class _Routes(Generic[T]):
 
     def _evict(self, key: UUID, stale: list[T]) -> None:
         route = self._routes.pop(key)
-        self._endpoints.pop(key, None)
         route.evicted = True
         if route.active == 0:
             stale.append(route.transport)
@@ -197,7 +196,6 @@ class _Routes(Generic[T]):
         with self._lock:
             out = [r.transport for r in self._routes.values()]
             self._routes.clear()
-            self._endpoints.clear()
         return out
 
     def __len__(self) -> int:
@@ -260,7 +258,6 @@ class _Ticket:
     """What the response stream needs to finish its request when it is closed."""
 
     lease: ProxyLease
-    attempts: ProxyAttempts
     route: _Route[Any]
     status_code: int
     verdict: Verdict
@@ -292,7 +289,11 @@ class _Door(Generic[T]):
         self.raise_on_exhausted = raise_on_exhausted
 
     def _options(self, request: httpx.Request) -> _Acquire:
-        extra = request.extensions.get(_EXTENSION) or {}
+        url = request.url
+        target = str(url.copy_with(username=None, password=None) if url.userinfo else url)
+        extra = request.extensions.get(_EXTENSION)
+        if not extra:  # the common case: the transport's own options
+            return _Acquire(target, self.pool, self.filters, self._effective, None)
         if not isinstance(extra, dict):
             raise TypeError(f'extensions["{_EXTENSION}"] must be a dict (pool, session, filters)')
         unknown = set(extra) - {"pool", "session", "filters"}
@@ -300,10 +301,9 @@ class _Door(Generic[T]):
             raise ValueError(
                 f'extensions["{_EXTENSION}"]: unknown keys {sorted(unknown)}; known: pool, session, filters'
             )
-        target = request.url.copy_with(username=None, password=None) if request.url.userinfo else request.url
         filters = extra.get("filters", self.filters)
         return _Acquire(
-            url=str(target),
+            url=target,
             pool=extra.get("pool", self.pool),
             filters=filters,
             effective=self._effective if filters is self.filters else with_protocols(filters, SPOKEN_PROTOCOLS),
@@ -396,7 +396,7 @@ class _Door(Generic[T]):
                         if can_move:
                             continue
                         raise self._exhausted(attempts, request, response.status_code, None)
-                ticket = _Ticket(lease, attempts, route, response.status_code, verdict, latency_ms)
+                ticket = _Ticket(lease, route, response.status_code, verdict, latency_ms)
                 lease = None  # the stream owns it now
                 response.extensions = {
                     **response.extensions,
@@ -414,24 +414,28 @@ class _Door(Generic[T]):
                 yield _Release(lease)
             raise
 
-    def finish(self, ticket: _Ticket, error: BaseException | None) -> Generator[_Op, Any, None]:
-        """The response stream was closed: judge the request, give the proxy back."""
-        idle = self.routes.checkin(ticket.route)
+    def settle(self, ticket: _Ticket, error: BaseException | None) -> BaseException | None:
+        """The response stream was closed: judge the request, give the proxy back.
+
+        Plain calls, no I/O of the door's own: the async side runs them in one worker
+        thread hop when the storage blocks (and the release still completes if the
+        awaiting task is cancelled).  Returns a report failure for the caller to raise.
+        """
+        lease = ticket.lease
         failure: BaseException | None = None
-        if not ticket.lease.reported:
-            if error is not None:
-                kwargs: dict[str, Any] = {"error": error, "latency_ms": ticket.latency_ms}
-            else:
-                kwargs = {"status_code": ticket.status_code, "verdict": ticket.verdict, "latency_ms": ticket.latency_ms}
-            try:
-                yield _Judge(ticket.attempts, ticket.lease, kwargs)
-            except Exception as exc:  # the proxy still goes back; the caller hears of it
-                failure = exc
-        yield _Release(ticket.lease)
-        if idle is not None:
-            yield _Close(transports=[idle])
-        if failure is not None:
-            raise PharoxTransportError(f"could not report the request: {describe_error(failure)}") from failure
+        try:
+            if not lease.reported:
+                # Reported straight to the broker: the request's attempts were already
+                # published in the response's extensions and nothing reads them after.
+                if error is not None:
+                    self.broker.report(lease, error=error, latency_ms=ticket.latency_ms)
+                else:
+                    self.broker.report(lease, ticket.status_code, latency_ms=ticket.latency_ms, verdict=ticket.verdict)
+        except Exception as exc:  # the proxy still goes back; the caller hears of it
+            failure = exc
+        finally:
+            self.broker.release(lease)
+        return failure
 
     def _exhausted(
         self,
@@ -497,12 +501,15 @@ class _SyncDoor(_Door[httpx.HTTPTransport]):
             return broker.release(op.lease)
         if op.response is not None:
             op.response.close()
-        for transport in op.transports:
+        self.close_transports(op.transports)
+        return None
+
+    def close_transports(self, transports: list[httpx.HTTPTransport]) -> None:
+        for transport in transports:
             try:
                 transport.close()
             except Exception as exc:  # an idle pool failing to close must not fail a request
                 logger.debug("closing an evicted proxy transport: %(error)s", {"error": describe_error(exc)})
-        return None
 
 
 class _LeasedStream(httpx.SyncByteStream):
@@ -528,7 +535,13 @@ class _LeasedStream(httpx.SyncByteStream):
         try:
             self._inner.close()
         finally:
-            self._door.run(self._door.finish(ticket, self._error))
+            door = self._door
+            idle = door.routes.checkin(ticket.route)
+            failure = door.settle(ticket, self._error)
+            if idle is not None:
+                door.close_transports([idle])
+            if failure is not None:
+                raise PharoxTransportError(f"could not report the request: {describe_error(failure)}") from failure
 
 
 class PharoxTransport(httpx.BaseTransport):
@@ -598,7 +611,14 @@ class _AsyncDoor(_Door[httpx.AsyncHTTPTransport]):
                 return done.value  # type: ignore[no-any-return]
             value, error = None, None
             try:
-                value = await self._do(op)
+                # The two steps of every request are awaited here, not through `_do`:
+                # each coroutine level is resumed again at every socket wait.
+                if type(op) is _Send:
+                    value = await op.transport.handle_async_request(op.request)  # type: ignore[union-attr]
+                elif type(op) is _Acquire:
+                    value = await self._acquire(op)
+                else:
+                    value = await self._do(op)
             except BaseException as exc:
                 error = exc
 
@@ -620,35 +640,34 @@ class _AsyncDoor(_Door[httpx.AsyncHTTPTransport]):
             return broker.release(op.lease)
         if op.response is not None:
             await op.response.aclose()
-        for transport in op.transports:
+        await self.close_transports(op.transports)
+        return None
+
+    async def close_transports(self, transports: list[httpx.AsyncHTTPTransport]) -> None:
+        for transport in transports:
             try:
                 await transport.aclose()
             except Exception as exc:  # an idle pool failing to close must not fail a request
                 logger.debug("closing an evicted proxy transport: %(error)s", {"error": describe_error(exc)})
-        return None
 
     async def _acquire(self, op: _Acquire) -> ProxyLease:
+        broker = self.broker
+        pending = broker.acquire_async(op.url, pool=op.pool, filters=op.effective, session=op.session, avoid=op.avoid)
         try:
-            return await self._acquire_async(op)
+            if not broker.storage_blocks:
+                return await pending  # cancellable only while waiting, when nothing is held
+            # A worker thread may finish leasing after this task was cancelled: let the
+            # acquisition finish on its own and give back what it got.
+            task = asyncio.ensure_future(pending)
+            try:
+                return await asyncio.shield(task)
+            except asyncio.CancelledError:
+                task.add_done_callback(self._release_orphan)
+                raise
         except NoProxyAvailable:
-            if self.broker.storage_blocks:
+            if broker.storage_blocks:
                 raise await asyncio.to_thread(self.explain, op) from None
             raise self.explain(op) from None
-
-    async def _acquire_async(self, op: _Acquire) -> ProxyLease:
-        pending = self.broker.acquire_async(
-            op.url, pool=op.pool, filters=op.effective, session=op.session, avoid=op.avoid
-        )
-        if not self.broker.storage_blocks:
-            return await pending  # cancellable only while waiting, when nothing is held
-        # A worker thread may finish leasing after this task was cancelled: let the
-        # acquisition finish on its own and give back what it got.
-        task = asyncio.ensure_future(pending)
-        try:
-            return await asyncio.shield(task)
-        except asyncio.CancelledError:
-            task.add_done_callback(self._release_orphan)
-            raise
 
     def _release_orphan(self, task: asyncio.Future[ProxyLease]) -> None:
         if task.cancelled() or task.exception() is not None:
@@ -681,7 +700,16 @@ class _AsyncLeasedStream(httpx.AsyncByteStream):
         try:
             await self._inner.aclose()
         finally:
-            await self._door.run(self._door.finish(ticket, self._error))
+            door = self._door
+            idle = door.routes.checkin(ticket.route)
+            if door.broker.storage_blocks:
+                failure = await asyncio.to_thread(door.settle, ticket, self._error)
+            else:
+                failure = door.settle(ticket, self._error)
+            if idle is not None:
+                await door.close_transports([idle])
+            if failure is not None:
+                raise PharoxTransportError(f"could not report the request: {describe_error(failure)}") from failure
 
 
 class AsyncPharoxTransport(httpx.AsyncBaseTransport):
