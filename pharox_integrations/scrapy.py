@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from typing import TYPE_CHECKING, Any, NoReturn
+from uuid import UUID
 
 from scrapy import signals
 from scrapy.exceptions import IgnoreRequest, NotConfigured
@@ -52,6 +53,7 @@ MANAGED = "_pharox_managed"  # meta["proxy"] was set by us, so a copy may be re-
 SLOT = "_pharox_slot"  # the download slot we set
 RETRIES_LEFT = "_pharox_retries_left"
 ATTEMPTS = "_pharox_attempts"
+SLOTS_CACHED = 100_000  # download slot names kept (one per proxy seen)
 NO_REPORT = (IgnoreRequest, defer.CancelledError, asyncio.CancelledError)  # not the proxy's doing
 
 
@@ -76,6 +78,7 @@ class PharoxProxyMiddleware:
         self.per_proxy_slot = settings.download_slot
         self.ban_policy = load_ban_policy(settings.ban_policy, crawler)
         self.header_by_scrapy = httpproxy_after(crawler.settings, type(self))
+        self._slots: dict[UUID, str] = {}  # proxy id -> its download slot name
         self._held: dict[ProxyLease, Request] = {}  # keyed by identity: cheaper to hash than the lease id
         self._closing = False
         self._sweeper = task.LoopingCall(self._sweep_orphans)
@@ -141,7 +144,12 @@ class PharoxProxyMiddleware:
             else:
                 request.headers[b"Proxy-Authorization"] = auth
         if self.per_proxy_slot and meta.get("download_slot") in (None, meta.get(SLOT)):
-            meta["download_slot"] = meta[SLOT] = slot_key(lease)
+            slot = self._slots.get(lease.proxy_id)
+            if slot is None:
+                if len(self._slots) >= SLOTS_CACHED:  # proxies come and go: keep the cache bounded
+                    self._slots.clear()
+                slot = self._slots[lease.proxy_id] = slot_key(lease)
+            meta["download_slot"] = meta[SLOT] = slot
         return None
 
     def _exhausted(self, exc: NoProxyAvailable) -> NoReturn:

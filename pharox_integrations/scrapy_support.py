@@ -53,17 +53,22 @@ async def off_reactor(blocking: bool, fn: Callable[..., T], *args: Any) -> T:
     return result
 
 
-async def acquire(broker: LeaseBroker, url: str, **kwargs: Any) -> ProxyLease:
+def acquire(broker: LeaseBroker, url: str, **kwargs: Any) -> Awaitable[ProxyLease]:
     """Lease an http/https proxy without blocking the reactor.
 
-    On asyncio the broker waits with `asyncio.sleep`.  On another reactor a memory
-    storage is tried inline first; waiting (or any blocking storage) happens in a
-    Twisted worker thread.
+    On asyncio the broker waits with `asyncio.sleep`; a memory storage's coroutine is
+    handed back as is (the common case: no wrapper per request).  On another reactor
+    a memory storage is tried inline first; waiting (or any blocking storage) happens
+    in a Twisted worker thread.
     """
     kwargs["protocols"] = HTTP_PROTOCOLS
+    if not broker.storage_blocks and asyncio_running():
+        return broker.acquire_async(url, **kwargs)
+    return _acquire_elsewhere(broker, url, kwargs)
+
+
+async def _acquire_elsewhere(broker: LeaseBroker, url: str, kwargs: dict[str, Any]) -> ProxyLease:
     if asyncio_running():
-        if not broker.storage_blocks:
-            return await broker.acquire_async(url, **kwargs)
         # A task, shielded: if the download is cancelled while a worker thread is
         # leasing, the lease it gets is released instead of being lost.
         pending = asyncio.ensure_future(broker.acquire_async(url, **kwargs))
