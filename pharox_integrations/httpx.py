@@ -684,11 +684,20 @@ class _AsyncLeasedStream(httpx.AsyncByteStream):
         self._door = door
         self._ticket: _Ticket | None = ticket
         self._error: BaseException | None = None
+        self._chunks: AsyncIterator[bytes] | None = None
 
-    async def __aiter__(self) -> AsyncIterator[bytes]:
+    def __aiter__(self) -> AsyncIterator[bytes]:
+        # An iterator object, not an async generator: asyncio tracks every async
+        # generator it starts (a weak-set entry and a finalizer hook per response).
+        self._chunks = self._inner.__aiter__()
+        return self
+
+    async def __anext__(self) -> bytes:
+        assert self._chunks is not None
         try:
-            async for chunk in self._inner:
-                yield chunk
+            return await self._chunks.__anext__()
+        except StopAsyncIteration:
+            raise
         except Exception as exc:
             self._error = exc
             raise
