@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import socket
 import ssl
 import subprocess
 import sys
 import threading
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import httpx
@@ -296,6 +298,60 @@ def test_dead_proxy_fails_over_and_goes_inactive(
     failures = [a for r in rs for a in r.extensions["pharox"]["attempts"]]
     assert len(failures) == 2 and all(a.startswith(f"{dead.url}: failure (ConnectError") for a in failures)
     assert by_host_port(broker, dead).status == ProxyStatus.INACTIVE
+
+
+@contextmanager
+def cut_off_target() -> Iterator[str]:
+    """A target that promises 1,000 bytes, sends 10 and hangs up: a body that fails midway."""
+    server = socket.create_server(("127.0.0.1", 0))
+    server.settimeout(TIMEOUT)
+
+    def serve() -> None:
+        try:
+            conn, _ = server.accept()
+        except OSError:
+            return
+        with conn:
+            conn.settimeout(TIMEOUT)
+            data = b""
+            while b"\r\n\r\n" not in data:
+                chunk = conn.recv(4096)
+                if not chunk:
+                    return
+                data += chunk
+            conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 1000\r\n\r\n" + b"x" * 10)
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.getsockname()[1]}/"
+    finally:
+        server.close()
+        thread.join(TIMEOUT)
+
+
+@pytest.mark.parametrize("side", ["sync", "async"])
+def test_body_cut_off_midway_is_judged_a_failure_when_the_stream_closes(
+    make_broker: BrokerFactory, socks5_proxy: KitProxy, side: str
+) -> None:
+    broker = make_broker([socks5_proxy.url])
+    with cut_off_target() as url:
+        if side == "sync":
+            with httpx.Client(transport=PharoxTransport(broker), timeout=TIMEOUT) as client:
+                with pytest.raises(httpx.RemoteProtocolError):
+                    client.get(url)
+        else:
+
+            async def fetch() -> None:
+                async with httpx.AsyncClient(transport=AsyncPharoxTransport(broker), timeout=TIMEOUT) as client:
+                    await client.get(url)
+
+            with pytest.raises(httpx.RemoteProtocolError):
+                asyncio.run(fetch())
+    # The 200 came with its headers; the read error decides the verdict, once.
+    assert broker.counters["failures"] == 1
+    assert broker.proxy_stats(broker.proxies()[0].id)["requests"] == 1
+    assert broker.held == 0
 
 
 @pytest.mark.parametrize("kind", ["http", "socks5"])
