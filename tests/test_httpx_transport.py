@@ -337,9 +337,11 @@ def test_body_cut_off_midway_is_judged_a_failure_when_the_stream_closes(
     broker = make_broker([socks5_proxy.url])
     with cut_off_target() as url:
         if side == "sync":
-            with httpx.Client(transport=PharoxTransport(broker), timeout=TIMEOUT) as client:
-                with pytest.raises(httpx.RemoteProtocolError):
-                    client.get(url)
+            with (
+                httpx.Client(transport=PharoxTransport(broker), timeout=TIMEOUT) as client,
+                pytest.raises(httpx.RemoteProtocolError),
+            ):
+                client.get(url)
         else:
 
             async def fetch() -> None:
