@@ -15,6 +15,11 @@ processes x 4 threads), each with its own storage object on the same database.
 
     python benchmarks/bench_sql.py            # full run (~6 minutes)
     python benchmarks/bench_sql.py --quick    # ~2.5 minutes
+    python benchmarks/bench_sql.py --duel     # only the 16-worker ratio (~3 minutes)
+
+`--duel` measures pharox and SqlStorage (acquire_lease) at 16 workers in alternation,
+`--reps` times, threads and processes, and prints medians: on a shared machine two
+cells minutes apart see different loads, so only interleaved runs make a fair ratio.
 
 Each run works in throw-away schemas/databases, dropped at the end.  Never a test.
 """
@@ -376,7 +381,12 @@ def main() -> None:
     parser.add_argument("--skip-history", action="store_true")
     parser.add_argument("--skip-table", action="store_true", help="only the history part")
     parser.add_argument("--only", default="", help="run only rows whose label contains this")
+    parser.add_argument("--duel", action="store_true", help="only the interleaved 16-worker ratio")
+    parser.add_argument("--reps", type=int, default=3, help="interleaved runs per --duel cell")
     args = parser.parse_args()
+    if args.duel:
+        duel(1.0 if args.quick else 2.5, args.reps)
+        return
     seconds = 1.0 if args.quick else 2.5
     sizes = (10, 10_000)
     workers_list = (1, 4, 16)
@@ -432,6 +442,47 @@ def main() -> None:
         return
     print(f"\n(load average now {os.getloadavg()[0]:.1f})")
     history(2.0 if not args.quick else 1.0, args.only, reps=5 if not args.quick else 3)
+
+
+def duel(seconds: float, reps: int) -> None:
+    """pharox vs SqlStorage.acquire_lease at 16 workers, interleaved; medians."""
+    print(
+        f"16 workers, cell = {seconds} s, median of {reps} interleaved runs; threads = one process, "
+        f"procs = {MAX_PROCS} processes x {16 // MAX_PROCS} threads; "
+        f"load average at start {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs\n"
+    )
+    print("| pool   | workers as | pharox leases/s | SqlStorage leases/s | ratio | pharox cpu ms | ours cpu ms |")
+    print("|-------:|------------|----------------:|--------------------:|------:|--------------:|------------:|")
+    for size in (10, 10_000):
+        with pharox_storage(size) as (theirs, t_table, t_url), sql_storage("postgres", size) as (ours, o_table, o_url):
+            for procs in (False, True):
+                cells: dict[str, list[Cell]] = {"pharox": [], "ours": []}
+                for _ in range(reps):
+                    for name, storage, url, one_txn in (
+                        ("pharox", theirs, t_url, False),
+                        ("ours", ours, o_url, True),
+                    ):
+                        kind = "pharox" if name == "pharox" else "postgres"
+                        if procs:
+                            cell = run_cell_procs(kind, url, 16, seconds, one_txn)
+                        else:
+                            cell = run_cell(storage, 16, seconds, one_txn)
+                        if isinstance(storage, SqlStorage):
+                            storage.cleanup_expired_leases(force=True)
+                        cell.over += db_over_leased(
+                            storage.engine if isinstance(storage, SqlStorage) else storage._engine,  # type: ignore[attr-defined]
+                            o_table if name == "ours" else t_table,
+                        )
+                        assert cell.over == 0 and cell.errors == 0, (name, cell)
+                        cells[name].append(cell)
+                a = statistics.median(c.rate for c in cells["pharox"])
+                b = statistics.median(c.rate for c in cells["ours"])
+                ca = statistics.median(c.cpu_ms for c in cells["pharox"])
+                cb = statistics.median(c.cpu_ms for c in cells["ours"])
+                how = "procs" if procs else "threads"
+                row = f"| {size:>6} | {how:<10} | {a:>15.0f} | {b:>19.0f} | {b / a:>5.1f} | {ca:>13.2f} | {cb:>11.2f} |"
+                print(row, flush=True)
+    print(f"\n(load average at the end {os.getloadavg()[0]:.1f})")
 
 
 def history(seconds: float, only: str, reps: int) -> None:

@@ -29,6 +29,12 @@ size or history:
   lease then expires), never an acknowledged lease.
 * Prebuilt statements: building a SQLAlchemy statement per call costs more than the
   round trip.  Pooled connections are pinged only after a second idle.
+* PostgreSQL's hot path (lease, release, health, round-robin find) skips SQLAlchemy's
+  execution layer: the same statements, compiled once, run on psycopg connections of
+  a small autocommit pool of this object's own (`_PgDirect`), prepared server-side.
+  That halves the client CPU per lease, which is what one GIL-bound process runs out
+  of.  While anyone listens to the engine's cursor events (tracing), SQLAlchemy runs
+  them again, so the listeners miss nothing.
 * Errors that mean "the database is unreachable" become one `StorageUnavailable`
   naming the database (never the password); the pool reconnects by itself.
 
