@@ -19,7 +19,9 @@ proxy server (no auth configured), told apart by their credentials
 (``http://u<i>:p<i>@127.0.0.1:<port>``): every entry is a distinct proxy to urllib3
 (its own pool key, its own Proxy-Authorization) and to the broker.  Every manager gets
 ``maxsize=<threads>`` so no series throws connections away for being threaded.
-Medians of `--repeats` runs (the machine is shared).
+Medians of `--repeats` runs (the machine is shared).  Next to req/s the table gives
+each series' CPU time per request (`time.process_time`, all threads of this process,
+the pool-closing thread included): on a loaded machine it moves less than req/s.
 """
 
 from __future__ import annotations
@@ -43,8 +45,8 @@ Fetch = Callable[[str], int]
 from loopback import entries, start_pproxy, start_target  # noqa: E402
 
 
-def run(fetch: Fetch, url: str, requests: int, threads: int) -> float:
-    """Requests/s for `requests` GETs spread over `threads` threads."""
+def run(fetch: Fetch, url: str, requests: int, threads: int) -> tuple[float, float]:
+    """(requests/s, CPU µs per request) for `requests` GETs spread over `threads` threads."""
     per = requests // threads
     failures: list[int] = []
 
@@ -56,14 +58,16 @@ def run(fetch: Fetch, url: str, requests: int, threads: int) -> float:
 
     pool = [threading.Thread(target=work) for _ in range(threads)]
     start = time.perf_counter()
+    cpu = time.process_time()
     for t in pool:
         t.start()
     for t in pool:
         t.join()
     elapsed = time.perf_counter() - start
+    cpu = time.process_time() - cpu
     if failures:
         raise SystemExit(f"{len(failures)} requests failed: {failures[:5]}")
-    return per * threads / elapsed
+    return per * threads / elapsed, cpu / (per * threads) * 1e6
 
 
 def static_series(port: int, threads: int) -> tuple[Fetch, Callable[[], None]]:
@@ -113,10 +117,10 @@ def pharox_series(port: int, n: int, threads: int) -> tuple[Fetch, Callable[[], 
 
 def median_rates(
     makers: dict[str, Callable[[], tuple[Fetch, Callable[[], None]]]], url: str, args: Any, threads: int
-) -> dict[str, float]:
-    """Median req/s per series; the series take turns within each repeat (in a rotating
+) -> dict[str, tuple[float, float]]:
+    """Median (req/s, CPU µs per request) per series; the series take turns within each repeat (in a rotating
     order) so a noisy neighbour on the shared machine hits them all alike."""
-    rates: dict[str, list[float]] = {name: [] for name in makers}
+    rates: dict[str, list[tuple[float, float]]] = {name: [] for name in makers}
     names = list(makers)
     for repeat in range(args.repeats):
         for name in names[repeat % len(names) :] + names[: repeat % len(names)]:
@@ -128,7 +132,10 @@ def median_rates(
             finally:
                 close()
             time.sleep(0.3)  # let the proxy and the target drop the closed connections
-    return {name: statistics.median(r) for name, r in rates.items()}
+    return {
+        name: (statistics.median(rate for rate, _ in r), statistics.median(cpu for _, cpu in r))
+        for name, r in rates.items()
+    }
 
 
 def main() -> None:
@@ -151,7 +158,10 @@ def main() -> None:
             f"urllib3 {urllib3.__version__}; pproxy HTTP proxy at 127.0.0.1:{port}; {args.requests} requests per run, "
             f"median of {args.repeats}"
         )
-        print(f"{'entries':>8} {'threads':>7} {'static':>9} {'rotation':>9} {'pharox':>9} {'pharox/rotation':>16}")
+        print(
+            f"{'entries':>8} {'threads':>7} {'static':>9} {'rotation':>9} {'pharox':>9} {'pharox/rotation':>16}"
+            f" {'CPU µs/req: rotation':>21} {'pharox':>7} {'rotation/pharox':>16}"
+        )
         for size in args.sizes:
             for threads in args.threads:
                 rates = median_rates(
@@ -164,12 +174,18 @@ def main() -> None:
                     args,
                     threads,
                 )
+                (static, _), (rotation, rotation_cpu), (pharox, pharox_cpu) = (
+                    rates["static"],
+                    rates["rotation"],
+                    rates["pharox"],
+                )
                 print(
-                    f"{size:>8,} {threads:>7} {rates['static']:>9.0f} {rates['rotation']:>9.0f} "
-                    f"{rates['pharox']:>9.0f} {rates['pharox'] / rates['rotation']:>15.2f}x",
+                    f"{size:>8,} {threads:>7} {static:>9.0f} {rotation:>9.0f} {pharox:>9.0f} "
+                    f"{pharox / rotation:>15.2f}x {rotation_cpu:>21.0f} {pharox_cpu:>7.0f} "
+                    f"{rotation_cpu / pharox_cpu:>15.2f}x",
                     flush=True,
                 )
-        print("req/s, median of the repeats; static uses one proxy whatever the pool size.")
+        print("req/s and CPU µs per request, medians of the repeats; static uses one proxy whatever the pool size.")
     finally:
         for server in (proxy, target):
             server.kill()
