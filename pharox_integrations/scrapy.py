@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from types import MethodType
 from typing import TYPE_CHECKING, Any, NoReturn
 from uuid import UUID
 
@@ -67,8 +68,9 @@ class PharoxProxyMiddleware:
     def __init__(self, crawler: Crawler, broker: LeaseBroker, settings: PharoxSettings, *, owns_broker: bool) -> None:
         self.crawler = crawler
         self.stats = crawler.stats
-        # Bound once: each attribute lookup on Scrapy's stats collector costs as much as the call.
-        self._inc = crawler.stats.inc_value
+        # Bound from the class, once: Scrapy 2.14+ routes every instance lookup of a stats
+        # method through a spider-argument deprecation shim that costs more than the increment.
+        self._inc = MethodType(type(crawler.stats).inc_value, crawler.stats)
         self._peak = 0  # the highest `pharox/leases/peak_active` written so far
         self._hooks: tuple[object, Any, Any] = (self, None, None)  # (spider, response hook, exception hook)
         self.broker = broker
@@ -186,7 +188,7 @@ class PharoxProxyMiddleware:
         if lease is None:
             return None
         if isinstance(exception, NO_REPORT):
-            _scrub(request, lease)
+            _scrub(request.meta, lease)
             await self._settle(lease, None)
             return None
         hook = self._hook(1)
@@ -226,8 +228,8 @@ class PharoxProxyMiddleware:
             else:
                 self._release(lease)
             return None
-        _scrub(request, lease)
         meta = request.meta
+        _scrub(meta, lease)
         retries = meta.get(RETRIES_LEFT, meta.get("pharox_retry_times", self.retry_times))
         attempts = ProxyAttempts(self.broker, retries)
         if ATTEMPTS in meta:
@@ -337,11 +339,11 @@ class PharoxProxyMiddleware:
             await off_reactor(self.broker.storage_blocks, self.broker.close)
 
 
-def _scrub(request: Request, lease: ProxyLease) -> None:
+def _scrub(meta: dict[str, Any], lease: ProxyLease) -> None:
     """Never leave credentials in meta: errbacks and logs see the request after us.
 
     Until HttpProxyMiddleware (750) has turned them into the header, `meta["proxy"]`
     holds them; a request that fails before that point would carry them on.
     """
-    if request.meta.get("proxy") == lease.url:
-        request.meta["proxy"] = lease.safe_url
+    if meta.get("proxy") == lease.url:
+        meta["proxy"] = lease.safe_url
