@@ -183,7 +183,9 @@ class _SortedKeys:
             if pos == len(chunks):
                 return
             head = chunks[pos]
-            yield from islice(head, bisect_left(head, key), None)
+            # By index: islice would step over the skipped part of the chunk one by one.
+            for index in range(bisect_left(head, key), len(head)):
+                yield head[index]
             pos += 1
         for index in range(pos, len(chunks)):
             yield from chunks[index]
