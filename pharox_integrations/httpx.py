@@ -8,10 +8,12 @@ bounded LRU of them), is judged by the broker's policy, moves to another proxy o
 ban or a proxy failure (bounded by `proxy_retries`), and gives the proxy back when the
 response stream is closed, never before.
 
-The decisions live in one I/O-free generator (`_Door.exchange` / `_Door.finish`) that
-yields what it needs done (`_Acquire`, `_Send`, `_Judge`, `_Release`, `_Close`); the
-sync and async transports only differ in how they carry those out.  The async side
-never blocks the event loop: a blocking storage (SQL) is called from a worker thread.
+The decisions live in one I/O-free generator (`_Door.exchange`) that yields what it
+needs done (`_Acquire`, `_Send`, `_Judge`, `_Release`, `_Close`); the sync and async
+transports only differ in how they carry those out.  Closing the response stream
+ends the request with plain calls (`_Door.settle`: report, release), no generator:
+it happens on every request and has no decision to share.  The async side never
+blocks the event loop: a blocking storage (SQL) is called from a worker thread.
 
 Per-request options go in `extensions={"pharox": {"pool": ..., "session": ...,
 "filters": ProxyFilters(...)}}`; the response says which proxy served it in
@@ -216,7 +218,7 @@ def _proxy_config(lease: ProxyLease) -> httpx.Proxy:
 # What the logic asks the sync or async side to do.
 
 
-@dataclass
+@dataclass(slots=True)
 class _Acquire:
     url: str
     pool: str | None
@@ -226,7 +228,7 @@ class _Acquire:
     avoid: Collection[UUID] = ()  # proxies this request already tried
 
 
-@dataclass
+@dataclass(slots=True)
 class _Send:
     transport: httpx.HTTPTransport | httpx.AsyncHTTPTransport
     request: httpx.Request
@@ -253,7 +255,7 @@ class _Close:
 _Op = _Acquire | _Send | _Judge | _Release | _Close
 
 
-@dataclass
+@dataclass(slots=True)
 class _Ticket:
     """What the response stream needs to finish its request when it is closed."""
 
