@@ -36,7 +36,8 @@ class ProxyAttempts:
             raise ValueError(f"retries={retries!r}: expected an integer >= 0")
         self.broker = broker
         self.retries_left = retries
-        self.attempts: list[ProxyAttempt] = []
+        # Raw outcomes; ProxyAttempt objects are built only when someone asks.
+        self._outcomes: list[ProxyAttempt | tuple[str, Verdict, int | None, BaseException | None]] = []
         #: proxies already tried: pass as `broker.acquire(..., avoid=attempts.tried)`
         self.tried: set[UUID] = set()
 
@@ -53,9 +54,18 @@ class ProxyAttempts:
         """Report the outcome to the broker and record it (and the proxy as tried); see `should_move`."""
         self.tried.add(lease.proxy_id)
         verdict = self.broker.report(lease, status_code, error, latency_ms, response=response, verdict=verdict)
-        detail = f"HTTP {status_code}" if error is None else describe_error(error)
-        self.attempts.append(ProxyAttempt(lease.safe_url, verdict.value, detail))
+        self._outcomes.append((lease.safe_url, verdict, status_code, error))
         return verdict
+
+    @property
+    def attempts(self) -> list[ProxyAttempt]:
+        """Each proxy's outcome, in order (built when asked: most requests never ask)."""
+        return [_built(outcome) for outcome in self._outcomes]
+
+    @attempts.setter
+    def attempts(self, earlier: list[ProxyAttempt]) -> None:
+        """Carry the story of a request across objects (Scrapy re-creates it per response)."""
+        self._outcomes = list(earlier)
 
     def should_move(self, verdict: Verdict) -> bool:
         """True (and one try used) when the verdict asks for another proxy and tries remain."""
@@ -67,3 +77,10 @@ class ProxyAttempts:
     def failure(self, cls: type[AllProxiesFailed] = AllProxiesFailed) -> AllProxiesFailed:
         """The error for a request whose every proxy failed (names each, no secret)."""
         return cls(self.attempts)
+
+
+def _built(outcome: ProxyAttempt | tuple[str, Verdict, int | None, BaseException | None]) -> ProxyAttempt:
+    if isinstance(outcome, ProxyAttempt):
+        return outcome
+    url, verdict, code, error = outcome
+    return ProxyAttempt(url, verdict.value, f"HTTP {code}" if error is None else describe_error(error))
