@@ -128,7 +128,7 @@ class LeaseBroker:
         self._last_scan: dict[str, float] = {}
         self._consumer_ready = consumer is None
         self._default_consumer_ready = False
-        self._filter_cache: dict[tuple[int, frozenset[ProxyProtocol]], tuple[Any, ProxyFilters | None]] = {}
+        self._filter_cache: dict[tuple[int, int], tuple[Any, Any, ProxyFilters | None]] = {}
         self._closed = False
         self.counters: dict[str, int] = {
             "acquired": 0,
@@ -463,14 +463,17 @@ class LeaseBroker:
         (a pydantic model per request would cost more than the memory lease itself)."""
         if protocols is None:
             return filters
-        key = (id(filters), frozenset(ProxyProtocol(p) for p in protocols))
+        # Keyed by identity: callers pass the same filters and protocol set (a module
+        # constant) on every request; the kept references make a stale id impossible.
+        key = (id(filters), id(protocols))
         cached = self._filter_cache.get(key)
-        if cached is None or cached[0] is not filters:
-            cached = (filters, with_protocols(filters, key[1]))
+        if cached is None or cached[0] is not filters or cached[1] is not protocols:
+            allowed = frozenset(ProxyProtocol(p) for p in protocols)
+            cached = (filters, protocols, with_protocols(filters, allowed))
             if len(self._filter_cache) >= 256:
                 self._filter_cache.clear()
             self._filter_cache[key] = cached
-        return cached[1]
+        return cached[2]
 
     def _ensure_consumer(self) -> None:
         if not self._consumer_ready and self.consumer:
