@@ -595,14 +595,15 @@ class LeaseBroker:
 
     def _wrap(self, lease: Lease, pool: str, session: str | None, proxy: Proxy | None = None) -> ProxyLease:
         pid = lease.proxy_id
-        with self._lock:
-            cached = self._proxies.get(pid)
-        if cached is None:
+        cached = self._proxies.get(pid)  # filled once per proxy, never changed: no lock
+        endpoint = self._endpoints.get(pid)
+        if cached is None or endpoint is None:
             cached = proxy or self.storage.get_proxy(str(pid))
+            endpoint = _Endpoint.of(cached)
             with self._lock:
+                self._endpoints[pid] = endpoint
                 self._proxies[pid] = cached
-                self._endpoints[pid] = _Endpoint.of(cached)
-        held = ProxyLease(lease, cached, self._endpoints[pid], pool, session)
+        held = ProxyLease(lease, cached, endpoint, pool, session)
         with self._lock:
             self._held[lease.id] = held
             self.counters["acquired"] += 1
@@ -739,12 +740,18 @@ class LeaseBroker:
         of the benched ones, their return time derived from the storage's records.
         """
         now = time.time()
+        mono = time.monotonic()
+        if not scan and not (self._revivals and self._revivals[0][0] <= now):
+            # The common case, decided without the lock (reads of a list and a dict are
+            # atomic in CPython; a stale answer only delays a revival to the next call).
+            last = self._last_scan.get(pool)
+            if last is not None and mono - last < self.revive_scan_seconds:
+                return
         due: list[UUID] = []
         with self._lock:
             while self._revivals and self._revivals[0][0] <= now:
                 _, pid, _pool = heapq.heappop(self._revivals)
                 due.append(pid)
-            mono = time.monotonic()
             last = self._last_scan.get(pool)
             interval = 1.0 if scan else self.revive_scan_seconds
             do_scan = last is None or mono - last >= interval
@@ -810,15 +817,12 @@ class LeaseBroker:
                 return False
             lease.released = True
             self._held.pop(lease.lease.id, None)
-        try:
-            if getattr(self.lease_manager, "_release_callbacks", True):
-                self.lease_manager.release_proxy(lease.lease)
-            else:  # the manager's steps without the event payload nobody listens to
-                lease.lease.released_at = lease.lease.released_at or datetime.now(timezone.utc)
-                self.storage.release_lease(lease.lease)
-        finally:
-            with self._lock:
-                self.counters["released"] += 1
+            self.counters["released"] += 1
+        if getattr(self.lease_manager, "_release_callbacks", True):
+            self.lease_manager.release_proxy(lease.lease)
+        else:  # the manager's steps without the event payload nobody listens to
+            lease.lease.released_at = lease.lease.released_at or datetime.now(timezone.utc)
+            self.storage.release_lease(lease.lease)
         return True
 
     async def report_async(self, lease: ProxyLease, *args: Any, **kwargs: Any) -> Verdict:

@@ -679,8 +679,8 @@ class MemoryStorage(IStorage):
         if duration_seconds <= 0:
             raise InvalidLeaseError("duration_seconds must be positive.")
         strategy = SelectorStrategy(selector) if selector is not None else _FIRST
-        self.cleanup_expired_leases()
-        with self._lock:
+        with self._lock:  # one contended acquisition; the sweep re-enters it (RLock)
+            self.cleanup_expired_leases()
             pool_id = self._pool_ids.get(pool_name)
             if pool_id is None:
                 return None
