@@ -1001,14 +1001,7 @@ def _step(steps: Generator[float, None, T]) -> tuple[bool, Any]:
 
 
 def _identity(proxy: Proxy) -> tuple[str, str, int, str | None, str | None]:
-    creds = proxy.credentials
-    return (
-        ProxyProtocol(proxy.protocol).value,
-        str(proxy.host).lower(),
-        proxy.port,
-        creds.user if creds else None,
-        creds.password if creds else None,
-    )
+    return ProxySpec.from_proxy(proxy).identity
 
 
 def _storage_blocks(storage: IStorage) -> bool:

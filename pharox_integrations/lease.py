@@ -11,7 +11,7 @@ from uuid import UUID
 from pharox import Lease, Proxy, ProxyProtocol
 
 from .health import Verdict
-from .settings import build_proxy_url, format_host
+from .settings import ProxySpec
 
 
 @dataclass(frozen=True)
@@ -28,18 +28,15 @@ class _Endpoint:
 
     @classmethod
     def of(cls, proxy: Proxy) -> _Endpoint:
-        protocol = ProxyProtocol(proxy.protocol)
-        host = str(proxy.host)
-        user = proxy.credentials.user if proxy.credentials else None
-        password = proxy.credentials.password if proxy.credentials else None
+        spec = ProxySpec.from_proxy(proxy)
         return cls(
-            url=build_proxy_url(protocol.value, host, proxy.port, user, password),
-            safe_url=f"{protocol.value}://{format_host(host)}:{proxy.port}",
-            protocol=protocol,
-            host=host,
-            port=proxy.port,
-            username=user,
-            password=password,
+            url=spec.url,
+            safe_url=spec.safe_url,
+            protocol=spec.protocol,
+            host=spec.host,
+            port=spec.port,
+            username=spec.username,
+            password=spec.password,
         )
 
 

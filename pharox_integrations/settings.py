@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any, Protocol
 from urllib.parse import quote, unquote
 
-from pharox import ProxyFilters, ProxyProtocol, SelectorStrategy
+from pharox import Proxy, ProxyFilters, ProxyProtocol, SelectorStrategy
 
 from .errors import ConfigurationError, InvalidProxyURL
 
@@ -44,6 +44,18 @@ class ProxySpec:
     port: int
     username: str | None = None
     password: str | None = field(default=None, repr=False)
+
+    @classmethod
+    def from_proxy(cls, proxy: Proxy) -> ProxySpec:
+        """The entry a stored pharox `Proxy` stands for."""
+        creds = proxy.credentials
+        return cls(
+            ProxyProtocol(proxy.protocol),
+            str(proxy.host),
+            proxy.port,
+            creds.user if creds else None,
+            creds.password if creds else None,
+        )
 
     @property
     def safe_url(self) -> str:
