@@ -14,9 +14,13 @@ from .health import Verdict
 from .settings import ProxySpec
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class _Endpoint:
-    """What clients need of a proxy, computed once per proxy id."""
+    """What clients need of a proxy, computed once per proxy id.
+
+    Slotted: a broker keeps one per proxy it has leased for as long as it runs, and
+    every long-lived container is walked by the garbage collector's full passes.
+    """
 
     url: str = field(repr=False)  # with percent-encoded credentials
     safe_url: str
@@ -48,7 +52,7 @@ class ProxyLease:
         "acquired_at",
         "lease",
         "pool",
-        "proxy",
+        "proxy_id",
         "released",
         "reported",
         "session",
@@ -56,9 +60,9 @@ class ProxyLease:
         "verdict",
     )
 
-    def __init__(self, lease: Lease, proxy: Proxy, endpoint: _Endpoint, pool: str, session: str | None) -> None:
+    def __init__(self, lease: Lease, endpoint: _Endpoint, pool: str, session: str | None) -> None:
         self.lease = lease
-        self.proxy = proxy
+        self.proxy_id: UUID = lease.proxy_id
         self._endpoint = endpoint
         self.pool = pool
         self.session = session
@@ -67,10 +71,6 @@ class ProxyLease:
         self.released = False
         self.reported = False
         self.verdict: Verdict | None = None
-
-    @property
-    def proxy_id(self) -> UUID:
-        return self.proxy.id
 
     @property
     def url(self) -> str:

@@ -962,6 +962,16 @@ class MemoryStorage(IStorage):
             entry = self._entries.get(proxy_id)
             return None if entry is None else _copy_proxy(entry.proxy)
 
+    def peek_proxy(self, proxy_id: UUID) -> Proxy | None:
+        """The stored proxy itself, not a copy: read it, never change it (extension).
+
+        The core reads a proxy's address once per proxy; a model copy for that costs
+        more than the lease.  A save replaces the stored object, so what a reader
+        holds never changes under it except for the lease count.
+        """
+        entry = self._entries.get(proxy_id)  # one dict read: atomic, no lock needed
+        return None if entry is None else entry.proxy
+
     def get_proxy(self, proxy_id: str) -> Proxy:
         """A copy of the proxy, or `ProxyNotFoundError`."""
         with self._lock:
