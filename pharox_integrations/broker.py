@@ -45,7 +45,7 @@ from pharox import (
 from .errors import ConfigurationError, NoProxyAvailable
 from .filters import ProtocolFilter, with_protocols
 from .health import BENCHED, HealthPolicy, Verdict, strikes_from_records
-from .lease import PoolHealth, ProxyLease, _Endpoint
+from .lease import LeaseHandle, PoolHealth, ProxyLease, _Endpoint
 from .settings import (
     PharoxSettings,
     ProxySpec,
@@ -158,7 +158,7 @@ class LeaseBroker:
         self.storage_blocks = _storage_blocks(self.storage) if storage_blocks is None else storage_blocks
         self.revive_scan_seconds = revive_scan_seconds
         self._lock = threading.RLock()
-        self._held: dict[UUID, ProxyLease] = {}
+        self._held: set[ProxyLease] = set()
         self._endpoints: dict[UUID, _Endpoint] = {}
         self._states: dict[UUID, _ProxyState] = {}
         self._sessions: OrderedDict[tuple[str, str], UUID] = OrderedDict()
@@ -348,7 +348,7 @@ class LeaseBroker:
         ids = {p.id for p in proxies}
         with self._lock:
             states = [s for pid, s in self._states.items() if pid in ids]
-            held = sum(1 for lease in self._held.values() if lease.pool == name)
+            held = sum(1 for lease in self._held if lease.pool == name)
             latencies = [x for s in states for x in s.latencies()]
         requests = sum(s.requests for s in states)
         successes = sum(s.successes for s in states)
@@ -556,7 +556,7 @@ class LeaseBroker:
             self.release(extra)
         return chosen
 
-    def _acquire_once(self, pool: str, filters: ProxyFilters | None) -> Lease | None:
+    def _acquire_once(self, pool: str, filters: ProxyFilters | None) -> Lease | LeaseHandle | None:
         """One acquisition attempt, through pharox's manager or the storage's one-step path.
 
         A storage with `acquire_lease` (our SQL storage) finds and leases in one
@@ -576,8 +576,13 @@ class LeaseBroker:
                 )
             one_step = self._find_and_lease
         consumer = self.consumer or ProxyManager.DEFAULT_CONSUMER_NAME
+        if not watched:
+            found: Lease | LeaseHandle | None = one_step(pool, consumer, self.lease_seconds, filters, self.selector)
+            return found
         started = datetime.now(timezone.utc)
-        lease: Lease | None = one_step(pool, consumer, self.lease_seconds, filters, self.selector)
+        lease = one_step(pool, consumer, self.lease_seconds, filters, self.selector)
+        if lease is not None and not isinstance(lease, Lease):
+            lease = lease.to_lease()  # the storage's own record: listeners get a pharox Lease
         if getattr(self.lease_manager, "_acquire_callbacks", None):
             completed = datetime.now(timezone.utc)
             self.lease_manager._notify_acquire(
@@ -630,7 +635,9 @@ class LeaseBroker:
             raise _StickyBusy() from None
         return self._wrap(lease, pool, session, proxy)
 
-    def _wrap(self, lease: Lease, pool: str, session: str | None, proxy: Proxy | None = None) -> ProxyLease:
+    def _wrap(
+        self, lease: Lease | LeaseHandle, pool: str, session: str | None, proxy: Proxy | None = None
+    ) -> ProxyLease:
         pid = lease.proxy_id
         endpoint = self._endpoints.get(pid)  # filled once per proxy, never changed: no lock
         if endpoint is None:
@@ -643,7 +650,7 @@ class LeaseBroker:
                 self._endpoints[pid] = endpoint
         held = ProxyLease(lease, endpoint, pool, session)
         with self._lock:
-            self._held[lease.id] = held
+            self._held.add(held)
             self.counters["acquired"] += 1
             self.peak_held = max(self.peak_held, len(self._held))
             state = self._states.get(pid)
@@ -857,13 +864,16 @@ class LeaseBroker:
             if lease.released:
                 return False
             lease.released = True
-            self._held.pop(lease.lease.id, None)
+            self._held.discard(lease)
             self.counters["released"] += 1
         if getattr(self.lease_manager, "_release_callbacks", True):
             self.lease_manager.release_proxy(lease.lease)
-        else:  # the manager's steps without the event payload nobody listens to
-            lease.lease.released_at = lease.lease.released_at or datetime.now(timezone.utc)
-            self.storage.release_lease(lease.lease)
+            return True
+        # The manager's steps without the event payload nobody listens to.
+        handle = lease._handle
+        if isinstance(handle, Lease):
+            handle.released_at = handle.released_at or datetime.now(timezone.utc)
+        self.storage.release_lease(handle)  # type: ignore[arg-type]  # or the storage's own record
         return True
 
     async def report_async(self, lease: ProxyLease, *args: Any, **kwargs: Any) -> Verdict:
@@ -926,7 +936,7 @@ class LeaseBroker:
 
     def held_leases(self) -> list[ProxyLease]:
         with self._lock:
-            return list(self._held.values())
+            return list(self._held)
 
     def close(self) -> int:
         """Release every lease still held; returns how many.  Safe to call twice."""

@@ -6,6 +6,7 @@ import base64
 import time
 from dataclasses import dataclass, field
 from datetime import datetime
+from typing import Protocol
 from uuid import UUID
 
 from pharox import Lease, Proxy, ProxyProtocol
@@ -44,13 +45,22 @@ class _Endpoint:
         )
 
 
+class LeaseHandle(Protocol):
+    """What a storage's one-step `acquire_lease` may hand out instead of a pharox `Lease`
+    (the memory storage's own record): given back to its `release_lease` as it is."""
+
+    proxy_id: UUID
+
+    def to_lease(self) -> Lease: ...
+
+
 class ProxyLease:
     """One leased proxy for one request.  `repr`/`str` never show credentials."""
 
     __slots__ = (
         "_endpoint",
-        "acquired_at",
-        "lease",
+        "_handle",
+        "_lease",
         "pool",
         "proxy_id",
         "released",
@@ -60,17 +70,28 @@ class ProxyLease:
         "verdict",
     )
 
-    def __init__(self, lease: Lease, endpoint: _Endpoint, pool: str, session: str | None) -> None:
-        self.lease = lease
+    def __init__(self, lease: Lease | LeaseHandle, endpoint: _Endpoint, pool: str, session: str | None) -> None:
+        self._handle = lease
+        self._lease = lease if isinstance(lease, Lease) else None
         self.proxy_id: UUID = lease.proxy_id
         self._endpoint = endpoint
         self.pool = pool
         self.session = session
-        self.acquired_at: datetime = lease.acquired_at
         self.started = time.monotonic()
         self.released = False
         self.reported = False
         self.verdict: Verdict | None = None
+
+    @property
+    def lease(self) -> Lease:
+        """The pharox `Lease` (built on first use when the storage handed out its own record)."""
+        if self._lease is None:
+            self._lease = self._handle.to_lease()  # type: ignore[union-attr]
+        return self._lease
+
+    @property
+    def acquired_at(self) -> datetime:
+        return self.lease.acquired_at
 
     @property
     def url(self) -> str:

@@ -190,7 +190,7 @@ class PharoxAdapter(HTTPAdapter):
         self.proxy_retries = proxy_retries
         self.trust_env = trust_env
         self._lock = threading.Lock()
-        self._held: dict[UUID, _Held] = {}
+        self._held: dict[ProxyLease, _Held] = {}
         self._pins: Counter[str] = Counter()
         self._local = threading.local()
         super().__init__(pool_connections, pool_maxsize, max_retries, pool_block)
@@ -321,13 +321,13 @@ class PharoxAdapter(HTTPAdapter):
     def _acquire(self, url: str, avoid: Collection[UUID] = ()) -> ProxyLease:
         lease = self.broker.acquire(url, pool=self.pool, filters=self.filters, protocols=_PROTOCOLS, avoid=avoid)
         with self._lock:
-            self._held[lease.lease.id] = _Held(lease)
+            self._held[lease] = _Held(lease)
         return lease
 
     def _release(self, lease: ProxyLease) -> None:
         """Return the lease to the broker; every path ends here (idempotent)."""
         with self._lock:
-            held = self._held.pop(lease.lease.id, None)
+            held = self._held.pop(lease, None)
         if held is not None and held.finalizer is not None:
             held.finalizer.detach()
         self.broker.release(lease)
@@ -413,7 +413,7 @@ class PharoxAdapter(HTTPAdapter):
         """
         raw = response.raw
         with self._lock:
-            held = self._held.get(lease.lease.id)
+            held = self._held.get(lease)
         if raw is None or held is None:
             return
         raw_ref = weakref.ref(raw)  # the wrappers live on raw: no reference cycle

@@ -345,8 +345,8 @@ class PharoxProxyManager(urllib3.ProxyManager):
         # None (no restriction) rather than ALL_PROTOCOLS keeps the storages' fast path.
         self.protocols = None if self._socks else HTTP_PROTOCOLS
         self._lock = threading.Lock()
-        self._held: dict[UUID, ProxyLease] = {}  # every lease this manager holds
-        self._streams: dict[UUID, ProxyLease] = {}  # those held by a response's body
+        self._held: dict[ProxyLease, ProxyLease] = {}  # every lease this manager holds
+        self._streams: dict[ProxyLease, ProxyLease] = {}  # those held by a response's body
         self._local = threading.local()
 
     # ------------------------------------------------------------------ urllib3 surface
@@ -415,7 +415,7 @@ class PharoxProxyManager(urllib3.ProxyManager):
                 continue
             if not kw.get("preload_content", True) and response.connection is not None:
                 with self._lock:
-                    self._streams[lease.lease.id] = lease
+                    self._streams[lease] = lease
                 _bind_lease(response, _LeaseOnResponse(self, lease))
             else:
                 self._release(lease)
@@ -537,13 +537,13 @@ class PharoxProxyManager(urllib3.ProxyManager):
             pool = self.lease_pool or self.broker.pool
             raise LeaseFailedError(f"could not lease a proxy from pool {pool!r}: {describe_error(exc)}") from exc
         with self._lock:
-            self._held[lease.lease.id] = lease
+            self._held[lease] = lease
         return lease
 
     def _release(self, lease: ProxyLease) -> None:
         with self._lock:
-            self._streams.pop(lease.lease.id, None)
-            if self._held.pop(lease.lease.id, None) is None:
+            self._streams.pop(lease, None)
+            if self._held.pop(lease, None) is None:
                 return
         self.broker.release(lease)
 

@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import heapq
 import threading
+import time
 from bisect import bisect_left, insort
 from collections import OrderedDict, deque
 from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
@@ -253,6 +254,53 @@ class _Pool:
         self.total_leases = 0
 
 
+class _LeaseRecord:
+    """A lease as the storage keeps it: plain slots, a pharox `Lease` built only when asked.
+
+    Building and copying a pydantic `Lease` per request cost more than the rest of
+    the lease (pydantic validation, `uuid4`'s system call, a copy to hand out), most
+    of all when a client's own work has pushed them out of the CPU caches.  The core
+    takes the record as it is (`acquire_lease`) and gives it back to `release_lease`;
+    pharox's API (`create_lease`, `get_lease`, `list_leases`) gets real `Lease`s.
+    """
+
+    __slots__ = ("acquired", "consumer_id", "expires", "id", "pool_id", "pool_name", "proxy_id", "released")
+
+    def __init__(
+        self, lease_id: int, proxy_id: UUID, consumer_id: UUID, pool: ProxyPool, acquired: float, expires: float
+    ) -> None:
+        self.id = lease_id  # a UUID's integer: `UUID(int=record.id)` is the lease id
+        self.proxy_id = proxy_id
+        self.consumer_id = consumer_id
+        self.pool_id = pool.id
+        self.pool_name = pool.name
+        self.acquired = acquired  # epoch seconds
+        self.expires = expires
+        self.released: float | None = None
+
+    def to_lease(self) -> Lease:
+        return Lease(
+            id=UUID(int=self.id),
+            proxy_id=self.proxy_id,
+            consumer_id=self.consumer_id,
+            pool_id=self.pool_id,
+            pool_name=self.pool_name,
+            status=LeaseStatus.ACTIVE if self.released is None else LeaseStatus.RELEASED,
+            acquired_at=_moment(self.acquired),
+            expires_at=_moment(self.expires),
+            released_at=None if self.released is None else _moment(self.released),
+        )
+
+
+def _moment(epoch: float) -> datetime:
+    return datetime.fromtimestamp(epoch, timezone.utc)
+
+
+def _lease_key(lease: Lease | _LeaseRecord) -> int:
+    lease_id = lease.id
+    return lease_id if isinstance(lease_id, int) else lease_id.int
+
+
 class _Query:
     """A filter split into what the indexes answer and what must be called."""
 
@@ -413,9 +461,13 @@ class MemoryStorage(IStorage):
         self._entries: dict[UUID, _Entry] = {}
         self._consumers: dict[str, UUID] = {}
         self._health: dict[UUID, deque[_Record]] = {}
-        self._leases: dict[UUID, Lease] = {}
-        self._released: OrderedDict[UUID, Lease] = OrderedDict()
-        self._expiry: list[tuple[datetime, UUID]] = []
+        self._leases: dict[int, _LeaseRecord] = {}
+        self._released: OrderedDict[int, _LeaseRecord] = OrderedDict()
+        self._expiry: list[tuple[float, int]] = []  # (expiry epoch, lease id)
+        # Lease ids: a random UUID's upper bits and a counter (unique in this storage,
+        # without a system call per lease).
+        self._id_base = uuid4().int & ~((1 << 48) - 1)
+        self._next_id = count(1)
         self._stale_expiry = 0
         self._seq = count()
 
@@ -660,7 +712,8 @@ class MemoryStorage(IStorage):
                 raise ProxyNotFoundError(f"Proxy with ID {proxy.id} not found in storage.")
             if not entry.available:
                 raise ProxyUnavailableError(f"Proxy {proxy.id} is no longer available.")
-            return self._lease(entry, consumer_id, duration_seconds)
+            record = self._lease(entry, consumer_id, duration_seconds)
+        return record.to_lease()
 
     def acquire_lease(
         self,
@@ -669,18 +722,21 @@ class MemoryStorage(IStorage):
         duration_seconds: int,
         filters: ProxyFilters | None = None,
         selector: SelectorStrategy | None = None,
-    ) -> Lease | None:
+    ) -> _LeaseRecord | None:
         """Find and lease in one step under the lock (extension; the core prefers it).
 
         pharox's manager finds (one proxy copy) then leases (a race window); here the
         pick and the lease happen together, so neither the copy nor the race exists.
         Expired leases are swept first, as pharox's manager does before every acquire.
+        Returns the storage's own record (`to_lease()` for a pharox `Lease`); give it
+        back to `release_lease` as it is.
         """
         if duration_seconds <= 0:
             raise InvalidLeaseError("duration_seconds must be positive.")
         strategy = SelectorStrategy(selector) if selector is not None else _FIRST
         with self._lock:  # one contended acquisition; the sweep re-enters it (RLock)
-            self.cleanup_expired_leases()
+            if self._expiry and self._expiry[0][0] < time.time():
+                self.cleanup_expired_leases()
             pool_id = self._pool_ids.get(pool_name)
             if pool_id is None:
                 return None
@@ -695,38 +751,38 @@ class MemoryStorage(IStorage):
                 pool.rr_last = entry.uid
             return self._lease(entry, consumer_id, duration_seconds)
 
-    def _lease(self, entry: _Entry, consumer_id: UUID, duration_seconds: int) -> Lease:
-        now = datetime.now(timezone.utc)
+    def _lease(self, entry: _Entry, consumer_id: UUID, duration_seconds: int) -> _LeaseRecord:
+        now = time.time()
         pool = entry.pool
-        lease = Lease(
-            id=uuid4(),
-            proxy_id=entry.proxy.id,
-            consumer_id=consumer_id,
-            pool_id=pool.model.id,
-            pool_name=pool.model.name,
-            acquired_at=now,
-            expires_at=now + timedelta(seconds=duration_seconds),
+        record = _LeaseRecord(
+            self._id_base | next(self._next_id),
+            entry.proxy.id,
+            consumer_id,
+            pool.model,
+            now,
+            now + duration_seconds,
         )
-        self._leases[lease.id] = lease
-        heapq.heappush(self._expiry, (lease.expires_at, lease.id))
+        self._leases[record.id] = record
+        heapq.heappush(self._expiry, (record.expires, record.id))
         entry.proxy.current_leases += 1
         pool.total_leases += 1
         self._refresh(entry)
-        return lease.model_copy()
+        return record
 
-    def release_lease(self, lease: Lease) -> None:
-        """Release an active lease; unknown or already released leases are ignored."""
+    def release_lease(self, lease: Lease | _LeaseRecord) -> None:
+        """Release an active lease; unknown or already released leases are ignored.
+
+        Takes a pharox `Lease` or the record `acquire_lease` handed out.
+        """
+        released = lease.released_at.timestamp() if isinstance(lease, Lease) and lease.released_at else None
         with self._lock:
-            self._release(lease.id, lease.released_at)
+            self._release(_lease_key(lease), released)
 
-    def _release(
-        self, lease_id: UUID, released_at: datetime | None, *, compact: bool = True
-    ) -> bool:
+    def _release(self, lease_id: int, released_at: float | None, *, compact: bool = True) -> bool:
         stored = self._leases.pop(lease_id, None)
         if stored is None:
             return False
-        stored.status = LeaseStatus.RELEASED
-        stored.released_at = released_at or datetime.now(timezone.utc)
+        stored.released = released_at or time.time()
         self._remember_released(stored)
         entry = self._entries.get(stored.proxy_id)
         if entry is not None and entry.proxy.current_leases > 0:
@@ -737,16 +793,16 @@ class MemoryStorage(IStorage):
         if compact and self._stale_expiry > 2 * len(self._leases) + 1024:
             # The heap still holds entries of leases released before expiring;
             # rebuild it from live leases so it never outgrows them for long.
-            self._expiry = [(kept.expires_at, kept.id) for kept in self._leases.values()]
+            self._expiry = [(kept.expires, kept.id) for kept in self._leases.values()]
             heapq.heapify(self._expiry)
             self._stale_expiry = 0
         return True
 
-    def _remember_released(self, lease: Lease) -> None:
+    def _remember_released(self, lease: _LeaseRecord) -> None:
         if self._released_window == 0:
             return
         self._released[lease.id] = lease
-        while len(self._released) > self._released_window:
+        if len(self._released) > self._released_window:
             self._released.popitem(last=False)
 
     def cleanup_expired_leases(self) -> int:
@@ -755,7 +811,7 @@ class MemoryStorage(IStorage):
             heap = self._expiry
             if not heap:
                 return 0
-            now = datetime.now(timezone.utc)
+            now = time.time()
             cleaned = 0
             while heap and heap[0][0] < now:
                 _, lease_id = heapq.heappop(heap)
@@ -1033,17 +1089,17 @@ class MemoryStorage(IStorage):
             uid = _as_uuid(lease_id)
             if uid is None:
                 return None
-            lease = self._leases.get(uid) or self._released.get(uid)
-            return None if lease is None else lease.model_copy()
+            lease = self._leases.get(uid.int) or self._released.get(uid.int)
+        return None if lease is None else lease.to_lease()
 
     def list_leases(self, consumer_id: str | None = None) -> list[Lease]:
         """Active leases, then the recently released window."""
         with self._lock:
-            leases: Iterable[Lease] = chain(self._leases.values(), self._released.values())
-            if consumer_id is not None:
-                wanted = _as_uuid(consumer_id)
-                leases = [lease for lease in leases if lease.consumer_id == wanted]
-            return [lease.model_copy() for lease in leases]
+            records: Iterable[_LeaseRecord] = list(chain(self._leases.values(), self._released.values()))
+        if consumer_id is not None:
+            wanted = _as_uuid(consumer_id)
+            records = [lease for lease in records if lease.consumer_id == wanted]
+        return [lease.to_lease() for lease in records]
 
     def active_lease_count(self) -> int:
         """How many leases are held right now (diagnostics and tests)."""
