@@ -295,6 +295,11 @@ class LeaseBroker:
             )
         if new:
             self.storage.add_proxies_bulk(new)
+            # What clients need of each proxy, made now rather than on its first
+            # lease (where it cost ~30 µs with cold caches).
+            endpoints = {proxy.id: _Endpoint.of(proxy) for proxy in new}
+            with self._lock:
+                self._endpoints.update(endpoints)
         return new
 
     def remove_proxy(self, proxy: str | UUID | Proxy, *, pool: str | None = None) -> bool:

@@ -52,6 +52,7 @@ import weakref
 from collections import Counter, OrderedDict
 from collections.abc import Callable, Collection, Iterator, Mapping
 from dataclasses import dataclass
+from types import SimpleNamespace
 from typing import Any
 from uuid import UUID
 
@@ -210,6 +211,7 @@ class PharoxAdapter(HTTPAdapter):
     def init_poolmanager(self, connections: int, maxsize: int, block: bool = DEFAULT_POOLBLOCK, **kw: Any) -> None:
         super().init_poolmanager(connections, maxsize, block, **kw)
         self._max_managers = max(1, connections)
+        self._pool_args = (connections, maxsize, block)
         # requests' own cache is a plain dict that grows by one manager per proxy
         # forever; ours is ordered by last use and bounded by `pool_connections`.
         self.proxy_manager = OrderedDict()
@@ -221,22 +223,44 @@ class PharoxAdapter(HTTPAdapter):
         its pools between "get a pool" and "get a connection" would fail the request.
         An evicted manager is `clear()`ed; a response still streaming from one of its
         connections keeps reading, and that connection is closed when released.
+        A new manager is built outside the lock (threads rotating over many proxies
+        would otherwise queue behind each other's construction).
         """
         with self._lock:
-            cache = self.proxy_manager
-            manager = cache.get(proxy)
-            if manager is None:
-                manager = super().proxy_manager_for(proxy, **proxy_kwargs)  # stores it in the cache
-            else:
-                assert isinstance(cache, OrderedDict)
-                cache.move_to_end(proxy)
-            pins: list[str] | None = getattr(self._local, "pins", None)
-            if pins is not None:
-                pins.append(proxy)
-                self._pins[proxy] += 1
-            evicted = self._evict()
+            manager = self.proxy_manager.get(proxy)
+            evicted = self._use(proxy) if manager is not None else []
+        if manager is None:
+            fresh = self._build_manager(proxy, **proxy_kwargs)
+            with self._lock:
+                manager = self.proxy_manager.setdefault(proxy, fresh)  # another thread may have won
+                evicted = self._use(proxy)
+            if manager is not fresh:
+                fresh.clear()  # nothing was opened through it
         self._close_later(evicted)
         return manager
+
+    def _build_manager(self, proxy: str, **proxy_kwargs: Any) -> Any:
+        """requests' own construction (SOCKS or HTTP, `proxy_headers`), into a scratch cache."""
+        connections, maxsize, block = self._pool_args
+        scratch = SimpleNamespace(
+            proxy_manager={},
+            proxy_headers=self.proxy_headers,
+            _pool_connections=connections,
+            _pool_maxsize=maxsize,
+            _pool_block=block,
+        )
+        return HTTPAdapter.proxy_manager_for(scratch, proxy, **proxy_kwargs)  # type: ignore[arg-type]
+
+    def _use(self, proxy: str) -> list[Any]:
+        """Mark `proxy` most recently used, pin it for this send, evict (caller holds the lock)."""
+        cache = self.proxy_manager
+        assert isinstance(cache, OrderedDict)
+        cache.move_to_end(proxy)
+        pins: list[str] | None = getattr(self._local, "pins", None)
+        if pins is not None:
+            pins.append(proxy)
+            self._pins[proxy] += 1
+        return self._evict()
 
     def _evict(self) -> list[Any]:
         """Drop least-recently-used unpinned managers beyond the bound (caller holds the lock)."""
