@@ -470,6 +470,7 @@ class MemoryStorage(IStorage):
         self._next_id = count(1)
         self._stale_expiry = 0
         self._seq = count()
+        self._queries: dict[int, tuple[ProxyFilters, _Query | None]] = {}
 
     # ------------------------------------------------------------------
     # Index maintenance (caller holds the lock)
@@ -624,6 +625,23 @@ class MemoryStorage(IStorage):
         for key in order.iter_from():
             yield key[-1]
 
+    def _compiled(self, filters: ProxyFilters) -> _Query | None:
+        """`filters` split for the indexes (None: contradictory), once per filters object.
+
+        Doors pass the same object on every request (the core caches the one made
+        for their protocols); splitting it again cost as much as the pick.  A filters
+        object is taken as a value: change filters by passing a new one.
+        """
+        cached = self._queries.get(id(filters))
+        if cached is not None and cached[0] is filters:
+            return cached[1]
+        query = _Query()
+        compiled = query if query.add(filters) else None
+        if len(self._queries) >= 256:
+            self._queries.clear()
+        self._queries[id(filters)] = (filters, compiled)  # the kept reference pins the id
+        return compiled
+
     def _scan_key(self, pool: _Pool, strategy: SelectorStrategy, entry: _Entry) -> _Key:
         if strategy is _ROUND_ROBIN:
             last = pool.rr_last
@@ -637,8 +655,8 @@ class MemoryStorage(IStorage):
             return None
         if filters is None:
             return next(self._walk(pool, strategy), None)
-        query = _Query()
-        if not query.add(filters):
+        query = self._compiled(filters)
+        if query is None:
             return None
         protocols = query.protocols
         candidate_sets: list[Collection[_Entry]] = []
