@@ -403,6 +403,10 @@ class LeaseBroker:
         the proxies to those the calling client can speak; `session` keeps one proxy
         for a sticky session while it stays healthy.
         """
+        if session is None and not avoid:
+            fast = self._acquire_now(pool, filters, protocols)
+            if fast is not None:
+                return fast
         steps = self._acquire_steps(pool, filters, session, protocols, timeout, avoid)
         try:
             while True:
@@ -423,6 +427,10 @@ class LeaseBroker:
         avoid: Collection[UUID] = (),
     ) -> ProxyLease:
         """`acquire` for asyncio: waits with `asyncio.sleep`, blocking storages off the loop."""
+        if session is None and not avoid and not self.storage_blocks:
+            fast = self._acquire_now(pool, filters, protocols)
+            if fast is not None:
+                return fast
         steps = self._acquire_steps(pool, filters, session, protocols, timeout, avoid)
         while True:
             if self.storage_blocks:
@@ -465,6 +473,23 @@ class LeaseBroker:
         if self.storage_blocks:
             return await asyncio.to_thread(fn, *args)
         return fn(*args)
+
+    def _acquire_now(
+        self, pool: str | None, filters: ProxyFilters | None, protocols: Collection[ProxyProtocol | str] | None
+    ) -> ProxyLease | None:
+        """The first attempt of the common request (no session, nothing to avoid), without
+        the waiting machinery; None sends the caller down the full path, which tries again."""
+        if self._closed:
+            return None  # the full path says why
+        name = pool or self.pool
+        effective = self._effective_filters(filters if filters is not None else self.filters, protocols)
+        self._revive_due(name)
+        self._ensure_consumer()
+        try:
+            lease = self._acquire_once(name, effective)
+        except ProxyUnavailableError:
+            return None
+        return None if lease is None else self._wrap(lease, name, None)
 
     def _acquire_steps(
         self,

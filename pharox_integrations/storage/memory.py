@@ -229,6 +229,7 @@ class _Pool:
     __slots__ = (
         "active",
         "available",
+        "by_count",
         "by_field",
         "by_protocol",
         "by_status",
@@ -244,6 +245,7 @@ class _Pool:
         self.model = model
         self.entries: dict[UUID, _Entry] = {}
         self.orders: dict[_OrderId, _SortedKeys] = {}
+        self.by_count = False  # some order is LEAST_USED: keys change with every lease
         self.by_status: dict[ProxyStatus, dict[UUID, _Entry]] = {}
         self.by_protocol: dict[ProxyProtocol, dict[UUID, _Entry]] = {}
         self.by_field: dict[tuple[str, object], dict[UUID, _Entry]] = {}
@@ -528,6 +530,24 @@ class MemoryStorage(IStorage):
                 order.add(new)
                 entry.keys[order_id] = new
 
+    def _recount(self, entry: _Entry) -> None:
+        """`_refresh` after a lease or a release, when only the lease count changed.
+
+        Only LEAST_USED orders its index by lease count; the others keep their keys
+        unless the proxy filled up or freed its last slot.
+        """
+        pool = entry.pool
+        proxy = entry.proxy
+        leases = proxy.current_leases
+        leased = leases > 0
+        if leased is not entry.leased:
+            pool.leased += 1 if leased else -1
+            entry.leased = leased
+        limit = proxy.max_concurrency
+        if entry.available is (entry.active and (limit is None or leases < limit)) and not pool.by_count:
+            return
+        self._refresh(entry)
+
     def _attach(self, entry: _Entry) -> None:
         pool = entry.pool
         proxy = entry.proxy
@@ -606,6 +626,7 @@ class MemoryStorage(IStorage):
                     entry.keys[order_id] = key
                     keys.append(key)
             order = pool.orders[order_id] = _SortedKeys(keys)
+            pool.by_count = pool.by_count or strategy is _LEAST_USED
         return order
 
     def _walk(
@@ -784,7 +805,7 @@ class MemoryStorage(IStorage):
         heapq.heappush(self._expiry, (record.expires, record.id))
         entry.proxy.current_leases += 1
         pool.total_leases += 1
-        self._refresh(entry)
+        self._recount(entry)
         return record
 
     def release_lease(self, lease: Lease | _LeaseRecord) -> None:
@@ -806,7 +827,7 @@ class MemoryStorage(IStorage):
         if entry is not None and entry.proxy.current_leases > 0:
             entry.proxy.current_leases -= 1
             entry.pool.total_leases -= 1
-            self._refresh(entry)
+            self._recount(entry)
         self._stale_expiry += 1
         if compact and self._stale_expiry > 2 * len(self._leases) + 1024:
             # The heap still holds entries of leases released before expiring;
