@@ -7,6 +7,8 @@ tries left and keeps the per-proxy story for the final error.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from http.client import RemoteDisconnected
 from typing import Any
 from uuid import UUID
 
@@ -26,6 +28,35 @@ def mask_credentials(text: str) -> str:
     import re
 
     return re.sub(r"(?P<scheme>[a-z][a-z0-9+.-]*://)[^/\s@]+@", r"\g<scheme>***@", text, flags=re.I)
+
+
+def causes(exc: BaseException) -> Iterator[BaseException]:
+    """`exc` and what it wraps: `__cause__`, `__context__`, urllib3's `.reason`, exception args."""
+    seen: set[int] = set()
+    todo: list[BaseException] = [exc]
+    while todo and len(seen) < 32:
+        current = todo.pop()
+        if id(current) in seen:
+            continue
+        seen.add(id(current))
+        yield current
+        linked = [current.__cause__, current.__context__, getattr(current, "reason", None), *current.args]
+        todo.extend(x for x in linked if isinstance(x, BaseException))
+
+
+def is_dropped_connection(exc: BaseException) -> bool:
+    """True when the proxy closed the connection before answering at all.
+
+    Real proxies close idle keep-alive connections, and a client reusing one at that
+    moment gets this; doors send such a request once more (on a new connection)
+    before it counts against the proxy.
+    """
+    for cause in causes(exc):
+        if isinstance(cause, (RemoteDisconnected, ConnectionResetError, BrokenPipeError)):
+            return True
+        if "disconnected without sending a response" in str(cause):  # httpcore's wording
+            return True
+    return False
 
 
 class ProxyAttempts:

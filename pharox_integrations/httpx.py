@@ -36,7 +36,7 @@ from uuid import UUID
 import httpx
 from pharox import ProxyFilters, ProxyProtocol
 
-from .attempts import ProxyAttempts, describe_error
+from .attempts import ProxyAttempts, describe_error, is_dropped_connection
 from .broker import HTTP_PROTOCOLS, LeaseBroker, ProxyLease
 from .errors import (
     AllProxiesFailed,
@@ -355,7 +355,7 @@ class _Door(Generic[T]):
                 if stale:
                     yield _Close(transports=stale)
                 try:
-                    response: httpx.Response = yield _Send(route.transport, request)
+                    response: httpx.Response = yield from _send(route, request, replayable)
                 except Exception as exc:
                     idle = self.routes.checkin(route)
                     if idle is not None:
@@ -458,6 +458,18 @@ class _Door(Generic[T]):
 
     def _bind(self, stream: Any, ticket: _Ticket) -> httpx.SyncByteStream | httpx.AsyncByteStream:
         raise NotImplementedError
+
+
+def _send(route: _Route[Any], request: httpx.Request, replayable: bool) -> Generator[_Op, Any, httpx.Response]:
+    """Send; a kept-alive connection the proxy closed before answering is tried once more
+    (httpcore takes another connection) before the error counts against the proxy."""
+    try:
+        response: httpx.Response = yield _Send(route.transport, request)
+    except Exception as exc:
+        if not (replayable and is_dropped_connection(exc)):
+            raise
+        response = yield _Send(route.transport, request)
+    return response
 
 
 def _no_proxy(exc: NoProxyAvailable, request: httpx.Request) -> NoProxyAvailableError:

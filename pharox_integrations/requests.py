@@ -50,7 +50,7 @@ import sys
 import threading
 import weakref
 from collections import Counter, OrderedDict
-from collections.abc import Callable, Collection, Iterator, Mapping
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass
 from types import SimpleNamespace
 from typing import Any
@@ -64,7 +64,7 @@ from requests.models import PreparedRequest, Response
 from requests.utils import get_environ_proxies, select_proxy, should_bypass_proxies
 from urllib3.util.retry import Retry
 
-from .attempts import ProxyAttempts
+from .attempts import ProxyAttempts, causes, is_dropped_connection
 from .broker import HTTP_PROTOCOLS, LeaseBroker, ProxyLease
 from .errors import AllProxiesFailed, NoProxyAvailable, ProxyAuthenticationFailed
 from .health import Verdict
@@ -367,6 +367,7 @@ class PharoxAdapter(HTTPAdapter):
             lease = self._acquire(url)
         except NoProxyAvailable as exc:
             raise _no_proxy_error(exc, request) from exc
+        resent = False
         while True:
             response: Response | None = None
             try:
@@ -380,6 +381,9 @@ class PharoxAdapter(HTTPAdapter):
             except Exception as exc:
                 if response is not None:
                     response.close()
+                elif not resent and _replayable(request) and is_dropped_connection(exc):
+                    resent = True  # a kept-alive connection the proxy had closed: once more, same proxy
+                    continue
                 try:
                     verdict = _judge_error(attempts, lease, exc)
                 finally:
@@ -492,18 +496,9 @@ class PharoxAdapter(HTTPAdapter):
 # ---------------------------------------------------------------------- helpers
 
 
-def _causes(exc: BaseException) -> Iterator[BaseException]:
-    """`exc` and what it wraps: requests → urllib3 `MaxRetryError.reason` → causes."""
-    seen: set[int] = set()
-    todo: list[BaseException] = [exc]
-    while todo and len(seen) < 32:
-        current = todo.pop()
-        if id(current) in seen:
-            continue
-        seen.add(id(current))
-        yield current
-        linked = [current.__cause__, current.__context__, getattr(current, "reason", None), *current.args]
-        todo.extend(x for x in linked if isinstance(x, BaseException))
+def _replayable(request: PreparedRequest) -> bool:
+    """A body requests can send again as it is (not a generator or file already read)."""
+    return request.body is None or isinstance(request.body, (bytes, str))
 
 
 def _door_verdict(exc: BaseException) -> tuple[Verdict | None, int | None]:
@@ -515,7 +510,7 @@ def _door_verdict(exc: BaseException) -> tuple[Verdict | None, int | None]:
     """
     if isinstance(exc, (ValueError, ContentDecodingError)):
         return Verdict.TARGET_ERROR, None
-    for cause in _causes(exc):
+    for cause in causes(exc):
         match = _TUNNEL_STATUS.search(str(cause)) if isinstance(cause, OSError) else None
         if match:
             return None, int(match.group(1))
@@ -534,7 +529,7 @@ def _judge_error(attempts: ProxyAttempts, lease: ProxyLease, exc: BaseException)
 def _auth_failed(attempts: ProxyAttempts, exc: BaseException) -> bool:
     if attempts.attempts and attempts.attempts[-1].detail == "HTTP 407":
         return True
-    return any(isinstance(c, _SOCKS_AUTH_ERRORS) for c in _causes(exc))
+    return any(isinstance(c, _SOCKS_AUTH_ERRORS) for c in causes(exc))
 
 
 def _all_failed(
