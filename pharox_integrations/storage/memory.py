@@ -506,11 +506,7 @@ class MemoryStorage(IStorage):
         if active is not entry.active:
             pool.active += 1 if active else -1
             entry.active = active
-        leases = proxy.current_leases
-        leased = leases > 0
-        if leased is not entry.leased:
-            pool.leased += 1 if leased else -1
-            entry.leased = leased
+        leases = self._count_leased(entry)
         limit = proxy.max_concurrency
         available = active and (limit is None or leases < limit)
         if available is not entry.available:
@@ -536,17 +532,21 @@ class MemoryStorage(IStorage):
         Only LEAST_USED orders its index by lease count; the others keep their keys
         unless the proxy filled up or freed its last slot.
         """
-        pool = entry.pool
-        proxy = entry.proxy
-        leases = proxy.current_leases
-        leased = leases > 0
-        if leased is not entry.leased:
-            pool.leased += 1 if leased else -1
-            entry.leased = leased
-        limit = proxy.max_concurrency
-        if entry.available is (entry.active and (limit is None or leases < limit)) and not pool.by_count:
+        leases = self._count_leased(entry)
+        limit = entry.proxy.max_concurrency
+        if entry.available is (entry.active and (limit is None or leases < limit)) and not entry.pool.by_count:
             return
         self._refresh(entry)
+
+    @staticmethod
+    def _count_leased(entry: _Entry) -> int:
+        """The proxy's lease count, with the pool's count of leased proxies brought in line."""
+        leases = entry.proxy.current_leases
+        leased = leases > 0
+        if leased is not entry.leased:
+            entry.pool.leased += 1 if leased else -1
+            entry.leased = leased
+        return leases
 
     def _attach(self, entry: _Entry) -> None:
         pool = entry.pool
