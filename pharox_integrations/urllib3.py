@@ -641,11 +641,20 @@ class PharoxProxyManager(urllib3.ProxyManager):
             key += (repr(sorted(pool_kwargs.items())),)
         with self.pools.lock:  # also serialises eviction (`_dispose`) and the in-use counts
             pool = self.pools.get(key)
+            if pool is not None:
+                self._in_use[pool] = self._in_use.get(pool, 0) + 1
+                hop.pools.append(pool)
+                return pool
+        # Built outside the lock: threads rotating over many proxies would queue on it.
+        fresh = self._new_proxy_pool(lease, socks, scheme, host, port, pool_kwargs)
+        with self.pools.lock:
+            pool = self.pools.get(key)
             if pool is None:
-                pool = self._new_proxy_pool(lease, socks, scheme, host, port, pool_kwargs)
-                self.pools[key] = pool
+                pool = self.pools[key] = fresh
             self._in_use[pool] = self._in_use.get(pool, 0) + 1
             hop.pools.append(pool)
+        if pool is not fresh:
+            fresh.close()  # another thread made it first; this one never connected
         return pool
 
     def _new_proxy_pool(
