@@ -29,8 +29,10 @@ order; a filter made only of such parts may walk the whole available set.
 Released leases are kept only in a small window (for `get_lease`/`list_leases`
 right after release) and health records, stored compactly, in a ring buffer per
 proxy, so memory and cost stay flat however long the process runs.  Every public method takes one
-lock; objects handed out are shallow copies (all their fields are immutable apart
-from the credentials, which are copied too), never the stored instances.
+lock; pharox models handed out are shallow copies (all their fields are immutable apart
+from the credentials, which are copied too), never the stored instances.  Two
+extensions the core uses are the exceptions, for speed: `acquire_lease` hands out the
+storage's own lease record and `peek_proxy` the stored proxy, both read-only.
 """
 
 from __future__ import annotations
