@@ -1,6 +1,6 @@
 """Pages/s of one Scrapy crawl through a real local proxy: static proxy vs leasing vs rotating-proxies.
 
-    python benchmarks/bench_scrapy.py            # 2,000 pages per crawl, median of 5 crawls per row (crawls swing ±5 % here)
+    python benchmarks/bench_scrapy.py            # 2,000 pages per crawl, median of 5 crawls per row
     python benchmarks/bench_scrapy.py --quick    # 300 pages, 1 crawl per row
 
 Rows, every crawl through the SAME proxy process to the same target, CONCURRENT_REQUESTS=32
