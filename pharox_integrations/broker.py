@@ -478,18 +478,13 @@ class LeaseBroker:
         self, pool: str | None, filters: ProxyFilters | None, protocols: Collection[ProxyProtocol | str] | None
     ) -> ProxyLease | None:
         """The first attempt of the common request (no session, nothing to avoid), without
-        the waiting machinery; None sends the caller down the full path, which tries again."""
+        the waiting generator; None sends the caller down the full path, which tries again."""
         if self._closed:
             return None  # the full path says why
         name = pool or self.pool
         effective = self._effective_filters(filters if filters is not None else self.filters, protocols)
         self._revive_due(name)
-        self._ensure_consumer()
-        try:
-            lease = self._acquire_once(name, effective)
-        except ProxyUnavailableError:
-            return None
-        return None if lease is None else self._wrap(lease, name, None)
+        return self._try_acquire(name, effective, None)
 
     def _acquire_steps(
         self,

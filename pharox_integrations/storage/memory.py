@@ -722,18 +722,24 @@ class MemoryStorage(IStorage):
         selector: SelectorStrategy | None = None,
     ) -> Proxy | None:
         """Pick an available proxy of the pool through the selector's index."""
-        strategy = SelectorStrategy(selector) if selector is not None else _FIRST
         with self._lock:
-            pool_id = self._pool_ids.get(pool_name)
-            if pool_id is None:
-                return None
-            pool = self._pools[pool_id]
-            entry = self._select(pool, strategy, filters)
-            if entry is None:
-                return None
-            if strategy is _ROUND_ROBIN:
-                pool.rr_last = entry.uid
-            return _copy_proxy(entry.proxy)
+            entry = self._pick(pool_name, filters, selector)
+            return None if entry is None else _copy_proxy(entry.proxy)
+
+    def _pick(
+        self, pool_name: str, filters: ProxyFilters | None, selector: SelectorStrategy | None
+    ) -> _Entry | None:
+        """The selector's choice among the pool's available proxies, round-robin cursor
+        moved past it (caller holds the lock)."""
+        pool_id = self._pool_ids.get(pool_name)
+        if pool_id is None:
+            return None
+        pool = self._pools[pool_id]
+        strategy = SelectorStrategy(selector) if selector is not None else _FIRST
+        entry = self._select(pool, strategy, filters)
+        if entry is not None and strategy is _ROUND_ROBIN:
+            pool.rr_last = entry.uid
+        return entry
 
     def create_lease(self, proxy: Proxy, consumer_name: str, duration_seconds: int) -> Lease:
         """Lease `proxy`; refuses one that is full or no longer ACTIVE.
@@ -774,22 +780,15 @@ class MemoryStorage(IStorage):
         """
         if duration_seconds <= 0:
             raise InvalidLeaseError("duration_seconds must be positive.")
-        strategy = SelectorStrategy(selector) if selector is not None else _FIRST
         with self._lock:  # one contended acquisition; the sweep re-enters it (RLock)
             if self._expiry and self._expiry[0][0] < time.time():
                 self.cleanup_expired_leases()
-            pool_id = self._pool_ids.get(pool_name)
-            if pool_id is None:
+            entry = self._pick(pool_name, filters, selector)
+            if entry is None:
                 return None
             consumer_id = self._consumers.get(consumer_name)
             if consumer_id is None:
                 consumer_id = self._consumers[consumer_name] = uuid4()
-            pool = self._pools[pool_id]
-            entry = self._select(pool, strategy, filters)
-            if entry is None:
-                return None
-            if strategy is _ROUND_ROBIN:
-                pool.rr_last = entry.uid
             return self._lease(entry, consumer_id, duration_seconds)
 
     def _lease(self, entry: _Entry, consumer_id: UUID, duration_seconds: int) -> _LeaseRecord:
