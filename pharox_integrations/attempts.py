@@ -81,10 +81,16 @@ class ProxyAttempts:
         response: Any = None,
         latency_ms: float | None = None,
         verdict: Verdict | None = None,
+        release: bool = False,
     ) -> Verdict:
-        """Report the outcome to the broker and record it (and the proxy as tried); see `should_move`."""
+        """Report the outcome to the broker and record it (and the proxy as tried); see `should_move`.
+
+        `release=True`: the request is done with the proxy; give it back in the same
+        broker call (`LeaseBroker.finish`), even when the report fails.
+        """
         self.tried.add(lease.proxy_id)
-        verdict = self.broker.report(lease, status_code, error, latency_ms, response=response, verdict=verdict)
+        report = self.broker.finish if release else self.broker.report
+        verdict = report(lease, status_code, error, latency_ms, response=response, verdict=verdict)
         self._outcomes.append((lease.safe_url, verdict, status_code, error))
         return verdict
 

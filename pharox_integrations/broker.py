@@ -65,6 +65,7 @@ ALL_PROTOCOLS = frozenset(ProxyProtocol)
 _REVIVED = "revived after cool-down"
 _RACE_RETRIES = 8  # ProxyUnavailableError races retried at once before waiting
 _SESSIONS_MAX = 10_000
+_DEFAULT_CONSUMER = ProxyManager.DEFAULT_CONSUMER_NAME
 
 
 class _ProxyState:
@@ -167,7 +168,11 @@ class LeaseBroker:
         self._consumer_ready = consumer is None
         self._default_consumer_ready = False
         self._filter_cache: dict[tuple[int, int], tuple[Any, Any, ProxyFilters | None]] = {}
+        self._last_filters: tuple[Any, Any, ProxyFilters | None] = (object(), object(), None)
         self._closed = False
+        # The storage's find-and-lease in one step (ours have it), for the common acquire.
+        one_step = getattr(self.storage, "acquire_lease", None)
+        self._one_step: Callable[..., Lease | LeaseHandle | None] | None = one_step if callable(one_step) else None
         self.counters: dict[str, int] = {
             "acquired": 0,
             "released": 0,
@@ -484,7 +489,14 @@ class LeaseBroker:
         name = pool or self.pool
         effective = self._effective_filters(filters if filters is not None else self.filters, protocols)
         self._revive_due(name)
-        return self._try_acquire(name, effective, None)
+        one_step = self._one_step
+        if one_step is None or getattr(self.lease_manager, "_acquire_callbacks", True) or not self._consumer_ready:
+            return self._try_acquire(name, effective, None)
+        try:
+            found = one_step(name, self.consumer or _DEFAULT_CONSUMER, self.lease_seconds, effective, self.selector)
+        except ProxyUnavailableError:
+            return None
+        return None if found is None else self._wrap(found, name, None)
 
     def _acquire_steps(
         self,
@@ -525,6 +537,9 @@ class LeaseBroker:
         (a pydantic model per request would cost more than the memory lease itself)."""
         if protocols is None:
             return filters
+        last = self._last_filters
+        if last[0] is filters and last[1] is protocols:
+            return last[2]
         # Keyed by identity: callers pass the same filters and protocol set (a module
         # constant) on every request; the kept references make a stale id impossible.
         key = (id(filters), id(protocols))
@@ -535,6 +550,7 @@ class LeaseBroker:
             if len(self._filter_cache) >= 256:
                 self._filter_cache.clear()
             self._filter_cache[key] = cached
+        self._last_filters = cached  # a door passes the same pair on every request
         return cached[2]
 
     def _ensure_consumer(self) -> None:
@@ -677,12 +693,16 @@ class LeaseBroker:
         with self._lock:
             self._held.add(held)
             self.counters["acquired"] += 1
-            self.peak_held = max(self.peak_held, len(self._held))
+            if len(self._held) > self.peak_held:
+                self.peak_held = len(self._held)
             state = self._states.get(pid)
-            if state is not None and state.benched:
+            if state is None:
+                state = self._states[pid] = _ProxyState(last_flush=held.started)
+            elif state.benched:
                 state.benched = False  # someone revived it, or it would not be leased
                 state.revived = True
                 state.failures = 0
+            held._state = state  # what `report` updates, without looking it up again
             if session is not None:
                 self._sessions[(pool, session)] = pid
                 self._sessions.move_to_end((pool, session))
@@ -707,58 +727,115 @@ class LeaseBroker:
         Status changes reach the storage at once; routine successes only update this
         process's counters and are written at most every `policy.flush_seconds`.
         """
+        verdict, latency_ms = self._judged(lease, status_code, error, latency_ms, response, verdict)
+        with self._lock:
+            change = self._record(lease, verdict, latency_ms)
+        if change is not None:
+            self._apply(lease, change, status_code, error, latency_ms)
+        return verdict
+
+    def finish(
+        self,
+        lease: ProxyLease,
+        status_code: int | None = None,
+        error: BaseException | None = None,
+        latency_ms: float | None = None,
+        *,
+        response: Any = None,
+        verdict: Verdict | None = None,
+    ) -> Verdict:
+        """`report` then `release`, as every door does when a request ends, in one trip
+        through the broker's lock.  The proxy goes back even when the report fails."""
+        try:
+            verdict, latency_ms = self._judged(lease, status_code, error, latency_ms, response, verdict)
+        except BaseException:
+            self.release(lease)
+            raise
+        with self._lock:
+            change = self._record(lease, verdict, latency_ms)
+            first = self._unhold(lease)
+        try:
+            if change is not None:
+                self._apply(lease, change, status_code, error, latency_ms)
+        finally:
+            if first:
+                self._give_back(lease)
+        return verdict
+
+    def _judged(
+        self,
+        lease: ProxyLease,
+        status_code: int | None,
+        error: BaseException | None,
+        latency_ms: float | None,
+        response: Any,
+        verdict: Verdict | None,
+    ) -> tuple[Verdict, float]:
         if latency_ms is None:
             latency_ms = lease.elapsed_ms()
         if verdict is None:
             verdict = self.policy.judge(status_code, error, response)
         lease.verdict = verdict
         lease.reported = True
-        pid = lease.proxy_id
+        return verdict, latency_ms
+
+    def _record(self, lease: ProxyLease, verdict: Verdict, latency_ms: float) -> ProxyStatus | None:
+        """Count the outcome against the proxy (caller holds the lock).  Returns the status
+        to write: a bench, ACTIVE for a periodic flush of successes, or None."""
         now = time.monotonic()
         new_status: ProxyStatus | None = None
-        write_ok = False
-        with self._lock:
-            state = self._states.get(pid)
+        state: _ProxyState | None = lease._state
+        if state is None:
+            state = self._states.get(lease.proxy_id)
             if state is None:
-                state = self._states[pid] = _ProxyState(last_flush=now)
-            state.requests += 1
-            if verdict is Verdict.BAN:
-                state.bans += 1
-                self.counters["bans"] += 1
-                if not state.benched:
-                    new_status = ProxyStatus.BANNED
-            elif verdict is Verdict.FAILURE:
-                state.errors += 1
-                state.failures += 1
-                self.counters["failures"] += 1
-                if not state.benched and state.failures >= self.policy.max_failures:
-                    new_status = ProxyStatus.INACTIVE
-            else:
-                state.successes += 1
-                state.failures = 0
-                state.add_latency(latency_ms)
-                slow = self.policy.slow_ms
-                window = self.policy.slow_window
-                if (
-                    slow is not None
-                    and not state.benched
-                    and len(state._lat) >= window
-                    and statistics.median(state.latencies(window)) > slow
-                ):
-                    new_status = ProxyStatus.SLOW
-                elif state.revived or now - state.last_flush >= self.policy.flush_seconds:
-                    write_ok = not state.benched
-                    state.revived = False
-                    state.last_flush = now
-            if new_status is not None:
-                state.benched = True
-                state.failures = 0
-                state.clear_latencies()
+                state = self._states[lease.proxy_id] = _ProxyState(last_flush=now)
+        state.requests += 1
+        if verdict is Verdict.BAN:
+            state.bans += 1
+            self.counters["bans"] += 1
+            if not state.benched:
+                new_status = ProxyStatus.BANNED
+        elif verdict is Verdict.FAILURE:
+            state.errors += 1
+            state.failures += 1
+            self.counters["failures"] += 1
+            if not state.benched and state.failures >= self.policy.max_failures:
+                new_status = ProxyStatus.INACTIVE
+        else:
+            state.successes += 1
+            state.failures = 0
+            state.add_latency(latency_ms)
+            slow = self.policy.slow_ms
+            window = self.policy.slow_window
+            if (
+                slow is not None
+                and not state.benched
+                and len(state._lat) >= window
+                and statistics.median(state.latencies(window)) > slow
+            ):
+                new_status = ProxyStatus.SLOW
+            elif state.revived or now - state.last_flush >= self.policy.flush_seconds:
+                state.revived = False
+                state.last_flush = now
+                return None if state.benched else ProxyStatus.ACTIVE
         if new_status is not None:
-            self._bench(lease, new_status, status_code, error)
-        elif write_ok:
+            state.benched = True
+            state.failures = 0
+            state.clear_latencies()
+        return new_status
+
+    def _apply(
+        self,
+        lease: ProxyLease,
+        status: ProxyStatus,
+        status_code: int | None,
+        error: BaseException | None,
+        latency_ms: float,
+    ) -> None:
+        if status is ProxyStatus.ACTIVE:
             self._write(lease.proxy_id, lease.protocol, ProxyStatus.ACTIVE, int(latency_ms), status_code, None)
-        return verdict
+        else:
+            self._bench(lease, status, status_code, error)
 
     def _write(
         self,
@@ -885,21 +962,32 @@ class LeaseBroker:
 
     def release(self, lease: ProxyLease) -> bool:
         """Return the proxy to the pool.  Idempotent: True only the first time."""
+        if lease.released:  # only ever goes from False to True: no lock needed to see it
+            return False
         with self._lock:
-            if lease.released:
-                return False
-            lease.released = True
-            self._held.discard(lease)
-            self.counters["released"] += 1
+            first = self._unhold(lease)
+        if first:
+            self._give_back(lease)
+        return first
+
+    def _unhold(self, lease: ProxyLease) -> bool:
+        """Mark `lease` released (caller holds the lock); False when it already was."""
+        if lease.released:
+            return False
+        lease.released = True
+        self._held.discard(lease)
+        self.counters["released"] += 1
+        return True
+
+    def _give_back(self, lease: ProxyLease) -> None:
         if getattr(self.lease_manager, "_release_callbacks", True):
             self.lease_manager.release_proxy(lease.lease)
-            return True
+            return
         # The manager's steps without the event payload nobody listens to.
         handle = lease._handle
         if isinstance(handle, Lease):
             handle.released_at = handle.released_at or datetime.now(timezone.utc)
         self.storage.release_lease(handle)  # type: ignore[arg-type]  # or the storage's own record
-        return True
 
     async def report_async(self, lease: ProxyLease, *args: Any, **kwargs: Any) -> Verdict:
         return await self._run(lambda: self.report(lease, *args, **kwargs))

@@ -400,12 +400,10 @@ class _Door(Generic[T]):
                         raise self._exhausted(attempts, request, response.status_code, None)
                 ticket = _Ticket(lease, route, response.status_code, verdict, latency_ms)
                 lease = None  # the stream owns it now
-                response.extensions = {
-                    **response.extensions,
-                    _EXTENSION: {
-                        "proxy": ticket.lease.safe_url,
-                        "attempts": [str(a) for a in attempts.attempts],
-                    },
+                # The response's own dict (httpcore makes one per response): set, not copied.
+                response.extensions[_EXTENSION] = {
+                    "proxy": ticket.lease.safe_url,
+                    "attempts": [str(a) for a in attempts.attempts],
                 }
                 response.stream = self._bind(response.stream, ticket)
                 return response
@@ -424,20 +422,18 @@ class _Door(Generic[T]):
         awaiting task is cancelled).  Returns a report failure for the caller to raise.
         """
         lease = ticket.lease
-        failure: BaseException | None = None
         try:
-            if not lease.reported:
-                # Reported straight to the broker: the request's attempts were already
-                # published in the response's extensions and nothing reads them after.
-                if error is not None:
-                    self.broker.report(lease, error=error, latency_ms=ticket.latency_ms)
-                else:
-                    self.broker.report(lease, ticket.status_code, latency_ms=ticket.latency_ms, verdict=ticket.verdict)
-        except Exception as exc:  # the proxy still goes back; the caller hears of it
-            failure = exc
-        finally:
-            self.broker.release(lease)
-        return failure
+            if lease.reported:
+                self.broker.release(lease)
+            # Reported straight to the broker: the request's attempts were already
+            # published in the response's extensions and nothing reads them after.
+            elif error is not None:
+                self.broker.finish(lease, error=error, latency_ms=ticket.latency_ms)
+            else:
+                self.broker.finish(lease, ticket.status_code, latency_ms=ticket.latency_ms, verdict=ticket.verdict)
+        except Exception as exc:  # the proxy went back all the same (`finish`); the caller hears of it
+            return exc
+        return None
 
     def _exhausted(
         self,

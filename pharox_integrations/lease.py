@@ -6,7 +6,7 @@ import base64
 import time
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Protocol
+from typing import Any, Protocol
 from uuid import UUID
 
 from pharox import Lease, Proxy, ProxyProtocol
@@ -61,6 +61,7 @@ class ProxyLease:
         "_endpoint",
         "_handle",
         "_lease",
+        "_state",
         "pool",
         "proxy_id",
         "released",
@@ -81,6 +82,7 @@ class ProxyLease:
         self.released = False
         self.reported = False
         self.verdict: Verdict | None = None
+        self._state: Any = None  # the broker's health record of this proxy, set when leased
 
     @property
     def lease(self) -> Lease:

@@ -405,7 +405,7 @@ class PharoxAdapter(HTTPAdapter):
                 raise
             try:
                 response.pharox_proxy = lease.safe_url  # type: ignore[attr-defined]
-                verdict = attempts.judge(lease, status_code=response.status_code, response=response)
+                verdict = attempts.judge(lease, status_code=response.status_code, response=response, release=not stream)
             except BaseException:  # a failing ban detector or storage: nothing may stay held
                 response.close()
                 self._release(lease)
@@ -520,10 +520,12 @@ def _door_verdict(exc: BaseException) -> tuple[Verdict | None, int | None]:
 
 
 def _judge_error(attempts: ProxyAttempts, lease: ProxyLease, exc: BaseException) -> Verdict:
+    """Judge a failed request and give its proxy back (the caller's `_release` then only
+    forgets it)."""
     verdict, status = _door_verdict(exc)
     if status is not None:  # the proxy answered CONNECT with this status: judge it as one
-        return attempts.judge(lease, status_code=status, verdict=verdict)
-    return attempts.judge(lease, error=exc, verdict=verdict)
+        return attempts.judge(lease, status_code=status, verdict=verdict, release=True)
+    return attempts.judge(lease, error=exc, verdict=verdict, release=True)
 
 
 def _auth_failed(attempts: ProxyAttempts, exc: BaseException) -> bool:

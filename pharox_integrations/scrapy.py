@@ -268,15 +268,24 @@ class PharoxProxyMiddleware:
         answer: object,
     ) -> Verdict:
         """Report then release, in one trip off the reactor (SQL storages)."""
+        fresh = not lease.released
         try:
             verdict = None
             if answer is not None:
                 verdict = custom_verdict(answer, status_code, self.broker.policy.judge(status_code, error))
             return attempts.judge(
-                lease, status_code=status_code, error=error, response=response, latency_ms=latency_ms, verdict=verdict
+                lease,
+                status_code=status_code,
+                error=error,
+                response=response,
+                latency_ms=latency_ms,
+                verdict=verdict,
+                release=True,
             )
         finally:
-            self._release(lease)
+            self.broker.release(lease)  # a no-op after `judge`; gives it back when the hook failed first
+            if fresh:
+                self._inc("pharox/leases/released")
 
     def _release(self, lease: ProxyLease) -> None:
         if self.broker.release(lease):

@@ -375,7 +375,7 @@ class PharoxProxyManager(urllib3.ProxyManager):
                 follow = self._redirect(pool, method, url, response, kw) if redirect else None
             except Exception as exc:
                 try:
-                    verdict = attempts.judge(lease, error=exc, verdict=_verdict_for(exc))
+                    verdict = attempts.judge(lease, error=exc, verdict=_verdict_for(exc), release=True)
                 finally:
                     self._release(lease)
                 if attempts.should_move(verdict) and _replayable(kw):
@@ -394,13 +394,15 @@ class PharoxProxyManager(urllib3.ProxyManager):
             if follow is not None:
                 # urllib3 drained the redirect; this hop is done and the next one leases anew.
                 try:
-                    self.broker.report(lease, status_code=response.status)
+                    self.broker.finish(lease, status_code=response.status)
                 finally:
                     self._release(lease)
                 next_method, location, next_kw = follow
                 return self.urlopen(next_method, location, redirect=redirect, **next_kw)
+            # A body read later keeps the proxy; otherwise it goes back in the same broker call.
+            streamed = not kw.get("preload_content", True) and response.connection is not None
             try:
-                verdict = attempts.judge(lease, status_code=response.status, response=response)
+                verdict = attempts.judge(lease, status_code=response.status, response=response, release=not streamed)
             except BaseException:  # the storage failed us: do not strand the lease or the connection
                 response.close()
                 self._release(lease)
@@ -413,7 +415,7 @@ class PharoxProxyManager(urllib3.ProxyManager):
                 self._release(lease)
                 self._log_move(lease, f"HTTP {response.status}")
                 continue
-            if not kw.get("preload_content", True) and response.connection is not None:
+            if streamed:
                 with self._lock:
                     self._streams[lease] = lease
                 _bind_lease(response, _LeaseOnResponse(self, lease))

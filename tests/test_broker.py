@@ -65,6 +65,35 @@ def test_release_is_idempotent_and_close_releases_the_rest() -> None:
     assert broker.counters["released"] == 2
 
 
+def test_finish_reports_and_releases_in_one_call_even_when_the_report_fails() -> None:
+    broker = make(URLS[:2], max_concurrency=1)
+    lease = broker.acquire()
+    assert broker.finish(lease, 200, latency_ms=12.0) is Verdict.OK
+    assert lease.released and lease.reported and broker.held == 0
+    assert broker.proxy_stats(lease.proxy_id)["successes"] == 1
+    assert broker.release(lease) is False  # already given back
+
+    banned = broker.acquire()
+    assert broker.finish(banned, 403) is Verdict.BAN
+    assert statuses(broker)[f"{banned.host}:{banned.port}"] == "banned"
+
+    # Fault injection: a storage that cannot record the bench (no real storage fails on
+    # demand).  The proxy must still go back, and the caller must hear of the failure.
+    other = broker.acquire()
+    storage = broker.storage
+
+    def broken(result: object) -> None:
+        raise RuntimeError("storage unavailable")
+
+    storage.apply_health_check_result = broken  # type: ignore[method-assign]
+    with pytest.raises(RuntimeError, match="storage unavailable"):
+        broker.finish(other, 429)
+    del storage.apply_health_check_result
+    assert other.released and broker.held == 0
+    assert_nothing_held(broker)
+    assert broker.counters["released"] == broker.counters["acquired"] == 3
+
+
 def test_protocols_restrict_to_what_the_client_speaks() -> None:
     broker = make()
     for _ in range(6):

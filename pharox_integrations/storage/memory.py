@@ -177,6 +177,17 @@ class _SortedKeys:
     def first(self) -> _Key | None:
         return self._chunks[0][0] if self._chunks else None
 
+    def after(self, key: _Key) -> _Key | None:
+        """The first key >= `key`, wrapping around to the first key of all."""
+        maxes = self._maxes
+        if not maxes:
+            return None
+        pos = bisect_left(maxes, key)
+        if pos == len(maxes):
+            return self._chunks[0][0]
+        chunk = self._chunks[pos]
+        return chunk[bisect_left(chunk, key)]
+
     def iter_from(self, key: _Key | None = None) -> Iterator[_Key]:
         """Keys >= `key` (all keys when None), in order; do not mutate meanwhile."""
         chunks = self._chunks
@@ -528,13 +539,16 @@ class MemoryStorage(IStorage):
                 order.add(new)
                 entry.keys[order_id] = new
 
-    def _recount(self, entry: _Entry) -> None:
+    def _recount(self, entry: _Entry, leases: int) -> None:
         """`_refresh` after a lease or a release, when only the lease count changed.
 
         Only LEAST_USED orders its index by lease count; the others keep their keys
         unless the proxy filled up or freed its last slot.
         """
-        leases = self._count_leased(entry)
+        leased = leases > 0
+        if leased is not entry.leased:
+            entry.pool.leased += 1 if leased else -1
+            entry.leased = leased
         limit = entry.proxy.max_concurrency
         if entry.available is (entry.active and (limit is None or leases < limit)) and not entry.pool.by_count:
             return
@@ -553,6 +567,9 @@ class MemoryStorage(IStorage):
     def _attach(self, entry: _Entry) -> None:
         pool = entry.pool
         proxy = entry.proxy
+        # Lease counts are then written straight into the stored proxy's fields: pydantic's
+        # plain (unvalidated) assignment does no more than that, at a few times the cost.
+        proxy.__pydantic_fields_set__.add("current_leases")
         pool.entries[proxy.id] = entry
         pool.by_protocol.setdefault(ProxyProtocol(proxy.protocol), {})[proxy.id] = entry
         for field_key in _field_keys(proxy):
@@ -648,6 +665,17 @@ class MemoryStorage(IStorage):
         for key in order.iter_from():
             yield key[-1]
 
+    def _first(
+        self, pool: _Pool, strategy: SelectorStrategy, protocols: frozenset[ProxyProtocol] | None
+    ) -> _Entry | None:
+        """`next(self._walk(...))` without the generators: the pick of most requests."""
+        order = self._order(pool, strategy, protocols)
+        if strategy is _ROUND_ROBIN and pool.rr_last is not None:
+            key = order.after((pool.rr_last + 1,))
+        else:
+            key = order.first()
+        return None if key is None else key[-1]
+
     def _compiled(self, filters: ProxyFilters) -> _Query | None:
         """`filters` split for the indexes (None: contradictory), once per filters object.
 
@@ -677,7 +705,7 @@ class MemoryStorage(IStorage):
         if pool.available == 0:
             return None
         if filters is None:
-            return next(self._walk(pool, strategy), None)
+            return self._first(pool, strategy, None)
         query = self._compiled(filters)
         if query is None:
             return None
@@ -691,9 +719,9 @@ class MemoryStorage(IStorage):
         if not candidate_sets:
             # Protocols come from their own index; anything else (predicates, geo,
             # any_of/none_of) is checked while walking in selector order.
-            walk = self._walk(pool, strategy, protocols)
             if not query.residual:
-                return next(walk, None)
+                return self._first(pool, strategy, protocols)
+            walk = self._walk(pool, strategy, protocols)
             return next((e for e in walk if query.matches(e.proxy)), None)
         smallest = min(candidate_sets, key=len)
         budget = len(smallest)
@@ -735,7 +763,10 @@ class MemoryStorage(IStorage):
         if pool_id is None:
             return None
         pool = self._pools[pool_id]
-        strategy = SelectorStrategy(selector) if selector is not None else _FIRST
+        if selector is None:
+            strategy = _FIRST
+        else:
+            strategy = selector if selector.__class__ is SelectorStrategy else SelectorStrategy(selector)
         entry = self._select(pool, strategy, filters)
         if entry is not None and strategy is _ROUND_ROBIN:
             pool.rr_last = entry.uid
@@ -804,9 +835,11 @@ class MemoryStorage(IStorage):
         )
         self._leases[record.id] = record
         heapq.heappush(self._expiry, (record.expires, record.id))
-        entry.proxy.current_leases += 1
+        proxy = entry.proxy
+        leases = proxy.current_leases + 1
+        proxy.__dict__["current_leases"] = leases  # see `_attach`
         pool.total_leases += 1
-        self._recount(entry)
+        self._recount(entry, leases)
         return record
 
     def release_lease(self, lease: Lease | _LeaseRecord) -> None:
@@ -825,10 +858,13 @@ class MemoryStorage(IStorage):
         stored.released = released_at or time.time()
         self._remember_released(stored)
         entry = self._entries.get(stored.proxy_id)
-        if entry is not None and entry.proxy.current_leases > 0:
-            entry.proxy.current_leases -= 1
-            entry.pool.total_leases -= 1
-            self._recount(entry)
+        if entry is not None:
+            proxy = entry.proxy
+            leases = proxy.current_leases - 1
+            if leases >= 0:
+                proxy.__dict__["current_leases"] = leases  # see `_attach`
+                entry.pool.total_leases -= 1
+                self._recount(entry, leases)
         self._stale_expiry += 1
         if compact and self._stale_expiry > 2 * len(self._leases) + 1024:
             # The heap still holds entries of leases released before expiring;
