@@ -420,6 +420,20 @@ class LeaseBroker:
             result: ProxyLease = done.value
             return result
 
+    def acquire_nowait(
+        self,
+        *,
+        pool: str | None = None,
+        filters: ProxyFilters | None = None,
+        protocols: Collection[ProxyProtocol | str] | None = None,
+    ) -> ProxyLease | None:
+        """One attempt without waiting: a lease, or None when no proxy is free right now.
+
+        It calls the storage on this thread: an event loop should use it only when
+        `storage_blocks` is false.
+        """
+        return self._acquire_now(pool, filters, protocols)
+
     async def acquire_async(
         self,
         url: str | None = None,

@@ -29,7 +29,7 @@ import ssl
 import threading
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable, Collection, Generator, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Generic, TypeVar
 from uuid import UUID
 
@@ -287,6 +287,7 @@ class _Door(Generic[T]):
         self.filters = filters
         # Built once: a per-request protocol filter would cost a pydantic model each time.
         self._effective = with_protocols(filters, SPOKEN_PROTOCOLS)
+        self._default = _Acquire(None, pool, filters, self._effective, None)
         self.proxy_retries = proxy_retries
         self.raise_on_exhausted = raise_on_exhausted
 
@@ -294,8 +295,8 @@ class _Door(Generic[T]):
         # The target URL is not passed on: the broker does not use it, and making it a
         # string (without user info) cost more than a tenth of the lease.
         extra = request.extensions.get(_EXTENSION)
-        if not extra:  # the common case: the transport's own options
-            return _Acquire(None, self.pool, self.filters, self._effective, None)
+        if not extra:  # the common case: the transport's own options (shared, never changed)
+            return self._default
         if not isinstance(extra, dict):
             raise TypeError(f'extensions["{_EXTENSION}"] must be a dict (pool, session, filters)')
         unknown = set(extra) - {"pool", "session", "filters"}
@@ -334,12 +335,13 @@ class _Door(Generic[T]):
         if "proxy-authorization" in request.headers:
             del request.headers["proxy-authorization"]
         attempts = ProxyAttempts(self.broker, self.proxy_retries)
-        acquire.avoid = attempts.tried  # the same set: moves skip the proxies already tried
         replayable = isinstance(request.stream, httpx.ByteStream)  # bodies of bytes replay
         lease: ProxyLease | None = None
         last: tuple[int | None, BaseException | None] = (None, None)  # for the final error
         try:
             while True:
+                if attempts.tried and acquire.avoid is not attempts.tried:
+                    acquire = replace(acquire, avoid=attempts.tried)  # a move skips the proxies tried
                 try:
                     lease = yield acquire
                 except NoProxyAvailable as exc:
@@ -626,7 +628,7 @@ class _AsyncDoor(_Door[httpx.AsyncHTTPTransport]):
                 if type(op) is _Send:
                     value = await op.transport.handle_async_request(op.request)  # type: ignore[union-attr]
                 elif type(op) is _Acquire:
-                    value = await self._acquire(op)
+                    value = self._acquire_now(op) or await self._acquire(op)
                 else:
                     value = await self._do(op)
             except BaseException as exc:
@@ -659,6 +661,12 @@ class _AsyncDoor(_Door[httpx.AsyncHTTPTransport]):
                 await transport.aclose()
             except Exception as exc:  # an idle pool failing to close must not fail a request
                 logger.debug("closing an evicted proxy transport: %(error)s", {"error": describe_error(exc)})
+
+    def _acquire_now(self, op: _Acquire) -> ProxyLease | None:
+        """The common lease taken inline (a memory storage answers at once); None: await it."""
+        if op.session is not None or op.avoid or self.broker.storage_blocks:
+            return None
+        return self.broker.acquire_nowait(pool=op.pool, filters=op.effective)
 
     async def _acquire(self, op: _Acquire) -> ProxyLease:
         broker = self.broker

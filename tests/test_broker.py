@@ -94,6 +94,21 @@ def test_finish_reports_and_releases_in_one_call_even_when_the_report_fails() ->
     assert broker.counters["released"] == broker.counters["acquired"] == 3
 
 
+def test_acquire_nowait_answers_at_once() -> None:
+    broker = make(URLS[:1], max_concurrency=1, acquire_timeout=5.0)
+    lease = broker.acquire_nowait()
+    assert lease is not None and broker.held == 1
+    started = time.monotonic()
+    assert broker.acquire_nowait() is None  # full: no wait for the 5 s acquire timeout
+    assert time.monotonic() - started < 2.5  # half the timeout: it did not wait for it
+    assert broker.acquire_nowait(protocols={"socks5"}) is None  # nothing of that protocol
+    broker.finish(lease, 200)
+    again = broker.acquire_nowait()
+    assert again is not None and again.proxy_id == lease.proxy_id
+    broker.release(again)
+    assert_nothing_held(broker)
+
+
 def test_protocols_restrict_to_what_the_client_speaks() -> None:
     broker = make()
     for _ in range(6):
