@@ -293,6 +293,35 @@ class _LeaseRecord:
         self.expires = expires
         self.released: float | None = None
 
+    def packed(self) -> _Packed:
+        """The record as a tuple of plain numbers and text, which the garbage collector
+        stops tracking: the released window keeps a thousand of them alive, and
+        tracked records would be walked by every full collection until they drop out."""
+        return (
+            self.id,
+            self.proxy_id.int,
+            self.consumer_id.int,
+            self.pool_id.int,
+            self.pool_name,
+            self.acquired,
+            self.expires,
+            self.released,
+        )
+
+    @classmethod
+    def unpacked(cls, packed: _Packed) -> _LeaseRecord:
+        lease_id, proxy_id, consumer_id, pool_id, pool_name, acquired, expires, released = packed
+        record = cls.__new__(cls)
+        record.id = lease_id
+        record.proxy_id = UUID(int=proxy_id)
+        record.consumer_id = UUID(int=consumer_id)
+        record.pool_id = UUID(int=pool_id)
+        record.pool_name = pool_name
+        record.acquired = acquired
+        record.expires = expires
+        record.released = released
+        return record
+
     def to_lease(self) -> Lease:
         return Lease(
             id=UUID(int=self.id),
@@ -305,6 +334,9 @@ class _LeaseRecord:
             expires_at=_moment(self.expires),
             released_at=None if self.released is None else _moment(self.released),
         )
+
+
+_Packed = tuple[int, int, int, int, str, float, float, "float | None"]
 
 
 def _moment(epoch: float) -> datetime:
@@ -477,7 +509,7 @@ class MemoryStorage(IStorage):
         self._consumers: dict[str, UUID] = {}
         self._health: dict[UUID, deque[_Record]] = {}
         self._leases: dict[int, _LeaseRecord] = {}
-        self._released: OrderedDict[int, _LeaseRecord] = OrderedDict()
+        self._released: OrderedDict[int, _Packed] = OrderedDict()
         self._expiry: list[tuple[float, int]] = []  # (expiry epoch, lease id)
         # Lease ids: a random UUID's upper bits and a counter (unique in this storage,
         # without a system call per lease).
@@ -877,7 +909,7 @@ class MemoryStorage(IStorage):
     def _remember_released(self, lease: _LeaseRecord) -> None:
         if self._released_window == 0:
             return
-        self._released[lease.id] = lease
+        self._released[lease.id] = lease.packed()
         if len(self._released) > self._released_window:
             self._released.popitem(last=False)
 
@@ -1165,13 +1197,18 @@ class MemoryStorage(IStorage):
             uid = _as_uuid(lease_id)
             if uid is None:
                 return None
-            lease = self._leases.get(uid.int) or self._released.get(uid.int)
+            lease = self._leases.get(uid.int)
+            packed = self._released.get(uid.int) if lease is None else None
+        if packed is not None:
+            lease = _LeaseRecord.unpacked(packed)
         return None if lease is None else lease.to_lease()
 
     def list_leases(self, consumer_id: str | None = None) -> list[Lease]:
         """Active leases, then the recently released window."""
         with self._lock:
-            records: Iterable[_LeaseRecord] = list(chain(self._leases.values(), self._released.values()))
+            records: Iterable[_LeaseRecord] = list(self._leases.values())
+            released = list(self._released.values())
+        records = chain(records, map(_LeaseRecord.unpacked, released))
         if consumer_id is not None:
             wanted = _as_uuid(consumer_id)
             records = [lease for lease in records if lease.consumer_id == wanted]
