@@ -503,11 +503,9 @@ class LeaseBroker:
         name = pool or self.pool
         effective = self._effective_filters(filters if filters is not None else self.filters, protocols)
         self._revive_due(name)
-        one_step = self._one_step
-        if one_step is None or getattr(self.lease_manager, "_acquire_callbacks", True) or not self._consumer_ready:
-            return self._try_acquire(name, effective, None)
+        self._ensure_consumer()
         try:
-            found = one_step(name, self.consumer or _DEFAULT_CONSUMER, self.lease_seconds, effective, self.selector)
+            found = self._acquire_once(name, effective)
         except ProxyUnavailableError:
             return None
         return None if found is None else self._wrap(found, name, None)
@@ -619,8 +617,8 @@ class LeaseBroker:
         manager's acquire callbacks are still called, so pharox's observability holds.
         """
         watched = bool(getattr(self.lease_manager, "_acquire_callbacks", True))
-        one_step = getattr(self.storage, "acquire_lease", None)
-        if not callable(one_step):
+        one_step = self._one_step
+        if one_step is None:
             if watched:
                 return self.lease_manager.acquire_proxy(
                     pool,
@@ -630,7 +628,7 @@ class LeaseBroker:
                     selector=self.selector,
                 )
             one_step = self._find_and_lease
-        consumer = self.consumer or ProxyManager.DEFAULT_CONSUMER_NAME
+        consumer = self.consumer or _DEFAULT_CONSUMER
         if not watched:
             found: Lease | LeaseHandle | None = one_step(pool, consumer, self.lease_seconds, filters, self.selector)
             return found
@@ -661,7 +659,7 @@ class LeaseBroker:
         """pharox's manager steps without its event payloads and pool-stats calls, used
         when nobody registered a callback to receive them (they cost more than the
         lease itself on a memory storage)."""
-        if consumer == ProxyManager.DEFAULT_CONSUMER_NAME and not self._default_consumer_ready:
+        if consumer == _DEFAULT_CONSUMER and not self._default_consumer_ready:
             self.storage.ensure_consumer(consumer)
             self._default_consumer_ready = True
         self.storage.cleanup_expired_leases()
@@ -684,7 +682,7 @@ class LeaseBroker:
             return None
         try:
             lease = self.storage.create_lease(
-                proxy, self.consumer or ProxyManager.DEFAULT_CONSUMER_NAME, self.lease_seconds
+                proxy, self.consumer or _DEFAULT_CONSUMER, self.lease_seconds
             )
         except ProxyUnavailableError:
             raise _StickyBusy() from None

@@ -644,19 +644,22 @@ class PharoxProxyManager(urllib3.ProxyManager):
         with self.pools.lock:  # also serialises eviction (`_dispose`) and the in-use counts
             pool = self.pools.get(key)
             if pool is not None:
-                self._in_use[pool] = self._in_use.get(pool, 0) + 1
-                hop.pools.append(pool)
-                return pool
+                return self._use(hop, pool)
         # Built outside the lock: threads rotating over many proxies would queue on it.
         fresh = self._new_proxy_pool(lease, socks, scheme, host, port, pool_kwargs)
         with self.pools.lock:
             pool = self.pools.get(key)
             if pool is None:
                 pool = self.pools[key] = fresh
-            self._in_use[pool] = self._in_use.get(pool, 0) + 1
-            hop.pools.append(pool)
+            self._use(hop, pool)
         if pool is not fresh:
             fresh.close()  # another thread made it first; this one never connected
+        return pool
+
+    def _use(self, hop: _Hop, pool: HTTPConnectionPool) -> HTTPConnectionPool:
+        """Count one more user of `pool` (until `_done_with`); caller holds `pools.lock`."""
+        self._in_use[pool] = self._in_use.get(pool, 0) + 1
+        hop.pools.append(pool)
         return pool
 
     def _new_proxy_pool(

@@ -282,16 +282,24 @@ class _LeaseRecord:
     __slots__ = ("acquired", "consumer_id", "expires", "id", "pool_id", "pool_name", "proxy_id", "released")
 
     def __init__(
-        self, lease_id: int, proxy_id: UUID, consumer_id: UUID, pool: ProxyPool, acquired: float, expires: float
+        self,
+        lease_id: int,
+        proxy_id: UUID,
+        consumer_id: UUID,
+        pool_id: UUID,
+        pool_name: str,
+        acquired: float,
+        expires: float,
+        released: float | None = None,
     ) -> None:
         self.id = lease_id  # a UUID's integer: `UUID(int=record.id)` is the lease id
         self.proxy_id = proxy_id
         self.consumer_id = consumer_id
-        self.pool_id = pool.id
-        self.pool_name = pool.name
+        self.pool_id = pool_id
+        self.pool_name = pool_name
         self.acquired = acquired  # epoch seconds
         self.expires = expires
-        self.released: float | None = None
+        self.released = released
 
     def packed(self) -> _Packed:
         """The record as a tuple of plain numbers and text, which the garbage collector
@@ -311,16 +319,8 @@ class _LeaseRecord:
     @classmethod
     def unpacked(cls, packed: _Packed) -> _LeaseRecord:
         lease_id, proxy_id, consumer_id, pool_id, pool_name, acquired, expires, released = packed
-        record = cls.__new__(cls)
-        record.id = lease_id
-        record.proxy_id = UUID(int=proxy_id)
-        record.consumer_id = UUID(int=consumer_id)
-        record.pool_id = UUID(int=pool_id)
-        record.pool_name = pool_name
-        record.acquired = acquired
-        record.expires = expires
-        record.released = released
-        return record
+        ids = UUID(int=proxy_id), UUID(int=consumer_id), UUID(int=pool_id)
+        return cls(lease_id, *ids, pool_name, acquired, expires, released)
 
     def to_lease(self) -> Lease:
         return Lease(
@@ -551,7 +551,8 @@ class MemoryStorage(IStorage):
         if active is not entry.active:
             pool.active += 1 if active else -1
             entry.active = active
-        leases = self._count_leased(entry)
+        leases = proxy.current_leases
+        self._mark_leased(entry, leases)
         limit = proxy.max_concurrency
         available = active and (limit is None or leases < limit)
         if available is not entry.available:
@@ -577,7 +578,7 @@ class MemoryStorage(IStorage):
         Only LEAST_USED orders its index by lease count; the others keep their keys
         unless the proxy filled up or freed its last slot.
         """
-        leased = leases > 0
+        leased = leases > 0  # `_mark_leased`, inlined: this runs on every lease and release
         if leased is not entry.leased:
             entry.pool.leased += 1 if leased else -1
             entry.leased = leased
@@ -587,14 +588,12 @@ class MemoryStorage(IStorage):
         self._refresh(entry)
 
     @staticmethod
-    def _count_leased(entry: _Entry) -> int:
-        """The proxy's lease count, with the pool's count of leased proxies brought in line."""
-        leases = entry.proxy.current_leases
+    def _mark_leased(entry: _Entry, leases: int) -> None:
+        """Bring the pool's count of leased proxies in line with the entry's lease count."""
         leased = leases > 0
         if leased is not entry.leased:
             entry.pool.leased += 1 if leased else -1
             entry.leased = leased
-        return leases
 
     def _attach(self, entry: _Entry) -> None:
         pool = entry.pool
@@ -861,7 +860,8 @@ class MemoryStorage(IStorage):
             self._id_base | next(self._next_id),
             entry.proxy.id,
             consumer_id,
-            pool.model,
+            pool.model.id,
+            pool.model.name,
             now,
             now + duration_seconds,
         )
