@@ -173,13 +173,18 @@ class PharoxProxyMiddleware:
         lease = meta.pop(LEASE)
         latency = meta.get("download_latency")
         hook = self._hook(0)
+        try:
+            answer = None if hook is None else hook(request, response)
+        except BaseException:
+            await self._give_back(lease, request)  # the spider's bug, not the proxy's: no report
+            raise
         moved = await self._settle(
             lease,
             request,
             status_code=response.status,
             response=response,
             latency_ms=latency * 1000.0 if isinstance(latency, (int, float)) else None,
-            answer=None if hook is None else hook(request, response),
+            answer=answer,
         )
         return moved or response
 
@@ -188,13 +193,20 @@ class PharoxProxyMiddleware:
         if lease is None:
             return None
         if isinstance(exception, NO_REPORT):
-            _scrub(request.meta, lease)
-            await self._settle(lease, None)
+            await self._give_back(lease, request)
             return None
         hook = self._hook(1)
-        return await self._settle(
-            lease, request, error=exception, answer=None if hook is None else hook(request, exception)
-        )
+        try:
+            answer = None if hook is None else hook(request, exception)
+        except BaseException:
+            await self._give_back(lease, request)
+            raise
+        return await self._settle(lease, request, error=exception, answer=answer)
+
+    async def _give_back(self, lease: ProxyLease, request: Request) -> None:
+        """Release without a report: the outcome says nothing about the proxy."""
+        _scrub(request.meta, lease)
+        await self._settle(lease, None)
 
     def _hook(self, which: int) -> Any:
         """The spider's response_is_ban (0) / exception_is_ban (1) first, scrapy-rotating-proxies

@@ -335,6 +335,33 @@ async def test_ban_policy_and_spider_hooks(
     assert [r.status for r in spider.responses] == [403]
 
 
+class BrokenHook(Urls):
+    def response_is_ban(self, request: Request, response: Response) -> bool:
+        raise RuntimeError("ban hook bug")
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_failing_ban_hook_still_gives_the_proxy_back(
+    crawl: Crawl, target: Any, proxy_trio: Any, brokers: list[LeaseBroker]
+) -> None:
+    broker = LeaseBroker.from_proxies([p.url for p in proxy_trio])
+    brokers.append(broker)
+    settings = {"PHAROX_BROKER": scrapy_brokers.use(broker)}
+    urls = [(f"{target.url}/echo?{i}", {}) for i in range(3)]
+    crawler = await crawl(BrokenHook, settings, requests=urls)
+    stats = crawler.stats.get_stats()  # type: ignore[union-attr]
+    spider = crawler.spider
+    assert isinstance(spider, BrokenHook)
+    assert len(spider.errors) == 3 and not spider.responses  # the hook's error reached the spider
+    assert all("ban hook bug" in str(f.value) for f in spider.errors)
+    assert stats["pharox/leases/acquired"] == stats["pharox/leases/released"] == 3
+    # Given back with the failed response, not found later by the sweeper or at close.
+    assert "pharox/leases/released_at_close" not in stats
+    assert "pharox/leases/released_orphaned" not in stats
+    assert broker.counters["acquired"] == broker.counters["released"] == 3
+    assert_no_leases(broker)
+
+
 class OwnSlot(Spider):
     name = "slots"
 
