@@ -7,9 +7,9 @@ import heapq
 import logging
 import random
 import statistics
+import struct
 import threading
 import time
-from array import array
 from collections import OrderedDict
 from collections.abc import (
     AsyncIterator,
@@ -68,13 +68,17 @@ _SESSIONS_MAX = 10_000
 _DEFAULT_CONSUMER = ProxyManager.DEFAULT_CONSUMER_NAME
 
 
+_DOUBLE = struct.Struct("d")
+
+
 class _ProxyState:
     """Per-proxy health memory of this process (bounded: one per proxy).
 
-    Slotted, with latencies in an `array` ring: a broker keeps one per proxy for as
-    long as it runs, and each container object kept is walked again by every full
-    garbage collection (a dataclass and a deque per proxy made a 10,000-proxy pool's
-    first lap cost twice what later laps do).
+    Slotted, with latencies packed as doubles in a `bytearray` ring: a broker keeps
+    one per proxy for as long as it runs, and each object the garbage collector tracks
+    is walked again by every full collection (a dataclass and a deque per proxy made a
+    10,000-proxy pool's first lap cost twice what later laps do; an `array` is tracked,
+    a `bytearray` is not).
     """
 
     __slots__ = (
@@ -101,21 +105,26 @@ class _ProxyState:
         self.benched = False
         self.revived = False  # came back from a cool-down; first success writes a record
         self.last_flush = last_flush
-        self._lat = array("d")
+        self._lat = bytearray()  # up to WINDOW doubles
         self._next = 0  # where the next latency goes once the ring is full
 
     def add_latency(self, ms: float) -> None:
-        if len(self._lat) < self.WINDOW:
-            self._lat.append(ms)
+        if len(self._lat) < _DOUBLE.size * self.WINDOW:
+            self._lat += _DOUBLE.pack(ms)
         else:
-            self._lat[self._next] = ms
+            _DOUBLE.pack_into(self._lat, _DOUBLE.size * self._next, ms)
             self._next = (self._next + 1) % self.WINDOW
+
+    def kept(self) -> int:
+        """How many latencies are kept."""
+        return len(self._lat) // _DOUBLE.size
 
     def latencies(self, last: int | None = None) -> list[float]:
         """Kept latencies, oldest first (the `last` ones only, when given)."""
-        lat, cut = self._lat, self._next
-        ordered = lat[cut:] + lat[:cut]
-        return list(ordered if last is None else ordered[-last:])
+        values = [v for (v,) in _DOUBLE.iter_unpack(self._lat)]
+        cut = self._next
+        ordered = values[cut:] + values[:cut]
+        return ordered if last is None else ordered[-last:]
 
     def clear_latencies(self) -> None:
         del self._lat[:]
@@ -739,12 +748,7 @@ class LeaseBroker:
         Status changes reach the storage at once; routine successes only update this
         process's counters and are written at most every `policy.flush_seconds`.
         """
-        verdict, latency_ms = self._judged(lease, status_code, error, latency_ms, response, verdict)
-        with self._lock:
-            change = self._record(lease, verdict, latency_ms)
-        if change is not None:
-            self._apply(lease, change, status_code, error, latency_ms)
-        return verdict
+        return self._conclude(lease, status_code, error, latency_ms, response, verdict, release=False)
 
     def finish(
         self,
@@ -758,23 +762,9 @@ class LeaseBroker:
     ) -> Verdict:
         """`report` then `release`, as every door does when a request ends, in one trip
         through the broker's lock.  The proxy goes back even when the report fails."""
-        try:
-            verdict, latency_ms = self._judged(lease, status_code, error, latency_ms, response, verdict)
-        except BaseException:
-            self.release(lease)
-            raise
-        with self._lock:
-            change = self._record(lease, verdict, latency_ms)
-            first = self._unhold(lease)
-        try:
-            if change is not None:
-                self._apply(lease, change, status_code, error, latency_ms)
-        finally:
-            if first:
-                self._give_back(lease)
-        return verdict
+        return self._conclude(lease, status_code, error, latency_ms, response, verdict, release=True)
 
-    def _judged(
+    def _conclude(
         self,
         lease: ProxyLease,
         status_code: int | None,
@@ -782,14 +772,30 @@ class LeaseBroker:
         latency_ms: float | None,
         response: Any,
         verdict: Verdict | None,
-    ) -> tuple[Verdict, float]:
-        if latency_ms is None:
-            latency_ms = lease.elapsed_ms()
-        if verdict is None:
-            verdict = self.policy.judge(status_code, error, response)
+        *,
+        release: bool,
+    ) -> Verdict:
+        try:
+            if latency_ms is None:
+                latency_ms = lease.elapsed_ms()
+            if verdict is None:
+                verdict = self.policy.judge(status_code, error, response)  # a ban detector may raise
+        except BaseException:
+            if release:
+                self.release(lease)
+            raise
         lease.verdict = verdict
         lease.reported = True
-        return verdict, latency_ms
+        with self._lock:
+            change = self._record(lease, verdict, latency_ms)
+            first = release and self._unhold(lease)
+        try:
+            if change is not None:
+                self._apply(lease, change, status_code, error, latency_ms)
+        finally:
+            if first:
+                self._give_back(lease)
+        return verdict
 
     def _record(self, lease: ProxyLease, verdict: Verdict, latency_ms: float) -> ProxyStatus | None:
         """Count the outcome against the proxy (caller holds the lock).  Returns the status
@@ -822,7 +828,7 @@ class LeaseBroker:
             if (
                 slow is not None
                 and not state.benched
-                and len(state._lat) >= window
+                and state.kept() >= window
                 and statistics.median(state.latencies(window)) > slow
             ):
                 new_status = ProxyStatus.SLOW

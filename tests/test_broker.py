@@ -256,6 +256,25 @@ def test_slow_proxies_are_benched_on_their_median() -> None:
     assert broker.proxies()[0].status == ProxyStatus.SLOW
 
 
+def test_latency_ring_keeps_the_last_window_in_order_and_is_not_walked_by_the_collector() -> None:
+    """A broker keeps one latency ring per proxy for as long as it runs: it must stay
+    bounded and ordered, and hold nothing the garbage collector's full passes walk."""
+    import gc
+
+    broker = make(URLS[:1])
+    for ms in range(100):  # more than the 64 kept
+        with broker.lease() as lease:
+            broker.report(lease, status_code=200, latency_ms=float(ms))
+    proxy_id = broker.proxies()[0].id
+    state = broker._states[proxy_id]
+    assert state.latencies() == [float(ms) for ms in range(36, 100)]
+    assert state.latencies(3) == [97.0, 98.0, 99.0]
+    assert broker.proxy_stats(proxy_id)["median_latency_ms"] == 67.5
+    assert not gc.is_tracked(state._lat)
+    state.clear_latencies()
+    assert state.latencies() == [] and state.kept() == 0
+
+
 def test_avoid_moves_a_request_to_a_proxy_it_has_not_tried() -> None:
     broker = make(max_concurrency=1, selector="first_available")
     first = broker.acquire()

@@ -504,7 +504,7 @@ class MemoryStorage(IStorage):
         self._released_window = released_window
         self._lock = threading.RLock()
         self._pools: dict[UUID, _Pool] = {}
-        self._pool_ids: dict[str, UUID] = {}
+        self._named: dict[str, _Pool] = {}  # by name: what every acquire looks up
         self._entries: dict[UUID, _Entry] = {}
         self._consumers: dict[str, UUID] = {}
         self._health: dict[UUID, deque[_Record]] = {}
@@ -790,10 +790,9 @@ class MemoryStorage(IStorage):
     ) -> _Entry | None:
         """The selector's choice among the pool's available proxies, round-robin cursor
         moved past it (caller holds the lock)."""
-        pool_id = self._pool_ids.get(pool_name)
-        if pool_id is None:
+        pool = self._named.get(pool_name)
+        if pool is None:
             return None
-        pool = self._pools[pool_id]
         if selector is None:
             strategy = _FIRST
         else:
@@ -946,10 +945,9 @@ class MemoryStorage(IStorage):
     def get_pool_stats(self, pool_name: str) -> PoolStatsSnapshot | None:
         """Pool totals from running counters: O(1)."""
         with self._lock:
-            pool_id = self._pool_ids.get(pool_name)
-            if pool_id is None:
+            pool = self._named.get(pool_name)
+            if pool is None:
                 return None
-            pool = self._pools[pool_id]
             return PoolStatsSnapshot(
                 pool_name=pool.model.name,
                 total_proxies=len(pool.entries),
@@ -1053,12 +1051,12 @@ class MemoryStorage(IStorage):
             stored = pool.model_copy()
             current = self._pools.get(stored.id)
             if current is None:
-                self._pools[stored.id] = _Pool(stored)
+                current = self._pools[stored.id] = _Pool(stored)
             else:
-                if self._pool_ids.get(current.model.name) == stored.id:
-                    del self._pool_ids[current.model.name]
+                if self._named.get(current.model.name) is current:
+                    del self._named[current.model.name]
                 current.model = stored
-            self._pool_ids[stored.name] = stored.id
+            self._named[stored.name] = current
 
     def add_pool(self, pool: ProxyPool) -> None:
         """Alias of `save_pool` (used by `pharox.utils.bootstrap_pool`)."""
@@ -1073,8 +1071,8 @@ class MemoryStorage(IStorage):
     def get_pool_by_name(self, name: str) -> ProxyPool | None:
         """The pool with this name, or None."""
         with self._lock:
-            pool_id = self._pool_ids.get(name)
-            return None if pool_id is None else self._pools[pool_id].model.model_copy()
+            pool = self._named.get(name)
+            return None if pool is None else pool.model.model_copy()
 
     def list_pools(self) -> list[ProxyPool]:
         """Every pool."""
@@ -1090,8 +1088,8 @@ class MemoryStorage(IStorage):
                 self._forget_proxy(entry)
             self._drop_leases(doomed)
             del self._pools[pool.model.id]
-            if self._pool_ids.get(pool.model.name) == pool.model.id:
-                del self._pool_ids[pool.model.name]
+            if self._named.get(pool.model.name) is pool:
+                del self._named[pool.model.name]
 
     def _pool_or_raise(self, pool_id: str | UUID) -> _Pool:
         uid = _as_uuid(pool_id)
@@ -1156,10 +1154,9 @@ class MemoryStorage(IStorage):
     ) -> list[Proxy]:
         """Proxies of the pool in any of `statuses`, from the per-status index."""
         with self._lock:
-            pool_id = self._pool_ids.get(pool_name)
-            if pool_id is None:
+            pool = self._named.get(pool_name)
+            if pool is None:
                 return []
-            pool = self._pools[pool_id]
             found: list[Proxy] = []
             for status in dict.fromkeys(ProxyStatus(s) for s in statuses):
                 members = pool.by_status.get(status)
