@@ -72,6 +72,7 @@ __all__ = [
     "PharoxProxyManager",
     "PharoxUrllib3Error",
     "ProxyNotLeasedError",
+    "ReportFailedError",
 ]
 
 logger = logging.getLogger("pharox_integrations.urllib3")
@@ -119,6 +120,11 @@ class LeaseFailedError(PharoxUrllib3Error):
 
 class ProxyNotLeasedError(PharoxUrllib3Error):
     """`connection_from_*` was called with no proxy leased on this thread."""
+
+
+class ReportFailedError(PharoxUrllib3Error):
+    """Judging or recording a request's outcome failed (a ban detector raised, the storage
+    failed); the proxy and the connection went back.  `__cause__` is the original error."""
 
 
 class AllProxiesFailedError(AllProxiesFailed, MaxRetryError):
@@ -214,6 +220,22 @@ def _bind_lease(response: BaseHTTPResponse, release: _LeaseOnResponse) -> None:
     response.release_conn = release_conn  # type: ignore[method-assign]
     response.close = close  # type: ignore[method-assign]
     weakref.finalize(response, release)
+
+
+def _discard(response: BaseHTTPResponse) -> None:
+    """Close an answer nobody will read and give its connection's slot back to the pool
+    (`close()` alone leaves the slot checked out: a blocking pool would run dry)."""
+    response.close()
+    response.release_conn()
+
+
+def _report_failed(lease: ProxyLease, outcome: str, failed: Exception) -> ReportFailedError:
+    """The error for an outcome the broker could not judge or record (names both; raise it
+    `from failed`).  An `HTTPError` the judge raises is re-raised as it is instead."""
+    return ReportFailedError(
+        f"proxy {lease.safe_url}: judging or recording its outcome ({mask_credentials(outcome)}) "
+        f"failed: {describe_error(failed)}"
+    )
 
 
 def _replayable(kw: Mapping[str, Any]) -> bool:
@@ -376,6 +398,10 @@ class PharoxProxyManager(urllib3.ProxyManager):
             except Exception as exc:
                 try:
                     verdict = attempts.judge(lease, error=exc, verdict=_verdict_for(exc), release=True)
+                except HTTPError:
+                    raise
+                except Exception as failed:
+                    raise _report_failed(lease, describe_error(exc), failed) from failed
                 finally:
                     self._release(lease)
                 if attempts.should_move(verdict) and _replayable(kw):
@@ -395,6 +421,10 @@ class PharoxProxyManager(urllib3.ProxyManager):
                 # urllib3 drained the redirect; this hop is done and the next one leases anew.
                 try:
                     self.broker.finish(lease, status_code=response.status)
+                except HTTPError:
+                    raise
+                except Exception as failed:
+                    raise _report_failed(lease, f"HTTP {response.status}", failed) from failed
                 finally:
                     self._release(lease)
                 next_method, location, next_kw = follow
@@ -403,15 +433,17 @@ class PharoxProxyManager(urllib3.ProxyManager):
             streamed = not kw.get("preload_content", True) and response.connection is not None
             try:
                 verdict = attempts.judge(lease, status_code=response.status, response=response, release=not streamed)
-            except BaseException:  # the storage failed us: do not strand the lease or the connection
-                response.close()
+            except BaseException as failed:  # a ban detector or the storage: strand neither lease nor connection
+                _discard(response)
                 self._release(lease)
+                if isinstance(failed, Exception) and not isinstance(failed, HTTPError):
+                    raise _report_failed(lease, f"HTTP {response.status}", failed) from failed
                 raise
             if attempts.should_move(verdict) and _replayable(kw):
                 if kw.get("preload_content", True):
                     response.drain_conn()
                 else:
-                    response.close()  # do not read a ban page we are throwing away
+                    _discard(response)  # do not read a ban page we are throwing away
                 self._release(lease)
                 self._log_move(lease, f"HTTP {response.status}")
                 continue

@@ -12,7 +12,8 @@ import pytest
 import requests
 import urllib3
 
-from pharox_integrations import HealthPolicy
+from pharox_integrations import HealthPolicy, LeaseBroker
+from pharox_integrations.requests import PharoxAdapter
 
 if __package__:
     from .servers import expected_bytes
@@ -144,3 +145,84 @@ def test_threads_share_one_session_through_faults(
     assert not target.saw_header("Proxy-Authorization") and not tls_target.saw_header("Proxy-Authorization")
     assert_no_secret(caplog.text)
     # The door fixture then proves no lease is held and every proxy's count is 0.
+
+
+# ---------------------------------------------------------------------- a failing judge
+
+
+def checked_out(adapter: PharoxAdapter) -> int:
+    """Connections taken out of the adapter's per-proxy pools and never given back."""
+    total = 0
+    for manager in list(adapter.proxy_manager.values()):
+        pools = [manager.pools[key] for key in manager.pools.keys()]  # noqa: SIM118  # the LRU refuses iteration
+        total += sum(p.pool.maxsize - p.pool.qsize() for p in pools if p.pool is not None)
+    return total
+
+
+def assert_all_back(door: Door, broker: LeaseBroker, session: requests.Session) -> None:
+    adapter = door.adapter(session)
+    assert broker.held == 0 and adapter.held == 0, broker.held_leases()
+    assert [p.current_leases for p in broker.proxies()] == [0] * len(broker.proxies())
+    assert broker.counters["released"] == broker.counters["acquired"]
+    assert checked_out(adapter) == 0
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["read", "streamed"])
+def test_a_ban_detector_that_raises_gives_everything_back(
+    door: Door, target: Any, proxy_trio: Any, stream: bool
+) -> None:
+    """A bug in the user's ban detector reaches the caller as that error, unwrapped (this
+    door passes on errors that are not requests' own, as from a storage failing to lease);
+    the lease, the proxy's count and the connection all go back, the proxy is not judged,
+    and the next request works."""
+    broken = [True]
+
+    def detector(status_code: int | None, response: Any) -> bool | None:
+        if broken[0]:
+            raise RuntimeError("detector bug")
+        return None
+
+    broker = door.broker(proxy_trio, policy=HealthPolicy(ban_detector=detector, backoff_base=600, backoff_cap=600))
+    session = door.session(broker)
+    for _ in range(2):
+        with pytest.raises(RuntimeError, match="detector bug"):
+            session.get(f"{target.url}/echo", stream=stream)
+        assert_all_back(door, broker, session)
+    assert broker.counters["acquired"] == 2
+    assert {p.status for p in broker.proxies()} == {"active"}  # a detector bug is not the proxy's fault
+    broken[0] = False
+    with session.get(f"{target.url}/echo", stream=stream) as r:
+        assert r.status_code == 200 and r.json()["peer_ip"] in {p.outbound_ip for p in proxy_trio}
+    assert_all_back(door, broker, session)
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["read", "streamed"])
+def test_a_ban_the_storage_cannot_record_gives_everything_back(
+    door: Door, target: Any, proxy_trio: Any, stream: bool
+) -> None:
+    """The target bans every proxy and recording the bench fails in the storage (fault
+    injection: no real storage fails on demand, so `apply_health_check_result` is
+    replaced for the test).  The caller gets the storage's error, unwrapped as this door
+    passes on errors that are not requests' own; the lease, the proxy's count and the
+    connection all go back, and once the storage works again so do requests."""
+    for proxy in proxy_trio:
+        target.ban(proxy.outbound_ip)
+    broker = door.broker(proxy_trio)
+    session = door.session(broker)
+
+    def broken(result: object) -> None:
+        raise RuntimeError("storage unavailable")
+
+    broker.storage.apply_health_check_result = broken  # type: ignore[method-assign]
+    try:
+        with pytest.raises(RuntimeError, match="storage unavailable"):
+            session.get(f"{target.url}/echo", stream=stream)
+        assert sum(target.hits.values()) == 1  # not moved on: the outcome could not be recorded
+        assert_all_back(door, broker, session)
+    finally:
+        del broker.storage.apply_health_check_result
+    for proxy in proxy_trio:
+        target.unban(proxy.outbound_ip)
+    with session.get(f"{target.url}/echo", stream=stream) as r:
+        assert r.status_code == 200 and r.json()["peer_ip"] in {p.outbound_ip for p in proxy_trio}
+    assert_all_back(door, broker, session)

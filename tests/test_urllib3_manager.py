@@ -38,6 +38,7 @@ from pharox_integrations.urllib3 import (
     NoProxyAvailableError,
     PharoxProxyManager,
     ProxyNotLeasedError,
+    ReportFailedError,
 )
 
 CLOSE = {"Connection": "close"}
@@ -608,3 +609,131 @@ def test_threads_with_faults_lose_nothing(
         assert len(pm.pools) <= 4
     assert statuses(broker)[proxy_trio[2].port] == ProxyStatus.BANNED
     assert target.hits[proxy_trio[2].outbound_ip] <= 8  # banned at once, never again after
+
+
+# -- a failing judge: ban detector or storage ------------------------------------------
+
+
+def checked_out(pm: PharoxProxyManager) -> int:
+    """Connections taken out of the manager's pools and never given back (a slot lost)."""
+    pools = [pm.pools[key] for key in pm.pools.keys()]  # noqa: SIM118  # the LRU refuses iteration
+    return sum(p.pool.maxsize - p.pool.qsize() for p in pools if p.pool is not None)
+
+
+def assert_all_back(broker: LeaseBroker, pm: PharoxProxyManager) -> None:
+    assert broker.held == 0 and pm.held == 0, broker.held_leases()
+    assert [p.current_leases for p in broker.proxies()] == [0] * len(broker.proxies())
+    assert broker.counters["released"] == broker.counters["acquired"]
+    assert checked_out(pm) == 0
+
+
+@pytest.mark.parametrize("path", ["/echo", "/redirect?to=/echo"], ids=["answer", "redirect"])
+@pytest.mark.parametrize("preload", [True, False], ids=["preloaded", "streamed"])
+def test_a_ban_detector_that_raises_gives_everything_back(
+    make_broker: MakeBroker, proxy_trio: list[KitProxy], target: TargetServer, preload: bool, path: str
+) -> None:
+    """A bug in the user's ban detector (judging an answer or a redirect) reaches the
+    caller as this door's HTTPError naming it (the bug itself as `__cause__`); the lease,
+    the proxy's count and the connection all go back, the proxy is not judged, and the
+    next request works."""
+    broken = [True]
+
+    def detector(status_code: int | None, response: Any) -> bool | None:
+        if broken[0]:
+            raise RuntimeError("detector bug")
+        return None
+
+    broker = make_broker(proxy_trio, policy=HealthPolicy(ban_detector=detector))
+    with PharoxProxyManager(broker, timeout=TIMEOUT) as pm:
+        for _ in range(2):
+            with pytest.raises(ReportFailedError, match="RuntimeError: detector bug") as raised:
+                pm.request("GET", f"{target.url}{path}", preload_content=preload)
+            assert isinstance(raised.value, HTTPError) and isinstance(raised.value.__cause__, RuntimeError)
+            assert_all_back(broker, pm)
+        assert broker.counters["acquired"] == 2
+        assert set(statuses(broker).values()) == {ProxyStatus.ACTIVE}  # a detector bug is not the proxy's fault
+        broken[0] = False
+        r = pm.request("GET", f"{target.url}{path}", preload_content=preload)
+        assert echo(r)["peer_ip"] in {p.outbound_ip for p in proxy_trio}
+        assert_all_back(broker, pm)
+    assert_no_secret(str(raised.value), repr(raised.value))
+
+
+def storage_unavailable(result: object) -> None:
+    """Stands in for a storage's `apply_health_check_result` that fails (fault injection)."""
+    raise RuntimeError("storage unavailable")
+
+
+@pytest.mark.parametrize("preload", [True, False], ids=["preloaded", "streamed"])
+def test_a_ban_the_storage_cannot_record_gives_everything_back(
+    make_broker: MakeBroker, proxy_trio: list[KitProxy], target: TargetServer, preload: bool
+) -> None:
+    """The target bans every proxy and recording the bench fails in the storage (fault
+    injection: no real storage fails on demand, so `apply_health_check_result` is
+    replaced for the test).  The caller gets this door's HTTPError naming the storage's
+    error; the lease, the proxy's count and the connection all go back, and once the
+    storage works again so do requests."""
+    for proxy in proxy_trio:
+        target.ban(proxy.outbound_ip)
+    broker = make_broker(proxy_trio)
+
+    with PharoxProxyManager(broker, timeout=TIMEOUT) as pm:
+        broker.storage.apply_health_check_result = storage_unavailable  # type: ignore[method-assign]
+        try:
+            with pytest.raises(ReportFailedError, match="RuntimeError: storage unavailable") as raised:
+                pm.request("GET", f"{target.url}/echo", preload_content=preload)
+            assert isinstance(raised.value, HTTPError) and isinstance(raised.value.__cause__, RuntimeError)
+            assert target.hits.total() == 1  # not moved on: the outcome could not be recorded
+            assert_all_back(broker, pm)
+        finally:
+            del broker.storage.apply_health_check_result
+        for proxy in proxy_trio:
+            target.unban(proxy.outbound_ip)
+        r = pm.request("GET", f"{target.url}/echo", preload_content=preload)
+        assert echo(r)["peer_ip"] in {p.outbound_ip for p in proxy_trio}
+        assert_all_back(broker, pm)
+    assert_no_secret(str(raised.value), repr(raised.value))
+
+
+def test_a_failure_the_storage_cannot_record_gives_everything_back(
+    make_broker: MakeBroker, proxy_kit: Any, http_proxy: KitProxy, target: TargetServer
+) -> None:
+    """A dead proxy fails the request and recording it INACTIVE fails in the storage
+    (fault injection, as above).  The caller gets this door's HTTPError naming both the
+    storage's error and the request's; nothing stays held, and requests work afterwards."""
+    dead = proxy_kit.dead()
+    broker = make_broker([dead], policy=HealthPolicy(max_failures=1))
+
+    with PharoxProxyManager(broker, retries=False) as pm:
+        broker.storage.apply_health_check_result = storage_unavailable  # type: ignore[method-assign]
+        try:
+            with pytest.raises(ReportFailedError, match="RuntimeError: storage unavailable") as raised:
+                pm.request("GET", f"{target.url}/echo")
+            assert f"127.0.0.1:{dead.port}" in str(raised.value) and "NewConnectionError" in str(raised.value)
+            assert_all_back(broker, pm)
+        finally:
+            del broker.storage.apply_health_check_result
+        broker.add_proxies([http_proxy.url])
+        assert echo(pm.request("GET", f"{target.url}/echo"))["peer_ip"] == http_proxy.outbound_ip
+        assert_all_back(broker, pm)
+
+
+def test_a_streamed_ban_page_left_unread_gives_its_connection_back(
+    make_broker: MakeBroker, proxy_trio: list[KitProxy], target: TargetServer
+) -> None:
+    """Moving a streamed request off a banning proxy closes the ban page unread and puts
+    its connection's slot back in the pool: a pool with `block=True` and one slot keeps
+    serving that proxy."""
+    banned = proxy_trio[0]
+    target.ban(banned.outbound_ip)
+    broker = make_broker(proxy_trio, policy=HealthPolicy(backoff_base=0.05, backoff_cap=0.05))
+    with PharoxProxyManager(broker, timeout=TIMEOUT, maxsize=1, block=True) as pm:
+        for _ in range(40):  # until the banned proxy's one slot has served three ban pages
+            r = pm.request("GET", f"{target.url}/echo", preload_content=False, pool_timeout=2)
+            assert echo_ip(target, r) != banned.outbound_ip
+            r.drain_conn()
+            assert_all_back(broker, pm)
+            if target.hits[banned.outbound_ip] >= 3:
+                break
+            time.sleep(0.06)  # the banned proxy comes back (and the round robin reaches it)
+        assert target.hits[banned.outbound_ip] >= 3
