@@ -1,6 +1,6 @@
 """Requests/s through `AsyncPharoxTransport` against plain rotation and proxywhirl, in one run.
 
-    python benchmarks/bench_httpx.py            # 2,000 requests per run, 3 runs per cell
+    python benchmarks/bench_httpx.py            # 2,000 requests per run, 5 runs per cell
     python benchmarks/bench_httpx.py --quick    # 300 requests per run, for a smoke run
 
 Series, all `httpx.AsyncClient` GETs (`--concurrency` in flight) through the SAME local
@@ -20,14 +20,16 @@ Pool sizes 10 and 10,000 entries.  The proxy is pproxy (HTTP, no auth, through t
 kit's launcher); the entries all point at it, told apart by user name
 (``http://u<i>:p<i>@127.0.0.1:<port>``), so every client sees 10,000 distinct proxies:
 rotating among them costs connection reuse whatever library does it.  The target is a
-minimal keep-alive server in its own process.  Series take turns within each repeat, so
-load from other processes on this shared machine hits them alike; medians are printed.
+minimal keep-alive server in its own process.  Series take turns within each repeat (in
+alternating order, after a garbage collection), so load from other processes on this
+shared machine hits them alike; medians are printed.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import itertools
 import logging
 import statistics
@@ -171,6 +173,7 @@ async def measure(make: Series, url: str, total: int, concurrency: int) -> tuple
     fetch, close = await make()
     try:
         await run(fetch, url, min(100, total), concurrency)  # warm-up: imports, first connections
+        gc.collect()  # no series pays for the garbage the one before it left
         return await run(fetch, url, total, concurrency)
     finally:
         await close()
@@ -181,8 +184,11 @@ async def cell(
     series: dict[str, Series], url: str, totals: dict[str, int], concurrency: int, repeats: int
 ) -> dict[str, tuple[float, float]]:
     samples: dict[str, list[tuple[float, float]]] = {name: [] for name in series}
-    for _ in range(repeats):
-        for name, make in series.items():
+    for turn in range(repeats):
+        # Turns alternate the order (A B C, C B A, ...): whatever the first or last
+        # place in a turn costs on this machine falls on every series alike.
+        order = list(series.items()) if turn % 2 == 0 else list(reversed(series.items()))
+        for name, make in order:
             samples[name].append(await measure(make, url, totals[name], concurrency))
     return {
         name: (statistics.median(r for r, _ in got), statistics.median(c for _, c in got))
@@ -228,7 +234,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="300 requests per run")
     parser.add_argument("--requests", type=int, default=None, help="requests per run (default 2000)")
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--concurrency", type=int, default=20)
     parser.add_argument("--sizes", default="10,10000")
     parser.add_argument("--no-proxywhirl", action="store_true", help="leave proxywhirl out")

@@ -28,8 +28,8 @@ import re
 import ssl
 import threading
 from collections import OrderedDict
-from collections.abc import AsyncIterator, Callable, Collection, Generator, Iterator
-from dataclasses import dataclass, field, replace
+from collections.abc import AsyncIterator, Callable, Collection, Generator, Iterator, Sequence
+from dataclasses import dataclass, replace
 from typing import Any, Generic, TypeVar
 from uuid import UUID
 
@@ -76,6 +76,11 @@ SPOKEN_PROTOCOLS = _spoken()
 
 _EXTENSION = "pharox"
 _DEFAULT_MAX_TRANSPORTS = 128
+# What a closed leased stream holds instead of the inner one.  httpx's client keeps each
+# response in a reference cycle (response -> its bound stream -> response), so whatever
+# a closed stream still points at waits for the garbage collector instead of being
+# freed at once: letting go of httpcore's stream frees its request graph on close.
+_CLOSED = httpx.ByteStream(b"")
 
 
 class _MaskSocksAuth(logging.Filter):
@@ -139,7 +144,6 @@ class _Route(Generic[T]):
     """One proxy's inner transport and how many requests or streams still use it."""
 
     transport: T
-    url: str = field(repr=False)  # what it was built for: same proxy id, new credentials -> new route
     active: int = 0
     evicted: bool = False
 
@@ -158,25 +162,24 @@ class _Routes(Generic[T]):
         self._make: Callable[[httpx.Proxy], T] = make
         self._size = size
         self._lock = threading.Lock()
-        self._routes: OrderedDict[UUID, _Route[T]] = OrderedDict()
+        # Keyed by the proxy's URL with its credentials: a proxy whose address or
+        # credentials changed gets a new route (the old one ages out), and a string
+        # keeps its hash where a proxy id (a UUID) is hashed in Python at every lookup.
+        self._routes: OrderedDict[str, _Route[T]] = OrderedDict()
 
-    def checkout(self, lease: ProxyLease) -> tuple[_Route[T], list[T]]:
+    def checkout(self, lease: ProxyLease) -> tuple[_Route[T], Sequence[T]]:
         """The route for `lease` (one more user) and the transports now due for closing."""
-        stale: list[T] = []
-        key, url = lease.proxy_id, lease.url
+        url = lease.url
         with self._lock:
-            route = self._routes.get(key)
-            if route is not None and route.url != url:
-                self._evict(key, stale)  # same id, new address or credentials
-                route = None
-            if route is None:
-                route = _Route(self._make(_proxy_config(lease)), url)
-                self._routes[key] = route
-                while len(self._routes) > self._size:
-                    self._evict(next(iter(self._routes)), stale)
-            else:
-                self._routes.move_to_end(key)
-            route.active += 1
+            route = self._routes.get(url)
+            if route is not None:
+                self._routes.move_to_end(url)
+                route.active += 1
+                return route, ()
+            route = self._routes[url] = _Route(self._make(_proxy_config(lease)), active=1)
+            stale: list[T] = []
+            while len(self._routes) > self._size:
+                self._evict(next(iter(self._routes)), stale)
         return route, stale
 
     def checkin(self, route: _Route[T]) -> T | None:
@@ -187,7 +190,7 @@ class _Routes(Generic[T]):
                 return route.transport
         return None
 
-    def _evict(self, key: UUID, stale: list[T]) -> None:
+    def _evict(self, key: str, stale: list[T]) -> None:
         route = self._routes.pop(key)
         route.evicted = True
         if route.active == 0:
@@ -248,7 +251,7 @@ class _Release:
 
 @dataclass
 class _Close:
-    transports: list[Any] = field(default_factory=list)
+    transports: Sequence[Any] = ()
     response: httpx.Response | None = None
 
 
@@ -334,18 +337,19 @@ class _Door(Generic[T]):
         # the wrong proxy): the proxy's own credentials are added by the inner transport.
         if "proxy-authorization" in request.headers:
             del request.headers["proxy-authorization"]
-        attempts = ProxyAttempts(self.broker, self.proxy_retries)
+        # Built when a proxy is first judged here (an error or a ban): most requests never are.
+        attempts: ProxyAttempts | None = None
         replayable = isinstance(request.stream, httpx.ByteStream)  # bodies of bytes replay
         lease: ProxyLease | None = None
         last: tuple[int | None, BaseException | None] = (None, None)  # for the final error
         try:
             while True:
-                if attempts.tried and acquire.avoid is not attempts.tried:
+                if attempts is not None and acquire.avoid is not attempts.tried:
                     acquire = replace(acquire, avoid=attempts.tried)  # a move skips the proxies tried
                 try:
                     lease = yield acquire
                 except NoProxyAvailable as exc:
-                    if attempts.attempts:  # moving, and nothing left to move to
+                    if attempts is not None:  # moving, and nothing left to move to
                         raise self._exhausted(attempts, request, *last, pool_state=str(exc)) from exc
                     raise _no_proxy(exc, request) from exc
                 assert lease is not None
@@ -354,67 +358,88 @@ class _Door(Generic[T]):
                 except InvalidProxyURLError as exc:
                     exc.request = request
                     raise
-                if stale:
-                    yield _Close(transports=stale)
+                held: _Route[T] | None = route  # checked in again on every way out until a stream owns it
+                answer: httpx.Response | None = None  # closed on those ways out
                 try:
-                    response: httpx.Response = yield from _send(route, request, replayable)
-                except Exception as exc:
-                    idle = self.routes.checkin(route)
-                    if idle is not None:
-                        yield _Close(transports=[idle])
-                    verdict = yield _Judge(attempts, lease, {"error": exc})
-                    yield _Release(lease)
-                    lease = None
-                    last = (None, exc)
-                    if replayable and attempts.should_move(verdict):
-                        continue
-                    if verdict.moves_request:
-                        raise self._exhausted(attempts, request, None, exc) from exc
-                    if isinstance(exc, httpx.HTTPError):
-                        raise
-                    raise PharoxTransportError(describe_error(exc), request=request) from exc
-                except BaseException:
-                    idle = self.routes.checkin(route)
-                    if idle is not None:
-                        yield _Close(transports=[idle])
-                    raise
-                latency_ms = lease.elapsed_ms()
-                verdict = self.broker.policy.judge(response.status_code, None, response)
-                if verdict.moves_request:
-                    # Judged now (the move depends on it); an answer kept for the
-                    # caller is judged when its stream closes, with any read error.
-                    yield _Judge(
-                        attempts,
-                        lease,
-                        {"status_code": response.status_code, "response": response, "latency_ms": latency_ms},
-                    )
-                    can_move = replayable and attempts.should_move(verdict)
-                    last = (response.status_code, None)
-                    if can_move or self.raise_on_exhausted:
-                        idle = self.routes.checkin(route)
-                        yield _Close(response=response)
+                    if stale:  # closing them may be cancelled: the route still goes back
+                        yield _Close(transports=stale)
+                    try:
+                        try:
+                            response: httpx.Response = yield _Send(route.transport, request)
+                        except Exception as exc:
+                            # A kept-alive connection the proxy closed before answering is sent
+                            # once more (httpcore takes another) before it counts against the proxy.
+                            if not (replayable and is_dropped_connection(exc)):
+                                raise
+                            response = yield _Send(route.transport, request)
+                        answer = response
+                    except Exception as exc:
+                        held = None
+                        yield from self._hand_back(route, None)
+                        attempts = attempts or ProxyAttempts(self.broker, self.proxy_retries)
+                        verdict = yield _Judge(attempts, lease, {"error": exc})
                         yield _Release(lease)
                         lease = None
-                        if idle is not None:
-                            yield _Close(transports=[idle])
-                        if can_move:
+                        last = (None, exc)
+                        if replayable and attempts.should_move(verdict):
                             continue
-                        raise self._exhausted(attempts, request, response.status_code, None)
-                ticket = _Ticket(lease, route, response.status_code, verdict, latency_ms)
-                lease = None  # the stream owns it now
-                # The response's own dict (httpcore makes one per response): set, not copied.
-                response.extensions[_EXTENSION] = {
-                    "proxy": ticket.lease.safe_url,
-                    "attempts": [str(a) for a in attempts.attempts],
-                }
-                response.stream = self._bind(response.stream, ticket)
-                return response
+                        if verdict.moves_request:
+                            raise self._exhausted(attempts, request, None, exc) from exc
+                        raise
+                    latency_ms = lease.elapsed_ms()
+                    # A ban detector may raise, a ban report may fail in the storage: the
+                    # answer is closed and the route checked in below, the lease released
+                    # by the outer handler.
+                    verdict = self.broker.policy.judge(response.status_code, None, response)
+                    if verdict.moves_request:
+                        # Judged now (the move depends on it); an answer kept for the
+                        # caller is judged when its stream closes, with any read error.
+                        attempts = attempts or ProxyAttempts(self.broker, self.proxy_retries)
+                        yield _Judge(
+                            attempts,
+                            lease,
+                            {"status_code": response.status_code, "response": response, "latency_ms": latency_ms},
+                        )
+                        can_move = replayable and attempts.should_move(verdict)
+                        last = (response.status_code, None)
+                        if can_move or self.raise_on_exhausted:
+                            held = None
+                            yield from self._hand_back(route, response)
+                            yield _Release(lease)
+                            lease = None
+                            if can_move:
+                                continue
+                            raise self._exhausted(attempts, request, response.status_code, None)
+                    ticket = _Ticket(lease, route, response.status_code, verdict, latency_ms)
+                    # The response's own dict (httpcore makes one per response): set, not copied.
+                    response.extensions[_EXTENSION] = {
+                        "proxy": lease.safe_url,
+                        "attempts": [] if attempts is None else [str(a) for a in attempts.attempts],
+                    }
+                    response.stream = self._bind(response.stream, ticket)
+                    lease = held = None  # the stream owns them now
+                    return response
+                except BaseException:
+                    if held is not None:
+                        yield from self._hand_back(held, answer)
+                    raise
         except GeneratorExit:
             raise
-        except BaseException:
+        except BaseException as exc:
             if lease is not None and not lease.released:
                 yield _Release(lease)
+            if isinstance(exc, Exception) and not isinstance(exc, httpx.HTTPError):
+                # Whatever the transports raise is an httpx error (a storage or a ban
+                # detector failing included), so `except httpx.HTTPError` code holds.
+                raise PharoxTransportError(describe_error(exc), request=request) from exc
             raise
+
+    def _hand_back(self, route: _Route[T], answer: httpx.Response | None) -> Generator[_Op, Any, None]:
+        """One user less on `route`; close `answer` and the route's transport if it was
+        evicted meanwhile and is now idle."""
+        idle = self.routes.checkin(route)
+        if idle is not None or answer is not None:
+            yield _Close(transports=() if idle is None else (idle,), response=answer)
 
     def settle(self, ticket: _Ticket, error: BaseException | None) -> BaseException | None:
         """The response stream was closed: judge the request, give the proxy back.
@@ -458,18 +483,6 @@ class _Door(Generic[T]):
         raise NotImplementedError
 
 
-def _send(route: _Route[Any], request: httpx.Request, replayable: bool) -> Generator[_Op, Any, httpx.Response]:
-    """Send; a kept-alive connection the proxy closed before answering is tried once more
-    (httpcore takes another connection) before the error counts against the proxy."""
-    try:
-        response: httpx.Response = yield _Send(route.transport, request)
-    except Exception as exc:
-        if not (replayable and is_dropped_connection(exc)):
-            raise
-        response = yield _Send(route.transport, request)
-    return response
-
-
 def _no_proxy(exc: NoProxyAvailable, request: httpx.Request) -> NoProxyAvailableError:
     error = NoProxyAvailableError(
         str(exc), pool=exc.pool, filters=exc.filters, counts=exc.counts, next_revival_in=exc.next_revival_in
@@ -511,12 +524,14 @@ class _SyncDoor(_Door[httpx.HTTPTransport]):
             return op.attempts.judge(op.lease, **op.kwargs)
         if isinstance(op, _Release):
             return broker.release(op.lease)
-        if op.response is not None:
-            op.response.close()
-        self.close_transports(op.transports)
+        try:
+            if op.response is not None:
+                op.response.close()
+        finally:  # an answer that fails to close still lets the idle transports close
+            self.close_transports(op.transports)
         return None
 
-    def close_transports(self, transports: list[httpx.HTTPTransport]) -> None:
+    def close_transports(self, transports: Sequence[httpx.HTTPTransport]) -> None:
         for transport in transports:
             try:
                 transport.close()
@@ -547,6 +562,7 @@ class _LeasedStream(httpx.SyncByteStream):
         try:
             self._inner.close()
         finally:
+            self._inner = _CLOSED
             door = self._door
             idle = door.routes.checkin(ticket.route)
             failure = door.settle(ticket, self._error)
@@ -650,12 +666,14 @@ class _AsyncDoor(_Door[httpx.AsyncHTTPTransport]):
                 # In a worker thread the release completes even if this task is cancelled.
                 return await asyncio.to_thread(broker.release, op.lease)
             return broker.release(op.lease)
-        if op.response is not None:
-            await op.response.aclose()
-        await self.close_transports(op.transports)
+        try:
+            if op.response is not None:
+                await op.response.aclose()
+        finally:  # an answer that fails to close still lets the idle transports close
+            await self.close_transports(op.transports)
         return None
 
-    async def close_transports(self, transports: list[httpx.AsyncHTTPTransport]) -> None:
+    async def close_transports(self, transports: Sequence[httpx.AsyncHTTPTransport]) -> None:
         for transport in transports:
             try:
                 await transport.aclose()
@@ -727,6 +745,7 @@ class _AsyncLeasedStream(httpx.AsyncByteStream):
         try:
             await self._inner.aclose()
         finally:
+            self._inner, self._chunks = _CLOSED, None
             door = self._door
             idle = door.routes.checkin(ticket.route)
             if door.broker.storage_blocks:

@@ -212,6 +212,56 @@ async def test_async_stream_holds_the_lease_until_aclose(
     assert got == expected_bytes(100000)[: len(got)]
 
 
+@pytest.mark.asyncio
+async def test_a_closed_stream_lets_go_of_the_connections_request_objects(
+    make_broker: BrokerFactory, auth_http_proxy: KitProxy, target: TargetServer
+) -> None:
+    """httpx's client keeps each response in a reference cycle, so anything a closed
+    stream still points at waits for the garbage collector: the leased stream drops
+    httpcore's stream (and with it the connection's request objects) when closed."""
+    import gc
+    import weakref
+
+    broker = make_broker([auth_http_proxy.url])
+    async with httpx.AsyncClient(transport=AsyncPharoxTransport(broker), timeout=TIMEOUT) as client:
+        assert (await client.get(f"{target.url}/echo")).status_code == 200  # warm: the connection exists
+        gc.collect()
+        gc.disable()
+        try:
+            async with client.stream("GET", f"{target.url}/echo") as response:
+                leased = response.stream._stream  # httpx's BoundAsyncStream -> ours
+                inner = weakref.ref(leased._inner)
+                assert inner() is not None and broker.held == 1
+                await response.aread()  # read to the end: httpx closes the stream
+            assert inner() is None, "the closed stream still holds httpcore's stream"
+            await response.aclose()  # closing again changes nothing
+            assert response.content == await response.aread()
+        finally:
+            gc.enable()
+    assert broker.held == 0
+
+
+def test_a_closed_sync_stream_lets_go_of_the_connections_request_objects(
+    make_broker: BrokerFactory, auth_http_proxy: KitProxy, target: TargetServer
+) -> None:
+    import gc
+    import weakref
+
+    broker = make_broker([auth_http_proxy.url])
+    with httpx.Client(transport=PharoxTransport(broker), timeout=TIMEOUT) as client:
+        gc.collect()
+        gc.disable()
+        try:
+            with client.stream("GET", f"{target.url}/echo") as response:
+                inner = weakref.ref(response.stream._stream._inner)
+                assert inner() is not None and broker.held == 1
+                response.read()
+            assert inner() is None, "the closed stream still holds httpcore's stream"
+        finally:
+            gc.enable()
+    assert broker.held == 0
+
+
 def test_evicted_inner_transport_stays_open_while_its_stream_is_read(
     make_broker: BrokerFactory, proxy_trio: list[KitProxy], target: TargetServer
 ) -> None:
@@ -273,6 +323,95 @@ async def test_every_proxy_banned_raises_all_failed_then_pool_empty(
     assert isinstance(empty.value, httpx.TransportError) and isinstance(empty.value, NoProxyAvailable)
     assert "3 banned" in str(empty.value) and "next back in" in str(empty.value)
     assert_no_secret(str(error), repr(error), str(empty.value), caplog.text)
+
+
+@pytest.mark.asyncio
+async def test_a_ban_detector_that_raises_gives_everything_back(
+    make_broker: BrokerFactory, proxy_trio: list[KitProxy], target: TargetServer
+) -> None:
+    """A bug in the user's ban detector surfaces as an httpx error naming it, and the
+    proxy, its inner transport and the connection all go back (sync and async)."""
+
+    def detector(status_code: int | None, response: Any) -> bool | None:
+        raise RuntimeError("detector bug")
+
+    broker = make_broker([p.url for p in proxy_trio], policy=HealthPolicy(ban_detector=detector))
+    sync_transport = PharoxTransport(broker)
+    async_transport = AsyncPharoxTransport(broker)
+    with httpx.Client(transport=sync_transport, timeout=TIMEOUT) as client:
+        for _ in range(2):
+            with pytest.raises(httpx.TransportError, match="detector bug"):
+                client.get(f"{target.url}/echo")
+            assert broker.held == 0
+        routes = sync_transport._door.routes._routes.values()
+        assert len(routes) == 2 and [r.active for r in routes] == [0, 0]
+    async with httpx.AsyncClient(transport=async_transport, timeout=TIMEOUT) as aclient:
+        for _ in range(2):
+            with pytest.raises(httpx.TransportError, match="detector bug"):
+                await aclient.get(f"{target.url}/echo")
+            assert broker.held == 0
+        aroutes = async_transport._door.routes._routes.values()
+        assert len(aroutes) == 2 and [r.active for r in aroutes] == [0, 0]
+    assert broker.counters["acquired"] == broker.counters["released"] == 4
+
+
+@pytest.mark.asyncio
+async def test_a_ban_the_storage_cannot_record_still_gives_everything_back(
+    make_broker: BrokerFactory, proxy_trio: list[KitProxy], target: TargetServer
+) -> None:
+    """The target bans every proxy; recording the bench fails in the storage (fault
+    injection: no real storage fails on demand).  The caller gets an httpx error, and
+    the proxy, the inner transport's in-use count and the connection all go back."""
+    broker = make_broker([p.url for p in proxy_trio])
+    for proxy in proxy_trio:
+        target.ban(proxy.outbound_ip)
+
+    def broken(result: object) -> None:
+        raise RuntimeError("storage unavailable")
+
+    broker.storage.apply_health_check_result = broken  # type: ignore[method-assign]
+    transport = AsyncPharoxTransport(broker)
+    try:
+        async with httpx.AsyncClient(transport=transport, timeout=TIMEOUT) as client:
+            for _ in range(3):
+                with pytest.raises(httpx.TransportError, match="storage unavailable"):
+                    await client.get(f"{target.url}/echo")
+                assert broker.held == 0
+            routes = list(transport._door.routes._routes.values())
+            assert routes and [r.active for r in routes] == [0] * len(routes)
+            # The connections went back to their pools: none is still serving a request.
+            for route in routes:
+                pool = route.transport._pool
+                assert all(c.is_idle() or c.is_closed() for c in pool.connections)
+    finally:
+        del broker.storage.apply_health_check_result
+    assert broker.counters["released"] == broker.counters["acquired"] == 3
+
+
+@pytest.mark.asyncio
+async def test_a_request_cancelled_while_an_evicted_transport_closes_gives_everything_back(
+    make_broker: BrokerFactory, proxy_trio: list[KitProxy], target: TargetServer
+) -> None:
+    broker = make_broker([p.url for p in proxy_trio])
+    transport = AsyncPharoxTransport(broker, max_proxy_transports=1)
+    async with httpx.AsyncClient(transport=transport, timeout=TIMEOUT) as client:
+        assert (await client.get(f"{target.url}/echo")).status_code == 200
+        # Fault injection: closing the transport the next request evicts hangs (no real
+        # transport hangs on demand), and the caller gives up meanwhile.
+        (first,) = transport._door.routes._routes.values()
+        closing = first.transport.aclose
+
+        async def hang() -> None:
+            await asyncio.sleep(30)
+
+        first.transport.aclose = hang  # type: ignore[method-assign]
+        with pytest.raises(asyncio.TimeoutError):
+            await asyncio.wait_for(client.get(f"{target.url}/echo"), 0.5)
+        assert broker.held == 0
+        assert [r.active for r in transport._door.routes._routes.values()] == [0]
+        assert (await client.get(f"{target.url}/echo")).status_code == 200
+        await closing()
+    assert broker.counters["released"] == broker.counters["acquired"] == 3
 
 
 def test_raise_on_exhausted_false_returns_the_last_answer(
