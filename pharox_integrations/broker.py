@@ -192,7 +192,8 @@ class LeaseBroker:
             "no_proxy_available": 0,
             "races": 0,
         }
-        self.peak_held = 0
+        self.peak_held = 0  # most leases handed out at once
+        self._passing = 0  # leases held for a moment so the selector passes a tried proxy
 
     # ------------------------------------------------------------------ builders
 
@@ -594,28 +595,37 @@ class LeaseBroker:
         chosen: ProxyLease | None = None
         races = 0
         # A proxy in `avoid` (already tried for this request) is passed over while the
-        # pool has others; held meanwhile so the selector moves on, released after.
-        while chosen is None and races < _RACE_RETRIES and len(skipped) <= len(avoid):
-            try:
-                lease = self._acquire_once(pool, filters)
-            except ProxyUnavailableError:
-                # find and create_lease are separate steps in pharox's storages; the
-                # proxy was taken in between.  Not an error for our callers: try again.
-                races += 1
+        # pool has others; held meanwhile so the selector moves on, released after (also
+        # when the storage fails), and not counted as handed out.
+        try:
+            while chosen is None and races < _RACE_RETRIES and len(skipped) <= len(avoid):
+                try:
+                    lease = self._acquire_once(pool, filters)
+                except ProxyUnavailableError:
+                    # find and create_lease are separate steps in pharox's storages; the
+                    # proxy was taken in between.  Not an error for our callers: try again.
+                    races += 1
+                    with self._lock:
+                        self.counters["races"] += 1
+                    continue
+                if lease is None:
+                    break
+                if lease.proxy_id in avoid and len(skipped) < len(avoid):
+                    skipped.append(self._wrap(lease, pool, session, passing=True))
+                else:
+                    chosen = self._wrap(lease, pool, session)
+            if chosen is None and skipped:
+                chosen = skipped.pop(0)  # only tried proxies are left: better than none
                 with self._lock:
-                    self.counters["races"] += 1
-                continue
-            if lease is None:
-                break
-            held = self._wrap(lease, pool, session)
-            if held.proxy_id in avoid and len(skipped) < len(avoid):
-                skipped.append(held)
-            else:
-                chosen = held
-        if chosen is None and skipped:
-            chosen = skipped.pop(0)  # only tried proxies are left: better than none
-        for extra in skipped:
-            self.release(extra)
+                    self._passing -= 1
+                    self._note_peak()
+        finally:
+            if skipped:
+                with self._lock:
+                    self._passing -= len(skipped)
+                    gone = [extra for extra in skipped if self._unhold(extra)]
+                for extra in gone:
+                    self._give_back(extra)
         return chosen
 
     def _acquire_once(self, pool: str, filters: ProxyFilters | None) -> Lease | LeaseHandle | None:
@@ -698,7 +708,13 @@ class LeaseBroker:
         return self._wrap(lease, pool, session, proxy)
 
     def _wrap(
-        self, lease: Lease | LeaseHandle, pool: str, session: str | None, proxy: Proxy | None = None
+        self,
+        lease: Lease | LeaseHandle,
+        pool: str,
+        session: str | None,
+        proxy: Proxy | None = None,
+        *,
+        passing: bool = False,
     ) -> ProxyLease:
         pid = lease.proxy_id
         endpoint = self._endpoints.get(pid)  # filled once per proxy, never changed: no lock
@@ -714,8 +730,10 @@ class LeaseBroker:
         with self._lock:
             self._held.add(held)
             self.counters["acquired"] += 1
-            if len(self._held) > self.peak_held:
-                self.peak_held = len(self._held)
+            if passing:
+                self._passing += 1
+            else:
+                self._note_peak()
             state = self._states.get(pid)
             if state is None:
                 state = self._states[pid] = _ProxyState(last_flush=held.started)
@@ -977,6 +995,13 @@ class LeaseBroker:
         logger.info("proxy %(proxy)s back in the pool after its cool-down", {"proxy": _Endpoint.of(current).safe_url})
 
     # ------------------------------------------------------------------ release
+
+    def _note_peak(self) -> None:
+        """Caller holds the lock.  Leases held only while passing over tried proxies
+        are not handed out, so they do not count."""
+        handed = len(self._held) - self._passing
+        if handed > self.peak_held:
+            self.peak_held = handed
 
     def release(self, lease: ProxyLease) -> bool:
         """Return the proxy to the pool.  Idempotent: True only the first time."""

@@ -296,6 +296,31 @@ def test_avoid_moves_a_request_to_a_proxy_it_has_not_tried() -> None:
     assert_nothing_held(lonely)
 
 
+def test_proxies_passed_over_are_not_counted_as_handed_out_and_go_back_when_the_storage_fails() -> None:
+    broker = make(max_concurrency=1, selector="first_available")
+    first = broker.acquire()
+    broker.release(first)
+    second = broker.acquire(avoid={first.proxy_id})  # `first` was leased for a moment, then given back
+    assert broker.peak_held == 1 and broker.held == 1
+    broker.release(second)
+    # The storage fails after the selector has passed over a tried proxy: that lease goes back too.
+    real = broker._acquire_once
+    calls = []
+
+    def failing_second_time(*args: object) -> object:
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("storage unavailable")
+        return real(*args)  # type: ignore[arg-type]
+
+    broker._acquire_once = failing_second_time  # type: ignore[method-assign,assignment]
+    with pytest.raises(RuntimeError, match="storage unavailable"):
+        broker.acquire(avoid={first.proxy_id})
+    assert broker.peak_held == 1 and broker._passing == 0
+    assert broker.counters["acquired"] == broker.counters["released"] == 4
+    assert_nothing_held(broker)
+
+
 def test_sticky_session_keeps_its_proxy_until_benched() -> None:
     broker = make(URLS[:2], policy=HealthPolicy(backoff_base=60))
     first = broker.acquire(session="account-42")
