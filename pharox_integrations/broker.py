@@ -86,6 +86,7 @@ class _ProxyState:
         "_next",
         "bans",
         "benched",
+        "endpoint",
         "errors",
         "failures",
         "last_flush",
@@ -97,6 +98,7 @@ class _ProxyState:
     WINDOW = 64  # latencies kept
 
     def __init__(self, last_flush: float = 0.0) -> None:
+        self.endpoint: _Endpoint | None = None  # what clients need of the proxy, once leased here
         self.failures = 0  # in a row
         self.requests = 0
         self.successes = 0
@@ -169,7 +171,7 @@ class LeaseBroker:
         self.revive_scan_seconds = revive_scan_seconds
         self._lock = threading.RLock()
         self._held: set[ProxyLease] = set()
-        self._endpoints: dict[UUID, _Endpoint] = {}
+        self._endpoints: dict[UUID, _Endpoint] = {}  # of proxies added here, until first leased
         self._states: dict[UUID, _ProxyState] = {}
         self._sessions: OrderedDict[tuple[str, str], UUID] = OrderedDict()
         self._revivals: list[tuple[float, UUID, str]] = []  # (wall time, proxy id, pool) heap
@@ -419,7 +421,7 @@ class LeaseBroker:
         for a sticky session while it stays healthy.
         """
         if session is None and not avoid:
-            fast = self._acquire_now(pool, filters, protocols)
+            fast = self.acquire_nowait(pool=pool, filters=filters, protocols=protocols)
             if fast is not None:
                 return fast
         steps = self._acquire_steps(pool, filters, session, protocols, timeout, avoid)
@@ -429,20 +431,6 @@ class LeaseBroker:
         except StopIteration as done:
             result: ProxyLease = done.value
             return result
-
-    def acquire_nowait(
-        self,
-        *,
-        pool: str | None = None,
-        filters: ProxyFilters | None = None,
-        protocols: Collection[ProxyProtocol | str] | None = None,
-    ) -> ProxyLease | None:
-        """One attempt without waiting: a lease, or None when no proxy is free right now.
-
-        It calls the storage on this thread: an event loop should use it only when
-        `storage_blocks` is false.
-        """
-        return self._acquire_now(pool, filters, protocols)
 
     async def acquire_async(
         self,
@@ -457,7 +445,7 @@ class LeaseBroker:
     ) -> ProxyLease:
         """`acquire` for asyncio: waits with `asyncio.sleep`, blocking storages off the loop."""
         if session is None and not avoid and not self.storage_blocks:
-            fast = self._acquire_now(pool, filters, protocols)
+            fast = self.acquire_nowait(pool=pool, filters=filters, protocols=protocols)
             if fast is not None:
                 return fast
         steps = self._acquire_steps(pool, filters, session, protocols, timeout, avoid)
@@ -503,19 +491,36 @@ class LeaseBroker:
             return await asyncio.to_thread(fn, *args)
         return fn(*args)
 
-    def _acquire_now(
-        self, pool: str | None, filters: ProxyFilters | None, protocols: Collection[ProxyProtocol | str] | None
+    def acquire_nowait(
+        self,
+        *,
+        pool: str | None = None,
+        filters: ProxyFilters | None = None,
+        protocols: Collection[ProxyProtocol | str] | None = None,
     ) -> ProxyLease | None:
-        """The first attempt of the common request (no session, nothing to avoid), without
-        the waiting generator; None sends the caller down the full path, which tries again."""
+        """One attempt without waiting: a lease, or None when no proxy is free right now
+        (or the broker is closed: `acquire` says why).
+
+        It calls the storage on this thread: an event loop should use it only when
+        `storage_blocks` is false.  The first attempt of every common acquire (no
+        session, nothing to avoid), without the waiting generator.
+        """
         if self._closed:
             return None  # the full path says why
         name = pool or self.pool
-        effective = self._effective_filters(filters if filters is not None else self.filters, protocols)
+        effective = filters if filters is not None else self.filters
+        if protocols is not None:
+            effective = self._effective_filters(effective, protocols)
         self._revive_due(name)
-        self._ensure_consumer()
+        if not self._consumer_ready:
+            self._ensure_consumer()
+        one_step = self._one_step
         try:
-            found = self._acquire_once(name, effective)
+            if one_step is not None and not getattr(self.lease_manager, "_acquire_callbacks", True):
+                # `_acquire_once`'s common case, inlined: this runs on every request.
+                found = one_step(name, self.consumer or _DEFAULT_CONSUMER, self.lease_seconds, effective, self.selector)
+            else:
+                found = self._acquire_once(name, effective)
         except ProxyUnavailableError:
             return None
         return None if found is None else self._wrap(found, name, None)
@@ -717,27 +722,33 @@ class LeaseBroker:
         passing: bool = False,
     ) -> ProxyLease:
         pid = lease.proxy_id
-        endpoint = self._endpoints.get(pid)  # filled once per proxy, never changed: no lock
+        # The proxy's health record carries its endpoint: one lookup (of a UUID, hashed
+        # in Python) per lease.  Read without the lock: a dict read is atomic.
+        state = self._states.get(pid)
+        endpoint = None if state is None else state.endpoint
         if endpoint is None:
-            # Only the endpoint is kept, not the proxy: a storage that can show its
-            # stored proxy without a copy (memory) spares one model copy per proxy.
-            peek = getattr(self.storage, "peek_proxy", None)
-            found = proxy or (peek(pid) if peek is not None else None) or self.storage.get_proxy(str(pid))
-            endpoint = _Endpoint.of(found)
-            with self._lock:
-                self._endpoints[pid] = endpoint
+            endpoint = self._endpoints.get(pid)  # made when the proxy was added here
+            if endpoint is None:
+                # Only the endpoint is kept, not the proxy: a storage that can show its
+                # stored proxy without a copy (memory) spares one model copy per proxy.
+                peek = getattr(self.storage, "peek_proxy", None)
+                found = proxy or (peek(pid) if peek is not None else None) or self.storage.get_proxy(str(pid))
+                endpoint = _Endpoint.of(found)
         held = ProxyLease(lease, endpoint, pool, session)
         with self._lock:
             self._held.add(held)
             self.counters["acquired"] += 1
             if passing:
                 self._passing += 1
-            else:
-                self._note_peak()
-            state = self._states.get(pid)
-            if state is None:
-                state = self._states[pid] = _ProxyState(last_flush=held.started)
-            elif state.benched:
+            elif len(self._held) - self._passing > self.peak_held:  # `_note_peak`, inlined
+                self.peak_held = len(self._held) - self._passing
+            if state is None or state.endpoint is None:
+                state = self._states.get(pid)
+                if state is None:
+                    state = self._states[pid] = _ProxyState(last_flush=held.started)
+                state.endpoint = endpoint
+                self._endpoints.pop(pid, None)  # kept on the state from now on
+            if state.benched:
                 state.benched = False  # someone revived it, or it would not be leased
                 state.revived = True
                 state.failures = 0

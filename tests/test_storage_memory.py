@@ -620,3 +620,37 @@ def test_one_step_acquire_agrees_with_find_then_lease(storage: MemoryStorage, po
     assert storage.get_proxy(str(us.id)).current_leases == 0
     with pytest.raises(InvalidLeaseError):
         storage.acquire_lease(pool.name, "c", 0)
+
+
+def test_repeated_picks_follow_pool_and_proxy_changes(storage: MemoryStorage) -> None:
+    """The one-step acquire remembers which index answered the last identical call;
+    a pool deleted and made again under the same name, a rename, a proxy deleted
+    while leased and added back, and a filter on another field are all still seen."""
+    only_http = with_protocols(None, [ProxyProtocol.HTTP])
+    first = bootstrap_pool(storage, name="main")
+    a = add(storage, first)
+    got = storage.acquire_lease("main", "c", 60, only_http, ROUND_ROBIN)
+    assert got is not None and got.proxy_id == a.id
+    storage.release_lease(got)
+    storage.delete_pool(str(first.id))
+    assert storage.acquire_lease("main", "c", 60, only_http, ROUND_ROBIN) is None
+    second = bootstrap_pool(storage, name="main")
+    b = add(storage, second)
+    got = storage.acquire_lease("main", "c", 60, only_http, ROUND_ROBIN)
+    assert got is not None and got.proxy_id == b.id
+    storage.save_pool(second.model_copy(update={"name": "renamed"}))
+    assert storage.acquire_lease("main", "c", 60, only_http, ROUND_ROBIN) is None
+    # `b` deleted while `got` is live, then added back: the old record no longer counts.
+    storage.delete_proxy(str(b.id))
+    storage.add_proxy(b)
+    storage.release_lease(got)
+    assert storage.get_proxy(str(b.id)).current_leases == 0
+    again = storage.acquire_lease("renamed", "c", 60, only_http, ROUND_ROBIN)
+    assert again is not None and again.proxy_id == b.id
+    assert storage.get_proxy(str(b.id)).current_leases == 1
+    storage.release_lease(again)
+    assert storage.get_proxy(str(b.id)).current_leases == 0
+    assert storage.acquire_lease("renamed", "c", 60, ProxyFilters(country="US"), ROUND_ROBIN) is None
+    renamed = storage.get_pool_by_name("renamed")
+    assert renamed is not None
+    assert_consistent(storage, renamed)

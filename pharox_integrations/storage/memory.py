@@ -279,7 +279,7 @@ class _LeaseRecord:
     pharox's API (`create_lease`, `get_lease`, `list_leases`) gets real `Lease`s.
     """
 
-    __slots__ = ("acquired", "consumer_id", "expires", "id", "pool_id", "pool_name", "proxy_id", "released")
+    __slots__ = ("acquired", "consumer_id", "entry", "expires", "id", "pool_id", "pool_name", "proxy_id", "released")
 
     def __init__(
         self,
@@ -300,6 +300,9 @@ class _LeaseRecord:
         self.acquired = acquired  # epoch seconds
         self.expires = expires
         self.released = released
+        # The leased proxy's entry, so a release finds it without hashing a UUID (in
+        # Python).  Valid while the record is live: deleting a proxy drops its leases.
+        self.entry: _Entry | None = None
 
     def packed(self) -> _Packed:
         """The record as a tuple of plain numbers and text, which the garbage collector
@@ -482,6 +485,9 @@ def _field_keys(proxy: Proxy) -> list[tuple[str, object]]:
     return keys
 
 
+_NO_PICK: tuple[Any, ...] = (object(), object(), None)
+
+
 class MemoryStorage(IStorage):
     """Thread-safe in-process `IStorage` with O(log n) leasing and O(1) stats.
 
@@ -518,6 +524,9 @@ class MemoryStorage(IStorage):
         self._stale_expiry = 0
         self._seq = count()
         self._queries: dict[int, tuple[ProxyFilters, _Query | None]] = {}
+        # (filters, selector, pool name, pool, index, round robin) of the last pick
+        # answered by one index; pools are only replaced by save/delete, which reset it.
+        self._last_pick: tuple[Any, ...] = _NO_PICK
 
     # ------------------------------------------------------------------
     # Index maintenance (caller holds the lock)
@@ -790,6 +799,20 @@ class MemoryStorage(IStorage):
     ) -> _Entry | None:
         """The selector's choice among the pool's available proxies, round-robin cursor
         moved past it (caller holds the lock)."""
+        last = self._last_pick
+        if last[0] is filters and last[1] is selector and last[2] == pool_name:
+            # A door asks with the same pool, filters and selector on every request:
+            # the index to read was found the first time (`_first`, unrolled).
+            pool, order, round_robin = last[3], last[4], last[5]
+            if pool.available == 0:
+                return None
+            key = order.after((pool.rr_last + 1,)) if round_robin and pool.rr_last is not None else order.first()
+            if key is None:
+                return None
+            entry: _Entry = key[-1]
+            if round_robin:
+                pool.rr_last = entry.uid
+            return entry
         pool = self._named.get(pool_name)
         if pool is None:
             return None
@@ -797,10 +820,16 @@ class MemoryStorage(IStorage):
             strategy = _FIRST
         else:
             strategy = selector if selector.__class__ is SelectorStrategy else SelectorStrategy(selector)
-        entry = self._select(pool, strategy, filters)
-        if entry is not None and strategy is _ROUND_ROBIN:
-            pool.rr_last = entry.uid
-        return entry
+        query = None if filters is None else self._compiled(filters)
+        if filters is None or (query is not None and not query.equal and not query.residual):
+            # Answered by one index (no filters, or protocols only): remember which.
+            order = self._order(pool, strategy, None if query is None else query.protocols)
+            self._last_pick = (filters, selector, pool_name, pool, order, strategy is _ROUND_ROBIN)
+            return self._pick(pool_name, filters, selector)
+        found = self._select(pool, strategy, filters)
+        if found is not None and strategy is _ROUND_ROBIN:
+            pool.rr_last = found.uid
+        return found
 
     def create_lease(self, proxy: Proxy, consumer_name: str, duration_seconds: int) -> Lease:
         """Lease `proxy`; refuses one that is full or no longer ACTIVE.
@@ -864,6 +893,7 @@ class MemoryStorage(IStorage):
             now,
             now + duration_seconds,
         )
+        record.entry = entry
         self._leases[record.id] = record
         heapq.heappush(self._expiry, (record.expires, record.id))
         proxy = entry.proxy
@@ -878,6 +908,10 @@ class MemoryStorage(IStorage):
 
         Takes a pharox `Lease` or the record `acquire_lease` handed out.
         """
+        if lease.__class__ is _LeaseRecord:  # the core's own record: the common case
+            with self._lock:
+                self._release(lease.id, None)  # type: ignore[arg-type]
+            return
         released = lease.released_at.timestamp() if isinstance(lease, Lease) and lease.released_at else None
         with self._lock:
             self._release(_lease_key(lease), released)
@@ -887,8 +921,12 @@ class MemoryStorage(IStorage):
         if stored is None:
             return False
         stored.released = released_at or time.time()
-        self._remember_released(stored)
-        entry = self._entries.get(stored.proxy_id)
+        if self._released_window:
+            self._released[lease_id] = stored.packed()
+            if len(self._released) > self._released_window:
+                self._released.popitem(last=False)
+        entry = stored.entry or self._entries.get(stored.proxy_id)
+        stored.entry = None  # a released record kept by a caller does not pin the entry
         if entry is not None:
             proxy = entry.proxy
             leases = proxy.current_leases - 1
@@ -904,13 +942,6 @@ class MemoryStorage(IStorage):
             heapq.heapify(self._expiry)
             self._stale_expiry = 0
         return True
-
-    def _remember_released(self, lease: _LeaseRecord) -> None:
-        if self._released_window == 0:
-            return
-        self._released[lease.id] = lease.packed()
-        if len(self._released) > self._released_window:
-            self._released.popitem(last=False)
 
     def cleanup_expired_leases(self) -> int:
         """Release expired leases, oldest expiry first; O(1) when none expired."""
@@ -1057,6 +1088,7 @@ class MemoryStorage(IStorage):
                     del self._named[current.model.name]
                 current.model = stored
             self._named[stored.name] = current
+            self._last_pick = _NO_PICK
 
     def add_pool(self, pool: ProxyPool) -> None:
         """Alias of `save_pool` (used by `pharox.utils.bootstrap_pool`)."""
@@ -1090,6 +1122,7 @@ class MemoryStorage(IStorage):
             del self._pools[pool.model.id]
             if self._named.get(pool.model.name) is pool:
                 del self._named[pool.model.name]
+            self._last_pick = _NO_PICK
 
     def _pool_or_raise(self, pool_id: str | UUID) -> _Pool:
         uid = _as_uuid(pool_id)
