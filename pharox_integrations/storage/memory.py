@@ -910,7 +910,7 @@ class MemoryStorage(IStorage):
         """
         if lease.__class__ is _LeaseRecord:  # the core's own record: the common case
             with self._lock:
-                self._release(lease.id, None)  # type: ignore[arg-type]
+                self._release(lease.id, None)
             return
         released = lease.released_at.timestamp() if isinstance(lease, Lease) and lease.released_at else None
         with self._lock:
