@@ -511,7 +511,9 @@ class LeaseBroker:
         effective = filters if filters is not None else self.filters
         if protocols is not None:
             effective = self._effective_filters(effective, protocols)
-        self._revive_due(name)
+        last_scan = self._last_scan.get(name)
+        if self._revivals or last_scan is None or time.monotonic() - last_scan >= self.revive_scan_seconds:
+            self._revive_due(name)  # else nothing can be due: `_revive_due`'s own first test
         if not self._consumer_ready:
             self._ensure_consumer()
         one_step = self._one_step
