@@ -137,11 +137,14 @@ def test_threads_share_one_session_through_faults(
     assert all(status == expected[kind] for kind, (status, _) in good), [o for o in good if o[1][0] != 200]
     assert not any(ip == banned.outbound_ip for _, (_, ip) in good)
     status = {(p.protocol, p.port): p.status for p in broker.proxies()}
-    assert status[("http", banned.port)] == "banned"
-    assert status[("http", dead.port)] == "inactive"
-    assert status[("http", doomed.port)] == "inactive"
-    assert status[("http", healthy.port)] == "active" and status[("socks5", socks5_proxy.port)] == "active"
-    assert broker.peak_held <= 8
+    # What a failure here needs to be understood (this test has failed once in a loaded
+    # full run, not reproduced since): every proxy's status and the broker's counters.
+    seen = f"statuses {status}, counters {broker.counters}, peak {broker.peak_held}, errors {errors}"
+    assert status[("http", banned.port)] == "banned", seen
+    assert status[("http", dead.port)] == "inactive", seen
+    assert status[("http", doomed.port)] == "inactive", seen
+    assert status[("http", healthy.port)] == "active" and status[("socks5", socks5_proxy.port)] == "active", seen
+    assert broker.peak_held <= 8, seen
     assert not target.saw_header("Proxy-Authorization") and not tls_target.saw_header("Proxy-Authorization")
     assert_no_secret(caplog.text)
     # The door fixture then proves no lease is held and every proxy's count is 0.
