@@ -508,21 +508,11 @@ class LeaseBroker:
         if self._closed:
             return None  # the full path says why
         name = pool or self.pool
-        effective = filters if filters is not None else self.filters
-        if protocols is not None:
-            effective = self._effective_filters(effective, protocols)
-        last_scan = self._last_scan.get(name)
-        if self._revivals or last_scan is None or time.monotonic() - last_scan >= self.revive_scan_seconds:
-            self._revive_due(name)  # else nothing can be due: `_revive_due`'s own first test
-        if not self._consumer_ready:
-            self._ensure_consumer()
-        one_step = self._one_step
+        effective = self._effective_filters(filters if filters is not None else self.filters, protocols)
+        self._revive_due(name)
+        self._ensure_consumer()
         try:
-            if one_step is not None and not getattr(self.lease_manager, "_acquire_callbacks", True):
-                # `_acquire_once`'s common case, inlined: this runs on every request.
-                found = one_step(name, self.consumer or _DEFAULT_CONSUMER, self.lease_seconds, effective, self.selector)
-            else:
-                found = self._acquire_once(name, effective)
+            found = self._acquire_once(name, effective)
         except ProxyUnavailableError:
             return None
         return None if found is None else self._wrap(found, name, None)
@@ -742,8 +732,8 @@ class LeaseBroker:
             self.counters["acquired"] += 1
             if passing:
                 self._passing += 1
-            elif len(self._held) - self._passing > self.peak_held:  # `_note_peak`, inlined
-                self.peak_held = len(self._held) - self._passing
+            else:
+                self._note_peak()
             if state is None or state.endpoint is None:
                 state = self._states.get(pid)
                 if state is None:
@@ -938,14 +928,15 @@ class LeaseBroker:
         benched by another process sharing the storage are found by a rate-limited scan
         of the benched ones, their return time derived from the storage's records.
         """
+        if not scan and not (self._revivals and self._revivals[0][0] <= time.time()):
+            # The common case (every acquire), decided without the lock (reads of a list
+            # and a dict are atomic in CPython; a stale answer only delays a revival to
+            # the next call), and without a wall-clock read while nothing is benched.
+            last = self._last_scan.get(pool)
+            if last is not None and time.monotonic() - last < self.revive_scan_seconds:
+                return
         now = time.time()
         mono = time.monotonic()
-        if not scan and not (self._revivals and self._revivals[0][0] <= now):
-            # The common case, decided without the lock (reads of a list and a dict are
-            # atomic in CPython; a stale answer only delays a revival to the next call).
-            last = self._last_scan.get(pool)
-            if last is not None and mono - last < self.revive_scan_seconds:
-                return
         due: list[UUID] = []
         with self._lock:
             while self._revivals and self._revivals[0][0] <= now:
