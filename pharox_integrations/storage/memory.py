@@ -291,6 +291,7 @@ class _LeaseRecord:
         acquired: float,
         expires: float,
         released: float | None = None,
+        entry: _Entry | None = None,
     ) -> None:
         self.id = lease_id  # a UUID's integer: `UUID(int=record.id)` is the lease id
         self.proxy_id = proxy_id
@@ -302,7 +303,7 @@ class _LeaseRecord:
         self.released = released
         # The leased proxy's entry, so a release finds it without hashing a UUID (in
         # Python).  Valid while the record is live: deleting a proxy drops its leases.
-        self.entry: _Entry | None = None
+        self.entry = entry
 
     def packed(self) -> _Packed:
         """The record as a tuple of plain numbers and text, which the garbage collector
@@ -705,15 +706,10 @@ class MemoryStorage(IStorage):
         for key in order.iter_from():
             yield key[-1]
 
-    def _first(
-        self, pool: _Pool, strategy: SelectorStrategy, protocols: frozenset[ProxyProtocol] | None
-    ) -> _Entry | None:
+    @staticmethod
+    def _first(pool: _Pool, order: _SortedKeys, round_robin: bool) -> _Entry | None:
         """`next(self._walk(...))` without the generators: the pick of most requests."""
-        order = self._order(pool, strategy, protocols)
-        if strategy is _ROUND_ROBIN and pool.rr_last is not None:
-            key = order.after((pool.rr_last + 1,))
-        else:
-            key = order.first()
+        key = order.after((pool.rr_last + 1,)) if round_robin and pool.rr_last is not None else order.first()
         return None if key is None else key[-1]
 
     def _compiled(self, filters: ProxyFilters) -> _Query | None:
@@ -739,15 +735,9 @@ class MemoryStorage(IStorage):
             return (last is not None and entry.uid <= last, entry.uid, entry)
         return self._key(strategy, entry)
 
-    def _select(
-        self, pool: _Pool, strategy: SelectorStrategy, filters: ProxyFilters | None
-    ) -> _Entry | None:
+    def _select(self, pool: _Pool, strategy: SelectorStrategy, query: _Query) -> _Entry | None:
+        """The pick for a query one index cannot answer (field values, predicates)."""
         if pool.available == 0:
-            return None
-        if filters is None:
-            return self._first(pool, strategy, None)
-        query = self._compiled(filters)
-        if query is None:
             return None
         protocols = query.protocols
         candidate_sets: list[Collection[_Entry]] = []
@@ -759,8 +749,6 @@ class MemoryStorage(IStorage):
         if not candidate_sets:
             # Protocols come from their own index; anything else (predicates, geo,
             # any_of/none_of) is checked while walking in selector order.
-            if not query.residual:
-                return self._first(pool, strategy, protocols)
             walk = self._walk(pool, strategy, protocols)
             return next((e for e in walk if query.matches(e.proxy)), None)
         smallest = min(candidate_sets, key=len)
@@ -800,36 +788,33 @@ class MemoryStorage(IStorage):
         """The selector's choice among the pool's available proxies, round-robin cursor
         moved past it (caller holds the lock)."""
         last = self._last_pick
-        if last[0] is filters and last[1] is selector and last[2] == pool_name:
-            # A door asks with the same pool, filters and selector on every request:
-            # the index to read was found the first time (`_first`, unrolled).
-            pool, order, round_robin = last[3], last[4], last[5]
-            if pool.available == 0:
+        if not (last[0] is filters and last[1] is selector and last[2] == pool_name):
+            pool = self._named.get(pool_name)
+            if pool is None:
                 return None
-            key = order.after((pool.rr_last + 1,)) if round_robin and pool.rr_last is not None else order.first()
-            if key is None:
-                return None
-            entry: _Entry = key[-1]
-            if round_robin:
-                pool.rr_last = entry.uid
-            return entry
-        pool = self._named.get(pool_name)
-        if pool is None:
-            return None
-        if selector is None:
-            strategy = _FIRST
-        else:
-            strategy = selector if selector.__class__ is SelectorStrategy else SelectorStrategy(selector)
-        query = None if filters is None else self._compiled(filters)
-        if filters is None or (query is not None and not query.equal and not query.residual):
-            # Answered by one index (no filters, or protocols only): remember which.
+            if selector is None:
+                strategy = _FIRST
+            else:
+                strategy = selector if selector.__class__ is SelectorStrategy else SelectorStrategy(selector)
+            query = None if filters is None else self._compiled(filters)
+            if filters is not None and query is None:
+                return None  # contradictory filters
+            if query is not None and (query.equal or query.residual):
+                found = self._select(pool, strategy, query)
+                if found is not None and strategy is _ROUND_ROBIN:
+                    pool.rr_last = found.uid
+                return found
+            # One index answers (no filters, or protocols only).  A door asks with the
+            # same pool, filters and selector on every request: remember which index.
             order = self._order(pool, strategy, None if query is None else query.protocols)
-            self._last_pick = (filters, selector, pool_name, pool, order, strategy is _ROUND_ROBIN)
-            return self._pick(pool_name, filters, selector)
-        found = self._select(pool, strategy, filters)
-        if found is not None and strategy is _ROUND_ROBIN:
-            pool.rr_last = found.uid
-        return found
+            last = self._last_pick = (filters, selector, pool_name, pool, order, strategy is _ROUND_ROBIN)
+        pool, order, round_robin = last[3], last[4], last[5]
+        if pool.available == 0:
+            return None
+        entry = self._first(pool, order, round_robin)
+        if entry is not None and round_robin:
+            pool.rr_last = entry.uid
+        return entry
 
     def create_lease(self, proxy: Proxy, consumer_name: str, duration_seconds: int) -> Lease:
         """Lease `proxy`; refuses one that is full or no longer ACTIVE.
@@ -892,8 +877,8 @@ class MemoryStorage(IStorage):
             pool.model.name,
             now,
             now + duration_seconds,
+            entry=entry,
         )
-        record.entry = entry
         self._leases[record.id] = record
         heapq.heappush(self._expiry, (record.expires, record.id))
         proxy = entry.proxy
@@ -925,7 +910,7 @@ class MemoryStorage(IStorage):
             self._released[lease_id] = stored.packed()
             if len(self._released) > self._released_window:
                 self._released.popitem(last=False)
-        entry = stored.entry or self._entries.get(stored.proxy_id)
+        entry = stored.entry  # every live record has one (`_lease`)
         stored.entry = None  # a released record kept by a caller does not pin the entry
         if entry is not None:
             proxy = entry.proxy
