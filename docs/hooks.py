@@ -32,6 +32,7 @@ SETTINGS_META: dict[str, tuple[str, str]] = {
     "PHAROX_BACKOFF_BASE": ("float (s)", "60"),
     "PHAROX_BACKOFF_CAP": ("float (s)", "3600"),
     "PHAROX_BROKER": ("import path", "myproject.pool.broker"),
+    "PHAROX_MAX_MOVES": ("int", "5"),
     "PHAROX_RETRY_TIMES": ("int", "3"),
     "PHAROX_ON_EXHAUSTED": ("str", "ignore_request"),
     "PHAROX_BAN_POLICY": ("import path", "myproject.bans.CaptchaPolicy"),
@@ -40,7 +41,7 @@ SETTINGS_META: dict[str, tuple[str, str]] = {
 }
 
 #: Keys whose default is not a field of `PharoxSettings` of the same name.
-_DEFAULT_OVERRIDES = {"PHAROX_PROXIES": "none", "PHAROX_PROXIES_FILE": "none"}
+_DEFAULT_OVERRIDES = {"PHAROX_PROXIES": "none", "PHAROX_PROXIES_FILE": "none", "PHAROX_RETRY_TIMES": "none"}
 
 
 def default_of(key: str) -> str:

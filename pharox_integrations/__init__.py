@@ -12,9 +12,11 @@ from .errors import (
     PharoxIntegrationError,
     ProxyAttempt,
     ProxyAuthenticationFailed,
+    ReportFailed,
     StorageUnavailable,
     UnknownStorage,
 )
+from .exchange import Exchange, Step
 from .health import HealthPolicy, Verdict
 from .lease import PoolHealth, ProxyLease
 from .settings import PharoxSettings, ProxySpec, parse_proxy, parse_proxy_lines
@@ -24,6 +26,7 @@ __version__ = "0.1.0"
 __all__ = [
     "AllProxiesFailed",
     "ConfigurationError",
+    "Exchange",
     "HealthPolicy",
     "InvalidProxyURL",
     "LeaseBroker",
@@ -35,6 +38,8 @@ __all__ = [
     "ProxyAuthenticationFailed",
     "ProxyLease",
     "ProxySpec",
+    "ReportFailed",
+    "Step",
     "StorageUnavailable",
     "UnknownStorage",
     "Verdict",

@@ -280,7 +280,7 @@ def _storage_error(url: str, exc: BaseException) -> BaseException:
     if isinstance(exc, StorageUnavailable):
         return exc
     first = str(exc).splitlines()[0][:200] if str(exc) else ""
-    from .attempts import mask_credentials
+    from .exchange import mask_credentials
 
     return CommandError(
         f"storage {safe_storage_url(url)} unavailable ({type(exc).__name__}: {mask_credentials(first)})", EXIT_STORAGE
@@ -542,7 +542,7 @@ def _pool_list(args: argparse.Namespace) -> int:
 def _pool_stats(args: argparse.Namespace) -> int:
     import statistics
 
-    from .attempts import mask_credentials
+    from .exchange import mask_credentials
 
     opened = _open(args, args.pool)
 
@@ -664,7 +664,7 @@ async def _check_all(storage: Any, proxies: list[Any], options: Any, concurrency
     """pharox's HealthChecker over every proxy, `concurrency` at a time; each result saved."""
     from pharox import HealthChecker
 
-    from .attempts import mask_credentials
+    from .exchange import mask_credentials
 
     checker = HealthChecker(default_options=options)
     gate = asyncio.Semaphore(concurrency)

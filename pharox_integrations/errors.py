@@ -62,7 +62,7 @@ class ProxyAttempt:
 
 
 class AllProxiesFailed(PharoxIntegrationError):
-    """Every proxy tried for one request was banned or failed; lists each attempt."""
+    """Every proxy tried for one request failed; names each proxy once with its outcome."""
 
     def __init__(self, attempts: Sequence[ProxyAttempt], message: str | None = None) -> None:
         self.attempts = list(attempts)
@@ -72,5 +72,12 @@ class AllProxiesFailed(PharoxIntegrationError):
         super().__init__(message)
 
 
-class ProxyAuthenticationFailed(PharoxIntegrationError):
-    """The proxy refused our credentials (HTTP 407 or SOCKS authentication)."""
+class ProxyAuthenticationFailed(AllProxiesFailed):
+    """The last proxy tried refused our credentials (HTTP 407 or SOCKS authentication)."""
+
+
+class ReportFailed(PharoxIntegrationError):
+    """Judging an outcome (a ban detector) or recording it (the storage) failed.
+
+    The lease was released all the same; the cause is chained (`raise ... from`).
+    """

@@ -3,17 +3,14 @@
     client = httpx.Client(transport=PharoxTransport(broker))
     client = httpx.AsyncClient(transport=AsyncPharoxTransport(broker))
 
-Each request leases a proxy, goes out through a per-proxy inner httpx transport (a
-bounded LRU of them), is judged by the broker's policy, moves to another proxy on a
-ban or a proxy failure (bounded by `proxy_retries`), and gives the proxy back when the
-response stream is closed, never before.
-
-The decisions live in one I/O-free generator (`_Door.exchange`) that yields what it
-needs done (`_Acquire`, `_Send`, `_Judge`, `_Release`, `_Close`); the sync and async
-transports only differ in how they carry those out.  Closing the response stream
-ends the request with plain calls (`_Door.settle`: report, release), no generator:
-it happens on every request and has no decision to share.  The async side never
-blocks the event loop: a blocking storage (SQL) is called from a worker thread.
+Each request opens an `Exchange` (see `pharox_integrations.exchange`): it leases a
+proxy, goes out through a per-proxy inner httpx transport (a bounded LRU of them),
+and the exchange says what comes next (hand the answer over, send again, move to
+another proxy, raise).  The door only translates: httpx's answers and errors into
+exchange calls, the exchange's steps into httpx I/O.  The two transports differ in
+their I/O only (blocking calls or awaits).  The proxy goes back when the response
+stream is closed, never before; the async side never blocks the event loop (a
+blocking storage such as SQL is called from a worker thread).
 
 Per-request options go in `extensions={"pharox": {"pool": ..., "session": ...,
 "filters": ProxyFilters(...)}}`; the response says which proxy served it in
@@ -28,15 +25,13 @@ import re
 import ssl
 import threading
 from collections import OrderedDict
-from collections.abc import AsyncIterator, Callable, Collection, Generator, Iterator, Sequence
-from dataclasses import dataclass, replace
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterator, Sequence
+from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
-from uuid import UUID
 
 import httpx
 from pharox import ProxyFilters, ProxyProtocol
 
-from .attempts import ProxyAttempts, describe_error, is_dropped_connection
 from .broker import HTTP_PROTOCOLS, LeaseBroker, ProxyLease
 from .errors import (
     AllProxiesFailed,
@@ -44,8 +39,9 @@ from .errors import (
     NoProxyAvailable,
     PharoxIntegrationError,
     ProxyAuthenticationFailed,
+    ReportFailed,
 )
-from .filters import with_protocols
+from .exchange import DoorErrors, Exchange, Step, describe_error, moves_keyword
 from .health import Verdict
 
 __all__ = [
@@ -57,6 +53,7 @@ __all__ = [
     "PharoxTransport",
     "PharoxTransportError",
     "ProxyAuthenticationFailedError",
+    "ReportFailedError",
 ]
 
 logger = logging.getLogger("pharox_integrations.httpx")
@@ -111,32 +108,44 @@ class NoProxyAvailableError(NoProxyAvailable, PharoxTransportError):
 
 
 class AllProxiesFailedError(AllProxiesFailed, PharoxTransportError, httpx.ProxyError):
-    """Every proxy tried was banned or failed; `.attempts` says what happened on each."""
+    """Every proxy tried failed; `.attempts` says what happened on each (named once)."""
 
 
 class ProxyAuthenticationFailedError(ProxyAuthenticationFailed, AllProxiesFailedError):
     """The last proxy tried refused our credentials (HTTP 407 or SOCKS authentication)."""
 
 
+class ReportFailedError(ReportFailed, PharoxTransportError):
+    """A ban detector or the storage failed on an outcome; the proxy went back all the same."""
+
+
 class InvalidProxyURLError(InvalidProxyURL, PharoxTransportError):
     """httpx cannot use a leased proxy's URL."""
 
 
-def _is_auth_failure(status_code: int | None, error: BaseException | None) -> bool:
-    if status_code == 407:
-        return True
-    if isinstance(error, httpx.ProxyError):
-        text = str(error).lower()
-        # httpcore: "407 Proxy Authentication Required" (CONNECT), "Invalid
-        # username/password" or "Requested ... but got USERNAME/PASSWORD" (SOCKS5).
-        return text.startswith("407") or "username/password" in text
-    return False
+_ERRORS = DoorErrors(
+    no_proxy=NoProxyAvailableError,
+    all_failed=AllProxiesFailedError,
+    auth_failed=ProxyAuthenticationFailedError,
+    report_failed=ReportFailedError,
+)
+
+
+def _as_httpx(exc: BaseException, request: httpx.Request) -> BaseException:
+    """What the caller sees: an httpx error carrying its request (cancellations as they are)."""
+    if isinstance(exc, PharoxTransportError):
+        exc.request = request
+    elif isinstance(exc, Exception) and not isinstance(exc, httpx.HTTPError):
+        # A storage failing while leasing, say: `except httpx.HTTPError` code still holds.
+        error = PharoxTransportError(describe_error(exc), request=request)
+        error.__cause__ = exc
+        return error
+    return exc
 
 
 # ---------------------------------------------------------------------- routes
 
 T = TypeVar("T", httpx.HTTPTransport, httpx.AsyncHTTPTransport)
-T_co = TypeVar("T_co")
 
 
 @dataclass(eq=False)
@@ -179,7 +188,10 @@ class _Routes(Generic[T]):
             route = self._routes[url] = _Route(self._make(_proxy_config(lease)), active=1)
             stale: list[T] = []
             while len(self._routes) > self._size:
-                self._evict(next(iter(self._routes)), stale)
+                evicted = self._routes.pop(next(iter(self._routes)))
+                evicted.evicted = True
+                if evicted.active == 0:
+                    stale.append(evicted.transport)
         return route, stale
 
     def checkin(self, route: _Route[T]) -> T | None:
@@ -189,12 +201,6 @@ class _Routes(Generic[T]):
             if route.evicted and route.active == 0:
                 return route.transport
         return None
-
-    def _evict(self, key: str, stale: list[T]) -> None:
-        route = self._routes.pop(key)
-        route.evicted = True
-        if route.active == 0:
-            stale.append(route.transport)
 
     def drain(self) -> list[T]:
         """Every transport, for closing the door."""
@@ -214,594 +220,6 @@ def _proxy_config(lease: ProxyLease) -> httpx.Proxy:
         return httpx.Proxy(lease.safe_url, auth=auth)
     except (ValueError, httpx.InvalidURL) as exc:
         raise InvalidProxyURLError(f"httpx cannot use proxy {lease.safe_url}: {describe_error(exc)}") from None
-
-
-# ---------------------------------------------------------------------- the shared logic
-
-# What the logic asks the sync or async side to do.
-
-
-@dataclass(slots=True)
-class _Acquire:
-    url: str | None
-    pool: str | None
-    filters: ProxyFilters | None  # the caller's, for explanations
-    effective: ProxyFilters | None  # with the protocols httpx speaks
-    session: str | None
-    avoid: Collection[UUID] = ()  # proxies this request already tried
-
-
-@dataclass(slots=True)
-class _Send:
-    transport: httpx.HTTPTransport | httpx.AsyncHTTPTransport
-    request: httpx.Request
-
-
-@dataclass
-class _Judge:
-    attempts: ProxyAttempts
-    lease: ProxyLease
-    kwargs: dict[str, Any]
-
-
-@dataclass
-class _Release:
-    lease: ProxyLease
-
-
-@dataclass
-class _Close:
-    transports: Sequence[Any] = ()
-    response: httpx.Response | None = None
-
-
-_Op = _Acquire | _Send | _Judge | _Release | _Close
-
-
-@dataclass(slots=True)
-class _Ticket:
-    """What the response stream needs to finish its request when it is closed."""
-
-    lease: ProxyLease
-    route: _Route[Any]
-    status_code: int
-    verdict: Verdict
-    latency_ms: float
-
-
-class _Door(Generic[T]):
-    """The request life cycle as generators of `_Op`s, shared by both transports."""
-
-    def __init__(
-        self,
-        broker: LeaseBroker,
-        routes: _Routes[T],
-        *,
-        pool: str | None,
-        filters: ProxyFilters | None,
-        proxy_retries: int,
-        raise_on_exhausted: bool,
-    ) -> None:
-        if proxy_retries < 0:
-            raise ValueError(f"proxy_retries={proxy_retries!r}: expected an integer >= 0")
-        self.broker = broker
-        self.routes: _Routes[T] = routes
-        self.pool = pool
-        self.filters = filters
-        # Built once: a per-request protocol filter would cost a pydantic model each time.
-        self._effective = with_protocols(filters, SPOKEN_PROTOCOLS)
-        self._default = _Acquire(None, pool, filters, self._effective, None)
-        self.proxy_retries = proxy_retries
-        self.raise_on_exhausted = raise_on_exhausted
-
-    def _options(self, request: httpx.Request) -> _Acquire:
-        # The target URL is not passed on: the broker does not use it, and making it a
-        # string (without user info) cost more than a tenth of the lease.
-        extra = request.extensions.get(_EXTENSION)
-        if not extra:  # the common case: the transport's own options (shared, never changed)
-            return self._default
-        if not isinstance(extra, dict):
-            raise TypeError(f'extensions["{_EXTENSION}"] must be a dict (pool, session, filters)')
-        unknown = set(extra) - {"pool", "session", "filters"}
-        if unknown:
-            raise ValueError(
-                f'extensions["{_EXTENSION}"]: unknown keys {sorted(unknown)}; known: pool, session, filters'
-            )
-        filters = extra.get("filters", self.filters)
-        return _Acquire(
-            url=None,
-            pool=extra.get("pool", self.pool),
-            filters=filters,
-            effective=self._effective if filters is self.filters else with_protocols(filters, SPOKEN_PROTOCOLS),
-            session=extra.get("session"),
-        )
-
-    def acquire(self, op: _Acquire) -> ProxyLease:
-        """Lease for `op` (blocking form; the async side runs its own)."""
-        try:
-            return self.broker.acquire(op.url, pool=op.pool, filters=op.effective, session=op.session, avoid=op.avoid)
-        except NoProxyAvailable:
-            raise self.explain(op) from None
-
-    def explain(self, op: _Acquire) -> NoProxyAvailable:
-        """Why nothing could be leased, told with the caller's filters and httpx's protocols."""
-        return self.broker.explain(op.pool, op.filters, SPOKEN_PROTOCOLS)
-
-    def exchange(self, request: httpx.Request) -> Generator[_Op, Any, httpx.Response]:
-        """Lease, send, judge, move or hand the response (and the lease) to its stream."""
-        try:
-            acquire = self._options(request)
-        except (TypeError, ValueError) as exc:
-            raise PharoxTransportError(str(exc), request=request) from None
-        # A caller's Proxy-Authorization would ride the tunnel to the target (or reach
-        # the wrong proxy): the proxy's own credentials are added by the inner transport.
-        if "proxy-authorization" in request.headers:
-            del request.headers["proxy-authorization"]
-        # Built when a proxy is first judged here (an error or a ban): most requests never are.
-        attempts: ProxyAttempts | None = None
-        replayable = isinstance(request.stream, httpx.ByteStream)  # bodies of bytes replay
-        lease: ProxyLease | None = None
-        last: tuple[int | None, BaseException | None] = (None, None)  # for the final error
-        try:
-            while True:
-                if attempts is not None and acquire.avoid is not attempts.tried:
-                    acquire = replace(acquire, avoid=attempts.tried)  # a move skips the proxies tried
-                try:
-                    lease = yield acquire
-                except NoProxyAvailable as exc:
-                    if attempts is not None:  # moving, and nothing left to move to
-                        raise self._exhausted(attempts, request, *last, pool_state=str(exc)) from exc
-                    raise _no_proxy(exc, request) from exc
-                assert lease is not None
-                try:
-                    route, stale = self.routes.checkout(lease)
-                except InvalidProxyURLError as exc:
-                    exc.request = request
-                    raise
-                held: _Route[T] | None = route  # checked in again on every way out until a stream owns it
-                answer: httpx.Response | None = None  # closed on those ways out
-                try:
-                    if stale:  # closing them may be cancelled: the route still goes back
-                        yield _Close(transports=stale)
-                    try:
-                        try:
-                            response: httpx.Response = yield _Send(route.transport, request)
-                        except Exception as exc:
-                            # A kept-alive connection the proxy closed before answering is sent
-                            # once more (httpcore takes another) before it counts against the proxy.
-                            if not (replayable and is_dropped_connection(exc)):
-                                raise
-                            response = yield _Send(route.transport, request)
-                        answer = response
-                    except Exception as exc:
-                        held = None
-                        yield from self._hand_back(route, None)
-                        attempts = attempts or ProxyAttempts(self.broker, self.proxy_retries)
-                        verdict = yield _Judge(attempts, lease, {"error": exc})
-                        yield _Release(lease)
-                        lease = None
-                        last = (None, exc)
-                        if replayable and attempts.should_move(verdict):
-                            continue
-                        if verdict.moves_request:
-                            raise self._exhausted(attempts, request, None, exc) from exc
-                        raise
-                    latency_ms = lease.elapsed_ms()
-                    # A ban detector may raise, a ban report may fail in the storage: the
-                    # answer is closed and the route checked in below, the lease released
-                    # by the outer handler.
-                    verdict = self.broker.policy.judge(response.status_code, None, response)
-                    if verdict.moves_request:
-                        # Judged now (the move depends on it); an answer kept for the
-                        # caller is judged when its stream closes, with any read error.
-                        attempts = attempts or ProxyAttempts(self.broker, self.proxy_retries)
-                        yield _Judge(
-                            attempts,
-                            lease,
-                            {"status_code": response.status_code, "response": response, "latency_ms": latency_ms},
-                        )
-                        can_move = replayable and attempts.should_move(verdict)
-                        last = (response.status_code, None)
-                        if can_move or self.raise_on_exhausted:
-                            held = None
-                            yield from self._hand_back(route, response)
-                            yield _Release(lease)
-                            lease = None
-                            if can_move:
-                                continue
-                            raise self._exhausted(attempts, request, response.status_code, None)
-                    ticket = _Ticket(lease, route, response.status_code, verdict, latency_ms)
-                    # The response's own dict (httpcore makes one per response): set, not copied.
-                    response.extensions[_EXTENSION] = {
-                        "proxy": lease.safe_url,
-                        "attempts": [] if attempts is None else [str(a) for a in attempts.attempts],
-                    }
-                    response.stream = self._bind(response.stream, ticket)
-                    lease = held = None  # the stream owns them now
-                    return response
-                except BaseException:
-                    if held is not None:
-                        yield from self._hand_back(held, answer)
-                    raise
-        except GeneratorExit:
-            raise
-        except BaseException as exc:
-            if lease is not None and not lease.released:
-                yield _Release(lease)
-            if isinstance(exc, Exception) and not isinstance(exc, httpx.HTTPError):
-                # Whatever the transports raise is an httpx error (a storage or a ban
-                # detector failing included), so `except httpx.HTTPError` code holds.
-                raise PharoxTransportError(describe_error(exc), request=request) from exc
-            raise
-
-    def _hand_back(self, route: _Route[T], answer: httpx.Response | None) -> Generator[_Op, Any, None]:
-        """One user less on `route`; close `answer` and the route's transport if it was
-        evicted meanwhile and is now idle."""
-        idle = self.routes.checkin(route)
-        if idle is not None or answer is not None:
-            yield _Close(transports=() if idle is None else (idle,), response=answer)
-
-    def settle(self, ticket: _Ticket, error: BaseException | None) -> BaseException | None:
-        """The response stream was closed: judge the request, give the proxy back.
-
-        Plain calls, no I/O of the door's own: the async side runs them in one worker
-        thread hop when the storage blocks (and the release still completes if the
-        awaiting task is cancelled).  Returns a report failure for the caller to raise.
-        """
-        lease = ticket.lease
-        try:
-            if lease.reported:
-                self.broker.release(lease)
-            # Reported straight to the broker: the request's attempts were already
-            # published in the response's extensions and nothing reads them after.
-            elif error is not None:
-                self.broker.finish(lease, error=error, latency_ms=ticket.latency_ms)
-            else:
-                self.broker.finish(lease, ticket.status_code, latency_ms=ticket.latency_ms, verdict=ticket.verdict)
-        except Exception as exc:  # the proxy went back all the same (`finish`); the caller hears of it
-            return exc
-        return None
-
-    def _exhausted(
-        self,
-        attempts: ProxyAttempts,
-        request: httpx.Request,
-        status_code: int | None,
-        error: BaseException | None,
-        *,
-        pool_state: str | None = None,
-    ) -> AllProxiesFailedError:
-        cls = ProxyAuthenticationFailedError if _is_auth_failure(status_code, error) else AllProxiesFailedError
-        failure = attempts.failure(cls)
-        assert isinstance(failure, AllProxiesFailedError)
-        if pool_state is not None:  # the request wanted to move on but the pool had nothing left
-            failure = cls(attempts.attempts, f"{failure}; no other proxy to move to: {pool_state}")
-        failure.request = request
-        return failure
-
-    def _bind(self, stream: Any, ticket: _Ticket) -> httpx.SyncByteStream | httpx.AsyncByteStream:
-        raise NotImplementedError
-
-
-def _no_proxy(exc: NoProxyAvailable, request: httpx.Request) -> NoProxyAvailableError:
-    error = NoProxyAvailableError(
-        str(exc), pool=exc.pool, filters=exc.filters, counts=exc.counts, next_revival_in=exc.next_revival_in
-    )
-    error.request = request
-    return error
-
-
-# ---------------------------------------------------------------------- sync
-
-
-class _SyncDoor(_Door[httpx.HTTPTransport]):
-    def _bind(self, stream: Any, ticket: _Ticket) -> httpx.SyncByteStream:
-        return _LeasedStream(stream, self, ticket)
-
-    def run(self, steps: Generator[_Op, Any, T_co]) -> T_co:
-        """Carry out the logic's requests with blocking calls."""
-        value: Any = None
-        error: BaseException | None = None
-        while True:
-            try:
-                op = steps.send(value) if error is None else steps.throw(error)
-            except StopIteration as done:
-                return done.value  # type: ignore[no-any-return]
-            value, error = None, None
-            try:
-                value = self._do(op)
-            except BaseException as exc:
-                error = exc
-
-    def _do(self, op: _Op) -> Any:
-        broker = self.broker
-        if isinstance(op, _Acquire):
-            return self.acquire(op)
-        if isinstance(op, _Send):
-            assert isinstance(op.transport, httpx.HTTPTransport)
-            return op.transport.handle_request(op.request)
-        if isinstance(op, _Judge):
-            return op.attempts.judge(op.lease, **op.kwargs)
-        if isinstance(op, _Release):
-            return broker.release(op.lease)
-        try:
-            if op.response is not None:
-                op.response.close()
-        finally:  # an answer that fails to close still lets the idle transports close
-            self.close_transports(op.transports)
-        return None
-
-    def close_transports(self, transports: Sequence[httpx.HTTPTransport]) -> None:
-        for transport in transports:
-            try:
-                transport.close()
-            except Exception as exc:  # an idle pool failing to close must not fail a request
-                logger.debug("closing an evicted proxy transport: %(error)s", {"error": describe_error(exc)})
-
-
-class _LeasedStream(httpx.SyncByteStream):
-    """The inner response stream; closing it finishes the request and releases the lease."""
-
-    def __init__(self, inner: httpx.SyncByteStream, door: _SyncDoor, ticket: _Ticket) -> None:
-        self._inner = inner
-        self._door = door
-        self._ticket: _Ticket | None = ticket
-        self._error: BaseException | None = None
-
-    def __iter__(self) -> Iterator[bytes]:
-        try:
-            yield from self._inner
-        except Exception as exc:
-            self._error = exc
-            raise
-
-    def close(self) -> None:
-        ticket, self._ticket = self._ticket, None  # swap first: closing twice is a no-op
-        if ticket is None:
-            return
-        try:
-            self._inner.close()
-        finally:
-            self._inner = _CLOSED
-            door = self._door
-            idle = door.routes.checkin(ticket.route)
-            failure = door.settle(ticket, self._error)
-            if idle is not None:
-                door.close_transports([idle])
-            if failure is not None:
-                raise PharoxTransportError(f"could not report the request: {describe_error(failure)}") from failure
-
-
-class PharoxTransport(httpx.BaseTransport):
-    """`httpx.Client(transport=PharoxTransport(broker))`: a leased proxy per request.
-
-    `proxy_retries`: how many other proxies a banned or failed request moves to (bodies
-    that cannot be replayed, such as generators, never move).  `raise_on_exhausted`:
-    when the last proxy is banned, raise `AllProxiesFailedError` (default) or return
-    its answer.  `max_proxy_transports` bounds the per-proxy inner transports kept.
-    Other keyword arguments go to each inner `httpx.HTTPTransport` (`verify`, `http2`,
-    `limits`, `retries`, ...).
-    """
-
-    def __init__(
-        self,
-        broker: LeaseBroker,
-        *,
-        pool: str | None = None,
-        filters: ProxyFilters | None = None,
-        proxy_retries: int = 3,
-        raise_on_exhausted: bool = True,
-        max_proxy_transports: int = _DEFAULT_MAX_TRANSPORTS,
-        **transport_kwargs: Any,
-    ) -> None:
-        make = _transport_factory(httpx.HTTPTransport, transport_kwargs)
-        self._door = _SyncDoor(
-            broker,
-            _Routes(make, max_proxy_transports),
-            pool=pool,
-            filters=filters,
-            proxy_retries=proxy_retries,
-            raise_on_exhausted=raise_on_exhausted,
-        )
-        self.broker = broker
-
-    def handle_request(self, request: httpx.Request) -> httpx.Response:
-        return self._door.run(self._door.exchange(request))
-
-    @property
-    def proxy_transports(self) -> int:
-        """How many per-proxy inner transports are open."""
-        return len(self._door.routes)
-
-    def close(self) -> None:
-        for transport in self._door.routes.drain():
-            transport.close()
-
-    def __repr__(self) -> str:
-        return f"<PharoxTransport pool={self._door.pool or self.broker.pool!r} proxies_open={self.proxy_transports}>"
-
-
-# ---------------------------------------------------------------------- async
-
-
-class _AsyncDoor(_Door[httpx.AsyncHTTPTransport]):
-    def _bind(self, stream: Any, ticket: _Ticket) -> httpx.AsyncByteStream:
-        return _AsyncLeasedStream(stream, self, ticket)
-
-    async def run(self, steps: Generator[_Op, Any, T_co]) -> T_co:
-        """Carry out the logic's requests without blocking the event loop."""
-        value: Any = None
-        error: BaseException | None = None
-        while True:
-            try:
-                op = steps.send(value) if error is None else steps.throw(error)
-            except StopIteration as done:
-                return done.value  # type: ignore[no-any-return]
-            value, error = None, None
-            try:
-                # The two steps of every request are awaited here, not through `_do`:
-                # each coroutine level is resumed again at every socket wait.
-                if type(op) is _Send:
-                    value = await op.transport.handle_async_request(op.request)  # type: ignore[union-attr]
-                elif type(op) is _Acquire:
-                    value = self._acquire_now(op) or await self._acquire(op)
-                else:
-                    value = await self._do(op)
-            except BaseException as exc:
-                error = exc
-
-    async def _do(self, op: _Op) -> Any:
-        broker = self.broker
-        if isinstance(op, _Acquire):
-            return await self._acquire(op)
-        if isinstance(op, _Send):
-            assert isinstance(op.transport, httpx.AsyncHTTPTransport)
-            return await op.transport.handle_async_request(op.request)
-        if isinstance(op, _Judge):
-            if broker.storage_blocks:
-                return await asyncio.to_thread(lambda: op.attempts.judge(op.lease, **op.kwargs))
-            return op.attempts.judge(op.lease, **op.kwargs)
-        if isinstance(op, _Release):
-            if broker.storage_blocks:
-                # In a worker thread the release completes even if this task is cancelled.
-                return await asyncio.to_thread(broker.release, op.lease)
-            return broker.release(op.lease)
-        try:
-            if op.response is not None:
-                await op.response.aclose()
-        finally:  # an answer that fails to close still lets the idle transports close
-            await self.close_transports(op.transports)
-        return None
-
-    async def close_transports(self, transports: Sequence[httpx.AsyncHTTPTransport]) -> None:
-        for transport in transports:
-            try:
-                await transport.aclose()
-            except Exception as exc:  # an idle pool failing to close must not fail a request
-                logger.debug("closing an evicted proxy transport: %(error)s", {"error": describe_error(exc)})
-
-    def _acquire_now(self, op: _Acquire) -> ProxyLease | None:
-        """The common lease taken inline (a memory storage answers at once); None: await it."""
-        if op.session is not None or op.avoid or self.broker.storage_blocks:
-            return None
-        return self.broker.acquire_nowait(pool=op.pool, filters=op.effective)
-
-    async def _acquire(self, op: _Acquire) -> ProxyLease:
-        broker = self.broker
-        pending = broker.acquire_async(op.url, pool=op.pool, filters=op.effective, session=op.session, avoid=op.avoid)
-        try:
-            if not broker.storage_blocks:
-                return await pending  # cancellable only while waiting, when nothing is held
-            # A worker thread may finish leasing after this task was cancelled: let the
-            # acquisition finish on its own and give back what it got.
-            task = asyncio.ensure_future(pending)
-            try:
-                return await asyncio.shield(task)
-            except asyncio.CancelledError:
-                task.add_done_callback(self._release_orphan)
-                raise
-        except NoProxyAvailable:
-            if broker.storage_blocks:
-                raise await asyncio.to_thread(self.explain, op) from None
-            raise self.explain(op) from None
-
-    def _release_orphan(self, task: asyncio.Future[ProxyLease]) -> None:
-        if task.cancelled() or task.exception() is not None:
-            return
-        lease = task.result()
-        asyncio.get_running_loop().run_in_executor(None, self.broker.release, lease)
-
-
-class _AsyncLeasedStream(httpx.AsyncByteStream):
-    """Async twin of `_LeasedStream`: `aclose()` finishes the request and releases."""
-
-    def __init__(self, inner: httpx.AsyncByteStream, door: _AsyncDoor, ticket: _Ticket) -> None:
-        self._inner = inner
-        self._door = door
-        self._ticket: _Ticket | None = ticket
-        self._error: BaseException | None = None
-        self._chunks: AsyncIterator[bytes] | None = None
-
-    def __aiter__(self) -> AsyncIterator[bytes]:
-        # An iterator object, not an async generator: asyncio tracks every async
-        # generator it starts (a weak-set entry and a finalizer hook per response).
-        self._chunks = self._inner.__aiter__()
-        return self
-
-    async def __anext__(self) -> bytes:
-        assert self._chunks is not None
-        try:
-            return await self._chunks.__anext__()
-        except StopAsyncIteration:
-            raise
-        except Exception as exc:
-            self._error = exc
-            raise
-
-    async def aclose(self) -> None:
-        ticket, self._ticket = self._ticket, None
-        if ticket is None:
-            return
-        try:
-            await self._inner.aclose()
-        finally:
-            self._inner, self._chunks = _CLOSED, None
-            door = self._door
-            idle = door.routes.checkin(ticket.route)
-            if door.broker.storage_blocks:
-                failure = await asyncio.to_thread(door.settle, ticket, self._error)
-            else:
-                failure = door.settle(ticket, self._error)
-            if idle is not None:
-                await door.close_transports([idle])
-            if failure is not None:
-                raise PharoxTransportError(f"could not report the request: {describe_error(failure)}") from failure
-
-
-class AsyncPharoxTransport(httpx.AsyncBaseTransport):
-    """`httpx.AsyncClient(transport=AsyncPharoxTransport(broker))`; see `PharoxTransport`.
-
-    Never blocks the event loop: with a blocking (SQL) storage every broker call runs
-    in a worker thread; inner transports share one SSL context built here, so no
-    certificate bundle is loaded on the request path.
-    """
-
-    def __init__(
-        self,
-        broker: LeaseBroker,
-        *,
-        pool: str | None = None,
-        filters: ProxyFilters | None = None,
-        proxy_retries: int = 3,
-        raise_on_exhausted: bool = True,
-        max_proxy_transports: int = _DEFAULT_MAX_TRANSPORTS,
-        **transport_kwargs: Any,
-    ) -> None:
-        make = _transport_factory(httpx.AsyncHTTPTransport, transport_kwargs)
-        self._door = _AsyncDoor(
-            broker,
-            _Routes(make, max_proxy_transports),
-            pool=pool,
-            filters=filters,
-            proxy_retries=proxy_retries,
-            raise_on_exhausted=raise_on_exhausted,
-        )
-        self.broker = broker
-
-    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
-        return await self._door.run(self._door.exchange(request))
-
-    @property
-    def proxy_transports(self) -> int:
-        return len(self._door.routes)
-
-    async def aclose(self) -> None:
-        for transport in self._door.routes.drain():
-            await transport.aclose()
-
-    def __repr__(self) -> str:
-        pool = self._door.pool or self.broker.pool
-        return f"<AsyncPharoxTransport pool={pool!r} proxies_open={self.proxy_transports}>"
 
 
 def _transport_factory(cls: Callable[..., T], kwargs: dict[str, Any]) -> Callable[[httpx.Proxy], T]:
@@ -825,3 +243,319 @@ def _transport_factory(cls: Callable[..., T], kwargs: dict[str, Any]) -> Callabl
         return cls(verify=context, trust_env=trust_env, proxy=proxy, **options)
 
     return make
+
+
+# ---------------------------------------------------------------------- the request, once for both sides
+
+R = TypeVar("R")
+
+
+def _complete(steps: Coroutine[Any, Any, R]) -> R:
+    """Run the sync transport's steps: its I/O blocks, so they never suspend."""
+    try:
+        steps.send(None)
+    except StopIteration as done:
+        return done.value  # type: ignore[no-any-return]
+    steps.close()
+    raise RuntimeError("a PharoxTransport step awaited asynchronous I/O")
+
+
+class _Door(Generic[T]):
+    """The request life cycle, written once as coroutines; each transport supplies its I/O.
+
+    The sync transport's I/O calls block and return, so its coroutines never suspend
+    and run to the end in one step (`_complete`); the async one awaits.
+    """
+
+    _inner: Callable[..., T]  # the inner transport class
+    # The I/O, one of each per side:
+    _lease: Callable[[Exchange], Awaitable[ProxyLease]]
+    _send: Callable[[T, httpx.Request], Awaitable[httpx.Response]]
+    _failed: Callable[[Exchange, Exception], Awaitable[Step]]
+    _answered: Callable[[Exchange, httpx.Response], Awaitable[Step]]
+    _close: Callable[[Exchange, BaseException | None], Awaitable[None]]
+    _shut: Callable[[httpx.Response | T], Awaitable[None]]  # close an answer or an inner transport
+
+    def __init__(
+        self,
+        broker: LeaseBroker,
+        *,
+        pool: str | None = None,
+        filters: ProxyFilters | None = None,
+        max_moves: int | None = None,
+        raise_on_exhausted: bool = False,
+        max_proxy_transports: int = _DEFAULT_MAX_TRANSPORTS,
+        proxy_retries: int | None = None,
+        **transport_kwargs: Any,
+    ) -> None:
+        self.max_moves = moves_keyword(max_moves, proxy_retries=proxy_retries)
+        self.broker = broker
+        self.pool = pool
+        self.filters = filters
+        self.raise_on_exhausted = raise_on_exhausted
+        self._routes: _Routes[T] = _Routes(_transport_factory(self._inner, transport_kwargs), max_proxy_transports)
+
+    def _open(self, request: httpx.Request) -> Exchange:
+        """The request's exchange, with this transport's options or the request's own."""
+        pool, filters, session = self.pool, self.filters, None
+        extra = request.extensions.get(_EXTENSION)
+        if extra:
+            if not isinstance(extra, dict) or not set(extra) <= {"pool", "session", "filters"}:
+                raise PharoxTransportError(
+                    f'extensions["{_EXTENSION}"] must be a dict with keys pool, session, filters; got {extra!r}',
+                    request=request,
+                )
+            pool, filters, session = extra.get("pool", pool), extra.get("filters", filters), extra.get("session")
+        # A caller's Proxy-Authorization would ride the tunnel to the target (or reach
+        # the wrong proxy): the proxy's own credentials are added by the inner transport.
+        if "proxy-authorization" in request.headers:
+            del request.headers["proxy-authorization"]
+        timeout = request.extensions.get("timeout")
+        stream = request.stream
+        # The target URL is not passed on: the broker does not use it, and making it a
+        # string (without user info) costs more than a tenth of the lease.
+        return self.broker.exchange(
+            pool=pool,
+            filters=filters,
+            session=session,
+            protocols=SPOKEN_PROTOCOLS,
+            max_moves=self.max_moves,
+            body=None if isinstance(stream, httpx.ByteStream) else stream,  # bytes replay, streams don't
+            timeout=timeout.get("pool") if timeout else None,
+            errors=_ERRORS,
+        )
+
+    async def _exchange(self, request: httpx.Request) -> httpx.Response:
+        """Lease, send, and do what the exchange says until an answer goes to the caller."""
+        ex = self._open(request)
+        try:
+            while True:
+                route, stale = self._routes.checkout(await self._lease(ex))
+                held: _Route[T] | None = route  # checked in on every way out but a hand-over
+                response: httpx.Response | None = None
+                try:
+                    for transport in stale:
+                        await self._close_idle(transport)
+                    while True:
+                        try:
+                            response = await self._send(route.transport, request)
+                        except Exception as exc:
+                            step = await self._failed(ex, exc)
+                            if step is Step.RESEND:
+                                continue
+                            if step is Step.MOVE:
+                                break
+                            raise self._failure(ex, exc)  # noqa: B904 (the cause is set)
+                        step = await self._answered(ex, response)
+                        if step is Step.RETURN and self._keeps(ex):
+                            held = None
+                            return self._hand_over(ex, route, response)
+                        if step is Step.MOVE:
+                            break
+                        raise self._failure(ex)
+                finally:
+                    if held is not None:
+                        await self._done(held, response)
+        except BaseException as exc:
+            await self._close(ex, None)
+            raise _as_httpx(exc, request)  # noqa: B904 (the same error, or one chained to it)
+
+    def _keeps(self, ex: Exchange) -> bool:
+        """The answer of a RETURN step goes to the caller (unless `raise_on_exhausted` refuses a ban)."""
+        return not (self.raise_on_exhausted and ex.current is not None and ex.current.verdict is Verdict.BAN)
+
+    @staticmethod
+    def _failure(ex: Exchange, cause: BaseException | None = None) -> BaseException:
+        """What a RAISE step (or a ban refused by `raise_on_exhausted`) ends the request with."""
+        error = ex.error if ex.error is not None else ex.failure()
+        if cause is not None and error is not cause:
+            error.__cause__ = cause
+        return error
+
+    def _hand_over(self, ex: Exchange, route: _Route[T], response: httpx.Response) -> httpx.Response:
+        """The answer goes to the caller; its stream now owns the exchange and the route."""
+        lease = ex.current
+        assert lease is not None
+        # The response's own dict (httpcore makes one per response): set, not copied.
+        response.extensions[_EXTENSION] = {"proxy": lease.safe_url, "attempts": [str(a) for a in ex.attempts]}
+        response.stream = _LeasedStream(response.stream, self, ex, route)
+        return response
+
+    async def _done(self, route: _Route[T], response: httpx.Response | None) -> None:
+        """The request is done with `route`: its answer closed, the route checked in."""
+        try:
+            if response is not None:
+                await self._shut(response)
+        finally:
+            idle = self._routes.checkin(route)
+            if idle is not None:
+                await self._close_idle(idle)
+
+    async def _ended(self, ex: Exchange, route: _Route[T], error: BaseException | None) -> None:
+        """A handed-over answer's stream was closed (`error`: reading it failed)."""
+        try:
+            await self._close(ex, error)
+        finally:
+            await self._done(route, None)
+
+    async def _close_idle(self, transport: T) -> None:
+        try:
+            await self._shut(transport)
+        except Exception as exc:  # an idle pool failing to close must not fail a request
+            logger.debug("closing an evicted proxy transport: %(error)s", {"error": describe_error(exc)})
+
+    @property
+    def proxy_transports(self) -> int:
+        """How many per-proxy inner transports are open."""
+        return len(self._routes)
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} pool={self.pool or self.broker.pool!r} proxies_open={self.proxy_transports}>"
+
+
+class _LeasedStream(httpx.SyncByteStream, httpx.AsyncByteStream):
+    """The answer's stream: closing it ends the exchange (the lease goes back) and checks
+    the route in.  One class for both sides, as httpx's own `ByteStream`."""
+
+    def __init__(self, inner: Any, door: _Door[Any], ex: Exchange, route: _Route[Any]) -> None:
+        self._inner = inner
+        self._door = door
+        self._ex: Exchange | None = ex
+        self._route = route
+        self._error: BaseException | None = None  # reading the body failed
+        self._chunks: AsyncIterator[bytes] | None = None
+
+    def __iter__(self) -> Iterator[bytes]:
+        try:
+            yield from self._inner
+        except Exception as exc:
+            self._error = exc
+            raise
+
+    def __aiter__(self) -> AsyncIterator[bytes]:
+        # An iterator object, not an async generator: asyncio tracks every async
+        # generator it starts (a weak-set entry and a finalizer hook per response).
+        self._chunks = self._inner.__aiter__()
+        return self
+
+    async def __anext__(self) -> bytes:
+        assert self._chunks is not None
+        try:
+            return await self._chunks.__anext__()
+        except StopAsyncIteration:
+            raise
+        except Exception as exc:
+            self._error = exc
+            raise
+
+    def close(self) -> None:
+        ex, self._ex = self._ex, None  # swap first: closing twice is a no-op
+        if ex is None:
+            return
+        try:
+            self._inner.close()
+        finally:
+            self._inner = _CLOSED
+            _complete(self._door._ended(ex, self._route, self._error))
+
+    async def aclose(self) -> None:
+        ex, self._ex = self._ex, None
+        if ex is None:
+            return
+        try:
+            await self._inner.aclose()
+        finally:
+            self._inner, self._chunks = _CLOSED, None
+            await self._door._ended(ex, self._route, self._error)
+
+
+# ---------------------------------------------------------------------- sync
+
+
+class PharoxTransport(_Door[httpx.HTTPTransport], httpx.BaseTransport):
+    """`httpx.Client(transport=PharoxTransport(broker))`: a leased proxy per request.
+
+    `max_moves`: how many other proxies a banned or failed request may move to (None:
+    the broker's `max_moves`; bodies that cannot be replayed, such as generators,
+    never move); `proxy_retries` is its deprecated name.  When every proxy tried
+    bans, the caller gets the last ban answer (or `AllProxiesFailedError` with
+    `raise_on_exhausted=True`); when every proxy tried fails, `AllProxiesFailedError`.
+    `max_proxy_transports` bounds the per-proxy inner transports kept.  Other keyword
+    arguments go to each inner `httpx.HTTPTransport` (`verify`, `http2`, `limits`, ...).
+    """
+
+    _inner = httpx.HTTPTransport
+
+    def handle_request(self, request: httpx.Request) -> httpx.Response:
+        return _complete(self._exchange(request))
+
+    def close(self) -> None:
+        for transport in self._routes.drain():
+            transport.close()
+
+    # The I/O: blocking calls, so these coroutines never suspend.
+
+    async def _lease(self, ex: Exchange) -> ProxyLease:
+        return ex.lease()
+
+    async def _send(self, transport: httpx.HTTPTransport, request: httpx.Request) -> httpx.Response:
+        return transport.handle_request(request)
+
+    async def _failed(self, ex: Exchange, exc: Exception) -> Step:
+        return ex.failed(exc)
+
+    async def _answered(self, ex: Exchange, response: httpx.Response) -> Step:
+        return ex.answered(response.status_code, response, streaming=True)
+
+    async def _close(self, ex: Exchange, error: BaseException | None) -> None:
+        ex.close(error)
+
+    async def _shut(self, closing: httpx.Response | httpx.HTTPTransport) -> None:
+        closing.close()
+
+
+# ---------------------------------------------------------------------- async
+
+
+class AsyncPharoxTransport(_Door[httpx.AsyncHTTPTransport], httpx.AsyncBaseTransport):
+    """`httpx.AsyncClient(transport=AsyncPharoxTransport(broker))`; see `PharoxTransport`.
+
+    Never blocks the event loop: with a blocking (SQL) storage every broker call runs
+    in a worker thread; inner transports share one SSL context built here, so no
+    certificate bundle is loaded on the request path.  A cancelled request gives back
+    whatever it held.
+    """
+
+    _inner = httpx.AsyncHTTPTransport
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        return await self._exchange(request)
+
+    async def aclose(self) -> None:
+        for transport in self._routes.drain():
+            await transport.aclose()
+
+    # The I/O: awaited, the broker's calls off the loop when they could block it.  Plain
+    # functions hand over the exchange's and httpx's own coroutines: no extra frame to
+    # resume at every socket wait.
+
+    def _lease(self, ex: Exchange) -> Awaitable[ProxyLease]:
+        return ex.lease_async()
+
+    def _send(self, transport: httpx.AsyncHTTPTransport, request: httpx.Request) -> Awaitable[httpx.Response]:
+        return transport.handle_async_request(request)
+
+    def _failed(self, ex: Exchange, exc: Exception) -> Awaitable[Step]:
+        return ex.failed_async(exc)
+
+    def _answered(self, ex: Exchange, response: httpx.Response) -> Awaitable[Step]:
+        return ex.answered_async(response.status_code, response, streaming=True)
+
+    async def _close(self, ex: Exchange, error: BaseException | None) -> None:
+        if self.broker.storage_blocks:  # in a worker thread it completes even if this task is cancelled
+            await asyncio.to_thread(ex.close, error)
+        else:
+            ex.close(error)
+
+    def _shut(self, closing: httpx.Response | httpx.AsyncHTTPTransport) -> Awaitable[None]:
+        return closing.aclose()

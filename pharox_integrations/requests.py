@@ -33,10 +33,11 @@ response dropped without closing is released when it is garbage-collected.
 A response that went through a leased proxy carries `response.pharox_proxy`, the
 proxy's URL without credentials (safe to log).
 
-A ban or a proxy failure moves the request to another proxy, up to `proxy_retries`
-times (the decision is the core's `ProxyAttempts`); target-side errors are left to
-requests' `max_retries`.  When every try fails the caller gets the last response, or
-an `AllProxiesFailedError` (a `requests.ConnectionError`) naming each proxy's outcome.
+The request's life cycle is the core's `Exchange` (the same in every door): a ban or a
+proxy failure moves the request to another proxy, up to `max_moves` times (default:
+the broker's); target-side errors are left to requests' `max_retries`.  When every
+proxy tried bans the caller gets the last ban response; when every one fails, an
+`AllProxiesFailedError` (a `requests.ConnectionError`) naming each proxy's outcome.
 """
 
 from __future__ import annotations
@@ -50,11 +51,9 @@ import sys
 import threading
 import weakref
 from collections import Counter, OrderedDict
-from collections.abc import Callable, Collection, Mapping
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
 from types import SimpleNamespace
 from typing import Any
-from uuid import UUID
 
 import requests
 from pharox import ProxyFilters
@@ -64,9 +63,9 @@ from requests.models import PreparedRequest, Response
 from requests.utils import get_environ_proxies, select_proxy, should_bypass_proxies
 from urllib3.util.retry import Retry
 
-from .attempts import ProxyAttempts, causes, is_dropped_connection
-from .broker import HTTP_PROTOCOLS, LeaseBroker, ProxyLease
-from .errors import AllProxiesFailed, NoProxyAvailable, ProxyAuthenticationFailed
+from .broker import HTTP_PROTOCOLS, LeaseBroker
+from .errors import AllProxiesFailed, NoProxyAvailable, ProxyAuthenticationFailed, ReportFailed
+from .exchange import DoorErrors, Exchange, Step, causes, moves_keyword
 from .health import Verdict
 
 try:  # the `socks` extra: without PySocks only HTTP(S) proxies are leased
@@ -106,6 +105,18 @@ class AllProxiesFailedError(AllProxiesFailed, requests.ConnectionError):
 
 class ProxyAuthenticationError(AllProxiesFailedError, ProxyAuthenticationFailed, requests.exceptions.ProxyError):
     """The last proxy tried refused our credentials (407 on CONNECT, SOCKS5 auth)."""
+
+
+class ReportFailedError(ReportFailed, RequestException):
+    """Judging or recording an outcome failed (ban detector, storage); the lease went back."""
+
+
+_ERRORS = DoorErrors(
+    no_proxy=NoProxyAvailableError,
+    all_failed=AllProxiesFailedError,
+    auth_failed=ProxyAuthenticationError,
+    report_failed=ReportFailedError,
+)
 
 
 # ---------------------------------------------------------------------- deferred releases
@@ -150,17 +161,13 @@ _reaper = _Reaper()
 # ---------------------------------------------------------------------- adapter
 
 
-@dataclass
-class _Held:
-    lease: ProxyLease
-    finalizer: weakref.finalize[Any, Any] | None = None
-
-
 class PharoxAdapter(HTTPAdapter):
     """A `requests` transport adapter that sends each request through a leased proxy.
 
     `broker` is a `LeaseBroker`; `pool` and `filters` override the broker's defaults;
-    `proxy_retries` is how many other proxies a banned or failed request may move to;
+    `session` keeps one proxy for every request of this adapter while it stays healthy
+    (a logged-in account); `max_moves` is how many other proxies a banned or failed
+    request may move to (default: the broker's; `proxy_retries` is its old name);
     `trust_env=False` ignores `NO_PROXY` from the environment (a `no_proxy` key in
     `proxies` is always honoured).  Other keyword arguments are `HTTPAdapter`'s;
     `pool_connections` also bounds how many per-proxy connection pools are kept
@@ -174,24 +181,25 @@ class PharoxAdapter(HTTPAdapter):
         *,
         pool: str | None = None,
         filters: ProxyFilters | None = None,
-        proxy_retries: int = 3,
+        session: str | None = None,
+        max_moves: int | None = None,
+        proxy_retries: int | None = None,
         trust_env: bool = True,
         pool_connections: int = DEFAULT_POOLSIZE,
         pool_maxsize: int = DEFAULT_POOLSIZE,
         max_retries: int | Retry = DEFAULT_RETRIES,
         pool_block: bool = DEFAULT_POOLBLOCK,
     ) -> None:
-        if proxy_retries < 0:
-            raise ValueError(f"proxy_retries={proxy_retries!r}: expected an integer >= 0")
         if pool_connections < 1:
             raise ValueError(f"pool_connections={pool_connections!r}: expected an integer >= 1")
         self.broker = broker
         self.pool = pool
         self.filters = filters
-        self.proxy_retries = proxy_retries
+        self.session = session
+        self.max_moves = moves_keyword(max_moves, proxy_retries=proxy_retries)
         self.trust_env = trust_env
         self._lock = threading.Lock()
-        self._held: dict[ProxyLease, _Held] = {}
+        self._streams: dict[Exchange, weakref.finalize[Any, Any]] = {}  # streamed bodies still open
         self._pins: Counter[str] = Counter()
         self._local = threading.local()
         super().__init__(pool_connections, pool_maxsize, max_retries, pool_block)
@@ -204,7 +212,7 @@ class PharoxAdapter(HTTPAdapter):
     def held(self) -> int:
         """Leases this adapter holds right now (in-flight requests and open streams)."""
         with self._lock:
-            return len(self._held)
+            return len(self._streams)
 
     # ------------------------------------------------------------------ connection pools
 
@@ -342,97 +350,72 @@ class PharoxAdapter(HTTPAdapter):
             return False
         return should_bypass_proxies(url, no_proxy=no_proxy)
 
-    def _acquire(self, url: str, avoid: Collection[UUID] = ()) -> ProxyLease:
-        lease = self.broker.acquire(url, pool=self.pool, filters=self.filters, protocols=_PROTOCOLS, avoid=avoid)
-        with self._lock:
-            self._held[lease] = _Held(lease)
-        return lease
-
-    def _release(self, lease: ProxyLease) -> None:
-        """Return the lease to the broker; every path ends here (idempotent)."""
-        with self._lock:
-            held = self._held.pop(lease, None)
-        if held is not None and held.finalizer is not None:
-            held.finalizer.detach()
-        self.broker.release(lease)
-
     def _send_leased(self, request: PreparedRequest, url: str, *, stream: bool, **kwargs: Any) -> Response:
         if "Proxy-Authorization" in request.headers:
             # Meant for another proxy (Session adds it from environment proxies on
             # redirects): through a tunnel or SOCKS it would reach the target.
             request = request.copy()
             del request.headers["Proxy-Authorization"]
-        attempts = ProxyAttempts(self.broker, self.proxy_retries)
-        try:
-            lease = self._acquire(url)
-        except NoProxyAvailable as exc:
-            raise _no_proxy_error(exc, request) from exc
-        resent = False
-        while True:
-            response: Response | None = None
-            try:
-                response = self._send_pinned(
-                    request, stream=stream, proxies={"http": lease.url, "https": lease.url}, **kwargs
-                )
-                if stream:
-                    self._hold_until_closed(lease, response)
-                else:
-                    response.content  # noqa: B018  # read here, so body errors can move the request
-            except Exception as exc:
-                if response is not None:
-                    response.close()
-                elif not resent and _replayable(request) and is_dropped_connection(exc):
-                    resent = True  # a kept-alive connection the proxy had closed: once more, same proxy
-                    continue
-                try:
-                    verdict = _judge_error(attempts, lease, exc)
-                finally:
-                    self._release(lease)
-                if not verdict.moves_request or not isinstance(exc, RequestException):
-                    raise
-                if not attempts.should_move(verdict):
-                    raise _all_failed(attempts, exc, request) from exc
-                self._log_move(attempts)
-                try:
-                    lease = self._acquire(url, attempts.tried)
-                except NoProxyAvailable as none:
-                    raise _all_failed(attempts, exc, request, none) from exc
-                continue
-            except BaseException:  # KeyboardInterrupt and friends: give the proxy back, no verdict
-                if response is not None:
-                    response.close()
-                self._release(lease)
-                raise
-            try:
-                response.pharox_proxy = lease.safe_url  # type: ignore[attr-defined]
-                verdict = attempts.judge(lease, status_code=response.status_code, response=response, release=not stream)
-            except BaseException:  # a failing ban detector or storage: nothing may stay held
-                response.close()
-                self._release(lease)
-                raise
-            if not stream:
-                self._release(lease)
-            if not attempts.should_move(verdict):
-                return response
-            self._release(lease)
-            self._log_move(attempts)
-            try:
-                lease = self._acquire(url, attempts.tried)
-            except NoProxyAvailable:
-                return response  # no other proxy: the caller gets the last answer
-            except BaseException:
-                response.close()
-                raise
-            response.close()
-
-    def _log_move(self, attempts: ProxyAttempts) -> None:
-        last = attempts.attempts[-1]
-        logger.info(
-            "proxy %(proxy)s: %(outcome)s (%(detail)s); moving the request to another proxy (%(left)d tries left)",
-            {"proxy": last.proxy, "outcome": last.outcome, "detail": last.detail, "left": attempts.retries_left},
+        exchange = self.broker.exchange(
+            url,
+            pool=self.pool,
+            filters=self.filters,
+            session=self.session,
+            protocols=_PROTOCOLS,
+            max_moves=self.max_moves,
+            body=request.body,
+            timeout=_connect_timeout(kwargs.get("timeout")),
+            errors=_ERRORS,
         )
+        try:
+            try:
+                lease = exchange.lease()
+            except NoProxyAvailable as exc:
+                raise _for_request(exc, request) from None
+            while True:
+                response: Response | None = None
+                try:
+                    proxies = {"http": lease.url, "https": lease.url}
+                    response = self._send_pinned(request, stream=stream, proxies=proxies, **kwargs)
+                    if not stream:
+                        response.content  # noqa: B018  # read here, so body errors can move the request
+                except Exception as exc:
+                    if response is not None:
+                        response.close()
+                    verdict, status = _door_verdict(exc)
+                    step = exchange.failed(exc, status_code=status, verdict=verdict)
+                    if step is Step.RAISE:
+                        raise _for_request(exchange.error, request) from exc
+                    if step is Step.MOVE:
+                        lease = exchange.lease()
+                    continue
+                response.pharox_proxy = lease.safe_url  # type: ignore[attr-defined]
+                try:
+                    step = exchange.answered(response.status_code, response, streaming=stream)
+                except BaseException:
+                    response.close()  # its connection goes back to the pool too
+                    raise
+                if step is Step.RETURN:
+                    if stream:
+                        self._hold_until_closed(exchange, response)
+                    return response
+                response.close()
+                if step is Step.RAISE:
+                    raise _for_request(exchange.error, request)
+                lease = exchange.lease()
+        except BaseException:
+            exchange.close()  # nothing stays leased, whatever the way out
+            raise
 
-    def _hold_until_closed(self, lease: ProxyLease, response: Response) -> None:
+    def _release(self, exchange: Exchange) -> None:
+        """The streamed body is done: the exchange reports and releases (idempotent)."""
+        with self._lock:
+            finalizer = self._streams.pop(exchange, None)
+        if finalizer is not None:
+            finalizer.detach()
+        exchange.close()
+
+    def _hold_until_closed(self, exchange: Exchange, response: Response) -> None:
         """Tie the lease to the streamed body: released at its end, on close, or on GC.
 
         urllib3 calls `release_conn` when the body has been read to the end, and
@@ -440,9 +423,8 @@ class PharoxAdapter(HTTPAdapter):
         through the reaper because they may run inside a finalizer.
         """
         raw = response.raw
-        with self._lock:
-            held = self._held.get(lease)
-        if raw is None or held is None:
+        if raw is None:
+            exchange.close()
             return
         raw_ref = weakref.ref(raw)  # the wrappers live on raw: no reference cycle
         release = self._release
@@ -453,7 +435,7 @@ class PharoxAdapter(HTTPAdapter):
                 if target is not None:
                     type(target).release_conn(target)
             finally:
-                release(lease)
+                release(exchange)
 
         def close() -> None:
             try:
@@ -461,14 +443,14 @@ class PharoxAdapter(HTTPAdapter):
                 if target is not None:
                     type(target).close(target)
             finally:
-                if not lease.released:
-                    _reaper.put(lambda: release(lease))
+                _reaper.put(lambda: release(exchange))
 
         raw.release_conn = release_conn  # type: ignore[method-assign]
         raw.close = close  # type: ignore[method-assign]
-        finalizer = weakref.finalize(raw, _reaper.put, lambda: release(lease))
+        finalizer = weakref.finalize(raw, _reaper.put, lambda: release(exchange))
         finalizer.atexit = False  # at exit the broker's own close() releases what is left
-        held.finalizer = finalizer
+        with self._lock:
+            self._streams[exchange] = finalizer
 
     # ------------------------------------------------------------------ close
 
@@ -478,16 +460,16 @@ class PharoxAdapter(HTTPAdapter):
         Safe to call twice (`Session.close()` calls it once per mounted prefix).
         """
         with self._lock:
-            leases = [held.lease for held in self._held.values()]
+            streams = list(self._streams)
             managers = list(self.proxy_manager.values())
             self.proxy_manager.clear()
-        for lease in leases:
+        for exchange in streams:
             try:
-                self._release(lease)
+                self._release(exchange)
             except Exception:  # keep releasing the others; the broker logged it
-                logger.exception("could not release the lease of %(proxy)s", {"proxy": lease.safe_url})
-        if leases:
-            logger.info("released %(n)d lease(s) still held at adapter close", {"n": len(leases)})
+                logger.exception("could not release a lease at adapter close")
+        if streams:
+            logger.info("released %(n)d lease(s) still held at adapter close", {"n": len(streams)})
         self.poolmanager.clear()
         for manager in managers:
             manager.clear()
@@ -496,15 +478,20 @@ class PharoxAdapter(HTTPAdapter):
 # ---------------------------------------------------------------------- helpers
 
 
-def _replayable(request: PreparedRequest) -> bool:
-    """A body requests can send again as it is (not a generator or file already read)."""
-    return request.body is None or isinstance(request.body, (bytes, str))
+def _connect_timeout(timeout: Any) -> float | None:
+    """The connect part of a requests timeout (a number, a (connect, read) pair or a
+    urllib3 `Timeout`): waiting for a proxy is part of connecting."""
+    if isinstance(timeout, tuple):
+        timeout = timeout[0]
+    elif timeout is not None and not isinstance(timeout, (int, float)):
+        timeout = getattr(timeout, "connect_timeout", None)
+    return float(timeout) if isinstance(timeout, (int, float)) else None
 
 
 def _door_verdict(exc: BaseException) -> tuple[Verdict | None, int | None]:
     """What this door knows better than the generic policy about a requests error.
 
-    Returns (verdict or None to let the policy judge, status code of a failed CONNECT).
+    Returns (verdict or None to let the policy judge, status code of a refused CONNECT).
     requests' caller errors (InvalidURL, InvalidHeader...) are ValueErrors *and*
     OSErrors; a bad target certificate or body encoding is the target's doing.
     """
@@ -519,48 +506,18 @@ def _door_verdict(exc: BaseException) -> tuple[Verdict | None, int | None]:
     return None, None
 
 
-def _judge_error(attempts: ProxyAttempts, lease: ProxyLease, exc: BaseException) -> Verdict:
-    """Judge a failed request and give its proxy back (the caller's `_release` then only
-    forgets it)."""
-    verdict, status = _door_verdict(exc)
-    if status is not None:  # the proxy answered CONNECT with this status: judge it as one
-        return attempts.judge(lease, status_code=status, verdict=verdict, release=True)
-    return attempts.judge(lease, error=exc, verdict=verdict, release=True)
-
-
-def _auth_failed(attempts: ProxyAttempts, exc: BaseException) -> bool:
-    if attempts.attempts and attempts.attempts[-1].detail == "HTTP 407":
-        return True
-    return any(isinstance(c, _SOCKS_AUTH_ERRORS) for c in causes(exc))
-
-
-def _all_failed(
-    attempts: ProxyAttempts,
-    exc: BaseException,
-    request: PreparedRequest,
-    none_left: NoProxyAvailable | None = None,
-) -> AllProxiesFailedError:
-    cls = ProxyAuthenticationError if _auth_failed(attempts, exc) else AllProxiesFailedError
-    error = attempts.failure(cls)
-    if none_left is not None:
-        error = cls(attempts.attempts, f"{error}; no other proxy to try: {none_left}")
-    assert isinstance(error, AllProxiesFailedError)
-    error.request = request
-    return error
-
-
-def _no_proxy_error(exc: NoProxyAvailable, request: PreparedRequest) -> NoProxyAvailableError:
-    error = NoProxyAvailableError(
-        str(exc), pool=exc.pool, filters=exc.filters, counts=exc.counts, next_revival_in=exc.next_revival_in
-    )
-    error.request = request
+def _for_request(error: BaseException | None, request: PreparedRequest) -> BaseException:
+    """The exchange's final error, carrying the request as requests' own errors do."""
+    assert error is not None
+    if isinstance(error, RequestException) and getattr(error, "request", None) is None:
+        error.request = request
     return error
 
 
 def pharox_session(broker: LeaseBroker, **adapter_kwargs: Any) -> requests.Session:
     """A `requests.Session` with a `PharoxAdapter(broker, **adapter_kwargs)` on http:// and https://."""
     session = requests.Session()
-    adapter = PharoxAdapter(broker, **adapter_kwargs)
+    adapter = PharoxAdapter(broker, **adapter_kwargs)  # session=, max_moves=, pool=, filters=...
     session.mount("http://", adapter)
     session.mount("https://", adapter)
     return session

@@ -4,9 +4,15 @@
     PHAROX_PROXIES = ["http://user:pass@10.0.0.1:8080", ...]  # or PHAROX_STORAGE_URL / PHAROX_BROKER
 
 Per request: `meta["pharox_pool"]`, `meta["pharox_filters"]` (ProxyFilters or a
-mapping), `meta["pharox_session"]` (sticky proxy), `meta["pharox_retry_times"]`;
+mapping), `meta["pharox_session"]` (sticky proxy), `meta["pharox_max_moves"]`;
 `meta["dont_proxy"]` or a spider-set `meta["proxy"]` leaves the request alone.
 After download `meta["pharox_proxy"]` names the proxy that served it (no secret).
+
+Each request's trip through the pool is one `Exchange` (the core decides every step),
+kept in `meta`.  Scrapy moves a request by returning a new `Request`: the copy carries
+the same exchange, whose next lease the core has already prepared.  When every proxy
+bans, the last ban answer goes on down the chain like any response; when every proxy
+fails, the errback gets `AllProxiesFailed`.
 """
 
 from __future__ import annotations
@@ -22,21 +28,24 @@ from scrapy.exceptions import IgnoreRequest, NotConfigured
 from scrapy.utils.defer import deferred_from_coro
 from twisted.internet import defer, task
 
-from .attempts import ProxyAttempts
-from .broker import LeaseBroker, ProxyLease
+from .broker import HTTP_PROTOCOLS, LeaseBroker, ProxyLease
 from .errors import NoProxyAvailable
+from .exchange import Exchange, Step
 from .health import Verdict
 from .scrapy_support import (
     HealthLog,
-    acquire,
+    answered,
     close_spider,
     custom_verdict,
+    failed,
+    first_lease,
     httpproxy_after,
     load_ban_policy,
     meta_filters,
+    meta_max_moves,
     off_reactor,
-    outcome_detail,
     slot_key,
+    tunnel_status,
 )
 from .settings import PharoxSettings
 
@@ -49,17 +58,15 @@ __all__ = ["PharoxProxyMiddleware"]
 
 logger = logging.getLogger("pharox_integrations.scrapy")
 
-LEASE = "_pharox_lease"  # the held ProxyLease; popped when the lease is settled
+EXCHANGE = "_pharox_exchange"  # the request's Exchange; a moved copy carries the same one
 MANAGED = "_pharox_managed"  # meta["proxy"] was set by us, so a copy may be re-leased
 SLOT = "_pharox_slot"  # the download slot we set
-RETRIES_LEFT = "_pharox_retries_left"
-ATTEMPTS = "_pharox_attempts"
 SLOTS_CACHED = 100_000  # download slot names kept (one per proxy seen)
 NO_REPORT = (IgnoreRequest, defer.CancelledError, asyncio.CancelledError)  # not the proxy's doing
 
 
 class PharoxProxyMiddleware:
-    """Downloader middleware: acquire → download → report → release, one proxy per request."""
+    """Downloader middleware: one `Exchange` per request, driven by Scrapy's events."""
 
     #: How often leases of requests that left the downloader unsettled are looked for
     #: (a later middleware's process_response raised, so ours never ran).
@@ -75,19 +82,23 @@ class PharoxProxyMiddleware:
         self._hooks: tuple[object, Any, Any] = (self, None, None)  # (spider, response hook, exception hook)
         self.broker = broker
         self.owns_broker = owns_broker
-        self.retry_times = settings.retry_times
+        self.max_moves = settings.max_moves
+        self.download_timeout = crawler.settings.getfloat("DOWNLOAD_TIMEOUT")
         self.close_on_exhausted = settings.on_exhausted == "close_spider"
         self.per_proxy_slot = settings.download_slot
         self.ban_policy = load_ban_policy(settings.ban_policy, crawler)
         self.header_by_scrapy = httpproxy_after(crawler.settings, type(self))
         self._slots: dict[UUID, str] = {}  # proxy id -> its download slot name
-        self._held: dict[ProxyLease, Request] = {}  # keyed by identity: cheaper to hash than the lease id
+        # Every exchange holding a lease -> (its request, queued): queued requests were
+        # moved and wait in the scheduler to come back through process_request.
+        self._held: dict[Exchange, tuple[Request, bool]] = {}
         self._closing = False
         self._sweeper = task.LoopingCall(self._sweep_orphans)
         self._health_log = HealthLog(broker, settings.logstats_interval, lambda: len(self._held))
         crawler.signals.connect(self._spider_opened, signal=signals.spider_opened)
         crawler.signals.connect(self._spider_closed, signal=signals.spider_closed)
         crawler.signals.connect(self._engine_stopped, signal=signals.engine_stopped)
+        crawler.signals.connect(self._request_dropped, signal=signals.request_dropped)
 
     @classmethod
     def from_crawler(cls, crawler: Crawler) -> PharoxProxyMiddleware:
@@ -104,8 +115,15 @@ class PharoxProxyMiddleware:
 
     async def process_request(self, request: Request, spider: object = None) -> None:
         meta = request.meta
-        if LEASE in meta:  # a copy of a request whose lease was never settled
-            await self._settle(meta.pop(LEASE), None)
+        ex, queued = self._owned(request)
+        if ex is not None and queued:  # our moved request is back
+            self._held[ex] = (request, False)
+            self._send_through(request, ex.current or ex.lease())  # the lease the move prepared
+            return None
+        if EXCHANGE in meta:  # meta copied from another request (a later middleware's replacement)
+            ex = meta.pop(EXCHANGE)
+            if ex in self._held:  # whose lease was never settled
+                await self._close(ex)
         if meta.get("dont_proxy"):
             if meta.pop(MANAGED, False):  # meta copied from one of our requests: undo our proxy
                 meta["proxy"] = None  # direct, whatever HTTP(S)_PROXY says
@@ -116,24 +134,28 @@ class PharoxProxyMiddleware:
             return None
         if "proxy" in meta and not meta.get(MANAGED):
             return None
-        filters = meta.get("pharox_filters")
+        ex = self.broker.exchange(
+            request.url,
+            pool=meta.get("pharox_pool"),
+            filters=meta_filters(meta.get("pharox_filters")),
+            session=meta.get("pharox_session"),
+            protocols=HTTP_PROTOCOLS,
+            max_moves=meta_max_moves(meta, self.max_moves),
+            body=request.body,
+            timeout=meta.get("download_timeout", self.download_timeout) or None,
+        )
         try:
-            lease = await acquire(
-                self.broker,
-                request.url,
-                pool=meta.get("pharox_pool"),
-                filters=None if filters is None else meta_filters(filters),
-                session=meta.get("pharox_session"),
-            )
+            lease = await first_lease(ex)
         except NoProxyAvailable as exc:
             self._exhausted(exc)
-        held = self._held
-        held[lease] = request
-        self._inc("pharox/leases/acquired")
-        if len(held) > self._peak:
-            self._peak = len(held)
-            self.stats.max_value("pharox/leases/peak_active", self._peak)
-        meta[LEASE] = lease
+        meta[EXCHANGE] = ex
+        self._held[ex] = (request, False)
+        self._acquired()
+        self._send_through(request, lease)
+        return None
+
+    def _send_through(self, request: Request, lease: ProxyLease) -> None:
+        meta = request.meta
         meta[MANAGED] = True
         meta["pharox_proxy"] = safe_url = lease.safe_url
         if self.header_by_scrapy:
@@ -152,7 +174,12 @@ class PharoxProxyMiddleware:
                     self._slots.clear()
                 slot = self._slots[lease.proxy_id] = slot_key(lease)
             meta["download_slot"] = meta[SLOT] = slot
-        return None
+
+    def _acquired(self) -> None:
+        self._inc("pharox/leases/acquired")
+        if len(self._held) > self._peak:
+            self._peak = len(self._held)
+            self.stats.max_value("pharox/leases/peak_active", self._peak)
 
     def _exhausted(self, exc: NoProxyAvailable) -> NoReturn:
         self.stats.inc_value("pharox/no_proxy_available")
@@ -167,46 +194,89 @@ class PharoxProxyMiddleware:
     # ------------------------------------------------------------------ outcome
 
     async def process_response(self, request: Request, response: Response, spider: object = None) -> Any:
-        meta = request.meta
-        if LEASE not in meta:
+        ex = await self._sending(request)
+        if ex is None:
             return response
-        lease = meta.pop(LEASE)
-        latency = meta.get("download_latency")
-        hook = self._hook(0)
-        try:
-            answer = None if hook is None else hook(request, response)
-        except BaseException:
-            await self._give_back(lease, request)  # the spider's bug, not the proxy's: no report
-            raise
-        moved = await self._settle(
-            lease,
-            request,
-            status_code=response.status,
-            response=response,
-            latency_ms=latency * 1000.0 if isinstance(latency, (int, float)) else None,
-            answer=answer,
-        )
-        return moved or response
+        step = await self._settle(ex, request, response, response.status)
+        if step is Step.MOVE or step is Step.RESEND:
+            return self._requeue(ex, request)
+        if step is Step.RAISE and ex.error is not None:
+            raise ex.error  # AllProxiesFailed: the last proxy refused us (407)
+        return response  # on down the chain: RetryMiddleware, HttpErrorMiddleware, the callback
 
     async def process_exception(self, request: Request, exception: Exception, spider: object = None) -> Any:
-        lease = request.meta.pop(LEASE, None)
-        if lease is None:
+        ex = await self._sending(request)
+        if ex is None:
             return None
         if isinstance(exception, NO_REPORT):
-            await self._give_back(lease, request)
+            await self._close(ex, request)
             return None
-        hook = self._hook(1)
-        try:
-            answer = None if hook is None else hook(request, exception)
-        except BaseException:
-            await self._give_back(lease, request)
-            raise
-        return await self._settle(lease, request, error=exception, answer=answer)
+        step = await self._settle(ex, request, exception, None)
+        if step is Step.MOVE or step is Step.RESEND:
+            return self._requeue(ex, request)
+        if ex.error is exception or ex.error is None:
+            return None  # not the proxy's doing: the error goes on as it is
+        raise ex.error from exception  # every proxy failed: the errback gets AllProxiesFailed
 
-    async def _give_back(self, lease: ProxyLease, request: Request) -> None:
-        """Release without a report: the outcome says nothing about the proxy."""
+    async def _sending(self, request: Request) -> Exchange | None:
+        """The exchange this request is being sent through, if it is ours.
+
+        A moved request answered before it reached process_request (an earlier
+        middleware's cache or error) gives back the lease its move prepared.
+        """
+        ex, queued = self._owned(request)
+        if ex is not None and (queued or ex.current is None):
+            await self._close(ex, request)
+            return None
+        return ex
+
+    def _owned(self, request: Request) -> tuple[Exchange | None, bool]:
+        """(the exchange `request` owns, whether it waits in the scheduler after a move)."""
+        ex: Exchange | None = request.meta.get(EXCHANGE)
+        owner = None if ex is None else self._held.get(ex)
+        if owner is None or owner[0] is not request:
+            return None, False
+        return ex, owner[1]
+
+    async def _settle(self, ex: Exchange, request: Request, outcome: Any, status: int | None) -> Step:
+        """Hand the answer (`status` set) or the error to the core; keep the stats of its step."""
+        lease = ex.current
+        assert lease is not None
         _scrub(request.meta, lease)
-        await self._settle(lease, None)
+        hook = self._hook(0 if status is not None else 1)
+        try:
+            verdict = custom_verdict(None if hook is None else hook(request, outcome), status, self.broker.policy)
+        except BaseException:
+            await self._close(ex, request)  # the spider's bug, not the proxy's: no report
+            raise
+        if status is not None:
+            latency = request.meta.get("download_latency")
+            latency_ms = latency * 1000.0 if isinstance(latency, (int, float)) else None
+            step_of = answered(ex, status, outcome, latency_ms=latency_ms, verdict=verdict)
+        else:
+            step_of = failed(ex, outcome, status_code=tunnel_status(outcome), verdict=verdict)
+        try:
+            step = await step_of
+        finally:  # RETURN, RAISE, a failed report: done; a MOVE holds the next lease (see _requeue)
+            if lease.released and self._held.pop(ex, None) is not None:
+                self._inc("pharox/leases/released")
+                request.meta.pop(EXCHANGE, None)
+        verdict = lease.verdict
+        if verdict is None:
+            return step
+        self._inc(f"pharox/verdict/{verdict.value}/{status or type(outcome).__name__}")
+        if not verdict.moves_request:
+            return step
+        self._inc("pharox/bans" if verdict is Verdict.BAN else "pharox/failures")
+        if step is Step.MOVE:
+            self._inc("pharox/moved")
+            self._inc(f"pharox/moved/{verdict.value}")
+        elif step is not Step.RESEND:
+            self._inc("pharox/moved/gave_up")
+            logger.warning(
+                "pharox: %(request)s: %(why)s", {"request": request, "why": "; ".join(map(str, ex.attempts))}
+            )
+        return step
 
     def _hook(self, which: int) -> Any:
         """The spider's response_is_ban (0) / exception_is_ban (1) first, scrapy-rotating-proxies
@@ -220,88 +290,27 @@ class PharoxProxyMiddleware:
             )
         return self._hooks[1 + which]
 
-    async def _settle(
-        self,
-        lease: ProxyLease,
-        request: Request | None,
-        *,
-        status_code: int | None = None,
-        error: BaseException | None = None,
-        response: Response | None = None,
-        latency_ms: float | None = None,
-        answer: object = None,
-    ) -> Request | None:
-        """Report (unless `request` is None), release, and maybe move the request to another proxy."""
-        self._held.pop(lease, None)
-        blocks = self.broker.storage_blocks
-        if request is None:
-            if blocks:
-                await off_reactor(True, self._release, lease)
-            else:
-                self._release(lease)
-            return None
-        meta = request.meta
-        _scrub(meta, lease)
-        retries = meta.get(RETRIES_LEFT, meta.get("pharox_retry_times", self.retry_times))
-        attempts = ProxyAttempts(self.broker, retries)
-        if ATTEMPTS in meta:
-            attempts.attempts = list(meta[ATTEMPTS])
-        args = (lease, attempts, status_code, error, response, latency_ms, answer)
-        # Memory storages answer inline: no coroutine to build and await per response.
-        verdict = await off_reactor(True, self._report_release, *args) if blocks else self._report_release(*args)
-        outcome = verdict.value
-        self._inc(f"pharox/verdict/{outcome}/{status_code if error is None else outcome_detail(error)}")
-        if not verdict.moves_request:
-            return None
-        self._inc("pharox/bans" if verdict is Verdict.BAN else "pharox/failures")
-        if attempts.should_move(verdict):
-            self._inc("pharox/moved")
-            self._inc(f"pharox/moved/{outcome}")
-            moved = request.replace(dont_filter=True)
-            moved.meta[RETRIES_LEFT] = attempts.retries_left
-            moved.meta[ATTEMPTS] = attempts.attempts
-            logger.debug(
-                "pharox: %(request)s moved off %(proxy)s (%(verdict)s)",
-                {"request": request, "proxy": lease.safe_url, "verdict": outcome},
-            )
-            return moved
-        self._inc("pharox/moved/gave_up")
-        logger.warning("pharox: %(request)s: %(why)s", {"request": request, "why": attempts.failure()})
-        return None
+    def _requeue(self, ex: Exchange, request: Request) -> Request:
+        """The copy Scrapy schedules again; it carries the exchange (and its next lease)."""
+        moved = request.replace(dont_filter=True)
+        moved.meta[EXCHANGE] = ex
+        new_lease = ex.current is None
+        self._held[ex] = (moved, True)
+        if new_lease:
+            self._acquired()
+        logger.debug("pharox: %(request)s moved to another proxy", {"request": request})
+        return moved
 
-    def _report_release(
-        self,
-        lease: ProxyLease,
-        attempts: ProxyAttempts,
-        status_code: int | None,
-        error: BaseException | None,
-        response: Response | None,
-        latency_ms: float | None,
-        answer: object,
-    ) -> Verdict:
-        """Report then release, in one trip off the reactor (SQL storages)."""
-        fresh = not lease.released
-        try:
-            verdict = None
-            if answer is not None:
-                verdict = custom_verdict(answer, status_code, self.broker.policy.judge(status_code, error))
-            return attempts.judge(
-                lease,
-                status_code=status_code,
-                error=error,
-                response=response,
-                latency_ms=latency_ms,
-                verdict=verdict,
-                release=True,
-            )
-        finally:
-            self.broker.release(lease)  # a no-op after `judge`; gives it back when the hook failed first
-            if fresh:
-                self._inc("pharox/leases/released")
-
-    def _release(self, lease: ProxyLease) -> None:
-        if self.broker.release(lease):
+    async def _close(self, ex: Exchange, request: Request | None = None) -> None:
+        """Release what the exchange holds, without a report: the outcome says nothing
+        about the proxy (or it was never known)."""
+        if request is not None:
+            request.meta.pop(EXCHANGE, None)
+            if ex.current is not None:
+                _scrub(request.meta, ex.current)
+        if self._held.pop(ex, None) is not None:
             self._inc("pharox/leases/released")
+        await off_reactor(self.broker.storage_blocks, ex.close)
 
     # ------------------------------------------------------------------ life cycle
 
@@ -317,28 +326,33 @@ class PharoxProxyMiddleware:
 
         The downloader holds a request in `active` from before the first
         process_request until after the last process_response, so a lease still held
-        for a request outside it can no longer be settled by this middleware.
+        for a request outside it can no longer be settled by this middleware.  Moved
+        requests waiting in the scheduler are not orphans.
         """
         engine = self.crawler.engine
         active = getattr(getattr(engine, "downloader", None), "active", None)
         if active is None:
             return None
-        orphans = [lease for lease, request in self._held.items() if request not in active]
+        orphans = [ex for ex, (request, queued) in self._held.items() if not queued and request not in active]
         if not orphans:
             return None
-        for lease in orphans:
-            del self._held[lease]
         self.stats.inc_value("pharox/leases/released_orphaned", len(orphans))
         logger.info(
             "pharox: released %(n)d lease(s) of requests that left the downloader without a response "
             "reaching this middleware",
             {"n": len(orphans)},
         )
-        return deferred_from_coro(self._release_each(orphans))
+        return deferred_from_coro(self._close_each(orphans))
 
-    async def _release_each(self, leases: list[ProxyLease]) -> None:
-        for lease in leases:
-            await off_reactor(self.broker.storage_blocks, self._release, lease)
+    async def _close_each(self, exchanges: list[Exchange]) -> None:
+        for ex in exchanges:
+            await self._close(ex)
+
+    def _request_dropped(self, request: Request) -> None:
+        """A moved request the scheduler refused: give back the lease it was to use."""
+        ex, queued = self._owned(request)
+        if ex is not None and queued:
+            deferred_from_coro(self._close(ex, request))
 
     async def _spider_closed(self, reason: str) -> None:
         self._health_log.stop()
@@ -351,8 +365,7 @@ class PharoxProxyMiddleware:
 
     async def _release_all(self, when: str) -> None:
         left = list(self._held)
-        self._held.clear()
-        await self._release_each(left)
+        await self._close_each(left)
         if left:
             self.stats.inc_value("pharox/leases/released_at_close", len(left))
             logger.info("pharox: released %(n)d lease(s) still held at %(when)s", {"n": len(left), "when": when})

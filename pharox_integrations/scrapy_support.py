@@ -1,4 +1,5 @@
-"""Helpers of the Scrapy door: reactor-safe calls, ban-policy hooks, the health log line.
+"""Helpers of the Scrapy door: driving an `Exchange` off the reactor, ban-policy hooks,
+per-request settings, download slots and the health log line.
 
 Kept apart from `scrapy.py` so the middleware reads as the life cycle of one request.
 """
@@ -7,7 +8,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import time
+import warnings
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, Protocol, TypeVar
 
@@ -17,10 +20,11 @@ from scrapy.utils.defer import deferred_from_coro, maybe_deferred_to_future
 from scrapy.utils.misc import load_object
 from twisted.internet import defer, task, threads
 
-from .attempts import describe_error
-from .broker import HTTP_PROTOCOLS, LeaseBroker, ProxyLease
-from .errors import ConfigurationError, NoProxyAvailable
-from .health import Verdict
+from .broker import LeaseBroker
+from .errors import ConfigurationError
+from .exchange import Exchange, Step
+from .health import HealthPolicy, Verdict
+from .lease import ProxyLease
 from .settings import filters_from_mapping
 
 logger = logging.getLogger("pharox_integrations.scrapy")
@@ -53,62 +57,96 @@ async def off_reactor(blocking: bool, fn: Callable[..., T], *args: Any) -> T:
     return result
 
 
-def acquire(broker: LeaseBroker, url: str, **kwargs: Any) -> Awaitable[ProxyLease]:
-    """Lease an http/https proxy without blocking the reactor.
+# ---------------------------------------------------------------------- the exchange off the reactor
 
-    On asyncio the broker waits with `asyncio.sleep`; a memory storage's coroutine is
-    handed back as is (the common case: no wrapper per request).  On another reactor
-    a memory storage is tried inline first; waiting (or any blocking storage) happens
-    in a Twisted worker thread.
+
+async def first_lease(exchange: Exchange) -> ProxyLease:
+    """The exchange's first lease, waited for without blocking the reactor.
+
+    On asyncio the core waits with `asyncio.sleep` (blocking storages in a worker
+    thread).  On another reactor a free proxy is taken inline when the storage allows,
+    and any wait happens in a Twisted worker thread.
     """
-    kwargs["protocols"] = HTTP_PROTOCOLS
-    if not broker.storage_blocks and asyncio_running():
-        return broker.acquire_async(url, **kwargs)
-    return _acquire_elsewhere(broker, url, kwargs)
-
-
-async def _acquire_elsewhere(broker: LeaseBroker, url: str, kwargs: dict[str, Any]) -> ProxyLease:
     if asyncio_running():
-        # A task, shielded: if the download is cancelled while a worker thread is
-        # leasing, the lease it gets is released instead of being lost.
-        pending = asyncio.ensure_future(broker.acquire_async(url, **kwargs))
-        try:
-            return await asyncio.shield(pending)
-        except asyncio.CancelledError:
-            pending.add_done_callback(lambda done: _release_late(broker, done))
-            raise
-    if not broker.storage_blocks:
-        try:
-            return broker.acquire(url, timeout=0, **kwargs)
-        except NoProxyAvailable:
-            if broker.acquire_timeout <= 0:
-                raise
-    return await _acquire_in_thread(broker, url, kwargs)
+        return await exchange.lease_async()
+    lease = exchange.try_lease()
+    return lease if lease is not None else await _in_thread(exchange, exchange.lease)
 
 
-def _acquire_in_thread(broker: LeaseBroker, url: str, kwargs: dict[str, Any]) -> defer.Deferred[ProxyLease]:
-    """`broker.acquire` in a Twisted worker thread; a lease that arrives after the
-    caller was cancelled (download cancelled, spider closing) is released, not lost."""
-    result: defer.Deferred[ProxyLease] = defer.Deferred()
+async def answered(exchange: Exchange, status: int, response: Any, *, verdict: Verdict | None, **kwargs: Any) -> Step:
+    """`exchange.answered` without blocking the reactor (a move may wait for a lease)."""
+    if asyncio_running():
+        return await exchange.answered_async(status, response, verdict=verdict, **kwargs)
+    if verdict is None:
+        verdict = exchange.judge(status, response)
+    if not exchange.may_block(verdict):
+        return exchange.answered(status, response, verdict=verdict, **kwargs)
+    return await _in_thread(exchange, lambda: exchange.answered(status, response, verdict=verdict, **kwargs))
 
-    def arrived(lease: ProxyLease) -> None:
-        if result.called:  # cancelled meanwhile
-            threads.deferToThread(broker.release, lease)
+
+async def failed(exchange: Exchange, error: BaseException, **kwargs: Any) -> Step:
+    """`exchange.failed` without blocking the reactor."""
+    if asyncio_running():
+        return await exchange.failed_async(error, **kwargs)
+    if not exchange.may_block():
+        return exchange.failed(error, **kwargs)
+    return await _in_thread(exchange, lambda: exchange.failed(error, **kwargs))
+
+
+def _in_thread(exchange: Exchange, fn: Callable[[], T]) -> defer.Deferred[T]:
+    """`fn` in a Twisted worker thread; when the caller was cancelled meanwhile (download
+    cancelled, spider closing), whatever the exchange leased is released, not lost."""
+    result: defer.Deferred[T] = defer.Deferred()
+
+    def arrived(value: T) -> None:
+        if result.called:
+            threads.deferToThread(exchange.close)
         else:
-            result.callback(lease)
+            result.callback(value)
 
-    def failed(failure: Any) -> None:
+    def went_wrong(failure: Any) -> None:
         if not result.called:
             result.errback(failure)
 
-    threads.deferToThread(broker.acquire, url, **kwargs).addCallbacks(arrived, failed)
+    threads.deferToThread(fn).addCallbacks(arrived, went_wrong)
     return result
 
 
-def _release_late(broker: LeaseBroker, done: asyncio.Future[ProxyLease]) -> None:
-    if not done.cancelled() and done.exception() is None:
-        loop = asyncio.get_running_loop()
-        loop.run_in_executor(None, broker.release, done.result())
+# ---------------------------------------------------------------------- per request
+
+
+def meta_filters(value: object) -> ProxyFilters | None:
+    """`meta["pharox_filters"]`: ProxyFilters, or a mapping of its fields."""
+    if value is None or isinstance(value, ProxyFilters):
+        return value
+    if isinstance(value, Mapping):
+        return filters_from_mapping(value, key='meta["pharox_filters"]')
+    raise TypeError(f'meta["pharox_filters"]={value!r}: expected ProxyFilters or a mapping')
+
+
+def meta_max_moves(meta: Mapping[str, Any], default: int) -> int:
+    """`meta["pharox_max_moves"]`, or its deprecated name `meta["pharox_retry_times"]`."""
+    moves = meta.get("pharox_max_moves")
+    if moves is None and meta.get("pharox_retry_times") is not None:
+        warnings.warn(
+            'meta["pharox_retry_times"] is deprecated: use meta["pharox_max_moves"] (the same meaning)',
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        moves = meta["pharox_retry_times"]
+    return default if moves is None else moves
+
+
+_TUNNEL_STATUS = re.compile(r"CONNECT tunnel.*'status': (\d{3})")
+
+
+def tunnel_status(error: BaseException) -> int | None:
+    """The status a proxy refused a CONNECT with (Scrapy's TunnelError names it in its text)."""
+    found = _TUNNEL_STATUS.search(str(error)) if type(error).__name__ == "TunnelError" else None
+    return int(found.group(1)) if found else None
+
+
+# ---------------------------------------------------------------------- ban hooks
 
 
 class BanPolicy(Protocol):
@@ -141,11 +179,11 @@ def load_ban_policy(path: str | None, crawler: Any) -> Any:
     return obj
 
 
-def custom_verdict(answer: object, status_code: int | None, default: Verdict) -> Verdict | None:
-    """Translate a ban hook's answer into a verdict (None: no opinion).
+def custom_verdict(answer: object, status_code: int | None, policy: HealthPolicy) -> Verdict | None:
+    """Translate a ban hook's answer into a verdict (None: no opinion, the core judges).
 
-    False overrides a ban the status code alone would have given: the user knows
-    their site; the answer is then judged like any other status.
+    False overrides a ban the status code (or the policy's ban detector) would have
+    given: the user knows their site.  A 407 stays the proxy's failure.
     """
     if answer is None:
         return None
@@ -153,9 +191,12 @@ def custom_verdict(answer: object, status_code: int | None, default: Verdict) ->
         return Verdict.BAN
     if status_code is None:
         return Verdict.TARGET_ERROR
-    if default is Verdict.BAN:
-        return Verdict.TARGET_ERROR if status_code >= 400 else Verdict.OK
-    return default
+    if status_code in policy.proxy_failure_codes:
+        return Verdict.FAILURE
+    return Verdict.TARGET_ERROR if status_code >= 400 else Verdict.OK
+
+
+# ---------------------------------------------------------------------- set-up
 
 
 def httpproxy_after(settings: Any, ours: type) -> bool:
@@ -239,17 +280,3 @@ def close_spider(crawler: Any, reason: str) -> None:
         deferred_from_coro(closer(reason=reason))
     elif crawler.spider is not None:  # Scrapy 2.13
         engine.close_spider(crawler.spider, reason)
-
-
-def meta_filters(value: object) -> ProxyFilters | None:
-    """`meta["pharox_filters"]`: ProxyFilters, or a mapping of its fields."""
-    if value is None or isinstance(value, ProxyFilters):
-        return value
-    if isinstance(value, Mapping):
-        return filters_from_mapping(value, key='meta["pharox_filters"]')
-    raise TypeError(f'meta["pharox_filters"]={value!r}: expected ProxyFilters or a mapping')
-
-
-def outcome_detail(error: BaseException) -> str:
-    """The stats key tail of an error outcome: the exception's name (a response's is its status code)."""
-    return describe_error(error).split(":", 1)[0]

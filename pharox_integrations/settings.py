@@ -11,6 +11,7 @@ import ipaddress
 import json
 import os
 import re
+import warnings
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -184,7 +185,8 @@ SETTINGS_DOC: dict[str, str] = {
     "PHAROX_BACKOFF_BASE": "first cool-down in seconds for a benched proxy (default 30)",
     "PHAROX_BACKOFF_CAP": "longest cool-down in seconds (default 1800)",
     "PHAROX_BROKER": "import path of a ready LeaseBroker (or a callable returning one); excludes the keys above",
-    "PHAROX_RETRY_TIMES": "Scrapy: how many other proxies a banned/failed request is moved to (default 5)",
+    "PHAROX_MAX_MOVES": "how many other proxies a banned or failed request may move to, in every door (default 3)",
+    "PHAROX_RETRY_TIMES": "deprecated name of PHAROX_MAX_MOVES",
     "PHAROX_ON_EXHAUSTED": "Scrapy: close_spider (default) or ignore_request when no proxy is available",
     "PHAROX_BAN_POLICY": "Scrapy: import path of a ban policy object/class (response_is_ban / exception_is_ban)",
     "PHAROX_LOGSTATS_INTERVAL": "Scrapy: seconds between pool-health log lines (default 60; 0 disables)",
@@ -211,7 +213,7 @@ class PharoxSettings:
     backoff_base: float = 30.0
     backoff_cap: float = 1800.0
     broker: Any = None  # an import path, or a ready LeaseBroker (or a callable returning one)
-    retry_times: int = 5
+    max_moves: int = 3
     on_exhausted: str = "close_spider"
     ban_policy: str | None = None
     logstats_interval: float = 60.0
@@ -266,13 +268,27 @@ class PharoxSettings:
             backoff_base=base,
             backoff_cap=cap,
             broker=broker,
-            retry_times=int(reader.number("PHAROX_RETRY_TIMES", 5, minimum=0, integer=True)),
+            max_moves=_max_moves(reader),
             on_exhausted=on_exhausted,
             ban_policy=reader.text("PHAROX_BAN_POLICY"),
             logstats_interval=reader.number("PHAROX_LOGSTATS_INTERVAL", 60.0, minimum=0.0),
             download_slot=reader.boolean("PHAROX_DOWNLOAD_SLOT", True),
             explicit=explicit,
         )
+
+
+def _max_moves(reader: _Reader) -> int:
+    """PHAROX_MAX_MOVES, or its old name PHAROX_RETRY_TIMES (with a deprecation warning)."""
+    if reader.has("PHAROX_RETRY_TIMES"):
+        if reader.has("PHAROX_MAX_MOVES"):
+            raise ConfigurationError("PHAROX_RETRY_TIMES and PHAROX_MAX_MOVES are both set: keep PHAROX_MAX_MOVES only")
+        warnings.warn(
+            "PHAROX_RETRY_TIMES is deprecated: use PHAROX_MAX_MOVES (the same meaning, in every door)",
+            DeprecationWarning,
+            stacklevel=4,
+        )
+        return int(reader.number("PHAROX_RETRY_TIMES", 3, minimum=0, integer=True))
+    return int(reader.number("PHAROX_MAX_MOVES", 3, minimum=0, integer=True))
 
 
 _MISSING = object()

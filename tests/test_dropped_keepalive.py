@@ -84,7 +84,7 @@ def test_a_proxy_that_drops_every_request_still_counts(target: Any) -> None:
     try:
         port = listener.getsockname()[1]
         broker = LeaseBroker.from_proxies([f"http://127.0.0.1:{port}"], policy=HealthPolicy(max_failures=1))
-        session = pharox_session(broker, proxy_retries=0)
+        session = pharox_session(broker, max_moves=0)
         with pytest.raises(Exception) as caught:
             session.get(f"{target.url}/echo", timeout=10)
         assert "127.0.0.1" in str(caught.value)
@@ -97,13 +97,15 @@ def test_a_proxy_that_drops_every_request_still_counts(target: Any) -> None:
         listener.close()
 
 
-def test_urllib3_without_retries_counts_the_drop(dropping: DroppingProxy, target: Any) -> None:
-    """With urllib3's retries off, the drop is the proxy's failure; the door then moves
-    the request (here to the same, only proxy, on a new connection)."""
+def test_urllib3_without_retries_resends_the_drop_once(dropping: DroppingProxy, target: Any) -> None:
+    """With urllib3's own retries off, the core's rule still holds, as in every door: a
+    kept-alive connection dropped before any answer is sent once more through the same
+    proxy, on a new connection, and does not count against the proxy."""
     broker = LeaseBroker.from_proxies([dropping.url], policy=HealthPolicy(max_failures=5))
     manager = PharoxProxyManager(broker, retries=urllib3.Retry(0, read=False))
     assert manager.request("GET", f"{target.url}/echo").status == 200
     assert manager.request("GET", f"{target.url}/echo").status == 200
     assert dropping.dropped == 1
     (proxy,) = broker.proxies()
-    assert broker.proxy_stats(proxy.id)["failures"] == 1 and broker.held == 0
+    assert broker.proxy_stats(proxy.id)["failures"] == 0 and broker.held == 0
+    assert broker.proxy_stats(proxy.id)["requests"] == 2

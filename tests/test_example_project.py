@@ -128,7 +128,7 @@ def test_settings_module_is_a_valid_pharox_configuration(tmp_path: Path) -> None
     code = (
         "from pharox_config import pharox_settings; from pharox_integrations import PharoxSettings; "
         "s = PharoxSettings.from_mapping(pharox_settings()); "
-        "print(s.max_failures, s.retry_times, s.storage_url, len(s.proxies))"
+        "print(s.max_failures, s.max_moves, s.storage_url, len(s.proxies))"
     )
     env = {k: v for k, v in os.environ.items() if not k.startswith("PHAROX_")}
     done = _run([sys.executable, "-c", code], {**env, "PHAROX_PROXIES_FILE": str(listing)})

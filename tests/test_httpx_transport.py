@@ -17,7 +17,7 @@ import httpx
 import pytest
 from pharox import ProxyStatus
 
-from pharox_integrations import AllProxiesFailed, HealthPolicy, InvalidProxyURL, LeaseBroker, NoProxyAvailable
+from pharox_integrations import HealthPolicy, InvalidProxyURL, LeaseBroker, NoProxyAvailable
 from pharox_integrations.httpx import (
     AllProxiesFailedError,
     AsyncPharoxTransport,
@@ -300,7 +300,7 @@ def test_banned_proxy_is_benched_and_the_request_moves(
 
 
 @pytest.mark.asyncio
-async def test_every_proxy_banned_raises_all_failed_then_pool_empty(
+async def test_every_proxy_banned_returns_the_last_ban_then_pool_empty(
     make_broker: BrokerFactory,
     proxy_trio: list[KitProxy],
     target: TargetServer,
@@ -311,18 +311,19 @@ async def test_every_proxy_banned_raises_all_failed_then_pool_empty(
     for p in proxy_trio:
         target.ban(p.outbound_ip, 429)
     async with httpx.AsyncClient(transport=AsyncPharoxTransport(broker), timeout=TIMEOUT) as client:
-        with pytest.raises(AllProxiesFailedError) as failed:
-            await client.get(f"{target.url}/echo")
+        last = await client.get(f"{target.url}/echo")
         with pytest.raises(NoProxyAvailableError) as empty:
             await client.get(f"{target.url}/echo")
-    error = failed.value
-    assert isinstance(error, httpx.ProxyError) and isinstance(error, AllProxiesFailed)
-    assert {a.proxy for a in error.attempts} == {p.safe_url for p in proxy_trio}
-    assert all(a.outcome == "ban" and a.detail == "HTTP 429" for a in error.attempts)
-    assert error.request.url.path == "/echo"
+    assert last.status_code == 429 and last.text == "banned\n"
+    attempts = last.extensions["pharox"]["attempts"]
+    assert sorted(attempts) == sorted(f"{p.safe_url}: ban (HTTP 429)" for p in proxy_trio)
+    assert last.extensions["pharox"]["proxy"] in attempts[-1]
+    assert sum(target.hits.values()) == 3  # each proxy once
     assert isinstance(empty.value, httpx.TransportError) and isinstance(empty.value, NoProxyAvailable)
     assert "3 banned" in str(empty.value) and "next back in" in str(empty.value)
-    assert_no_secret(str(error), repr(error), str(empty.value), caplog.text)
+    assert empty.value.request.url.path == "/echo"
+    assert_no_secret(str(empty.value), repr(last.extensions), caplog.text)
+    assert broker.counters["bans"] == 3
 
 
 @pytest.mark.asyncio
@@ -343,14 +344,14 @@ async def test_a_ban_detector_that_raises_gives_everything_back(
             with pytest.raises(httpx.TransportError, match="detector bug"):
                 client.get(f"{target.url}/echo")
             assert broker.held == 0
-        routes = sync_transport._door.routes._routes.values()
+        routes = sync_transport._routes._routes.values()
         assert len(routes) == 2 and [r.active for r in routes] == [0, 0]
     async with httpx.AsyncClient(transport=async_transport, timeout=TIMEOUT) as aclient:
         for _ in range(2):
             with pytest.raises(httpx.TransportError, match="detector bug"):
                 await aclient.get(f"{target.url}/echo")
             assert broker.held == 0
-        aroutes = async_transport._door.routes._routes.values()
+        aroutes = async_transport._routes._routes.values()
         assert len(aroutes) == 2 and [r.active for r in aroutes] == [0, 0]
     assert broker.counters["acquired"] == broker.counters["released"] == 4
 
@@ -377,7 +378,7 @@ async def test_a_ban_the_storage_cannot_record_still_gives_everything_back(
                 with pytest.raises(httpx.TransportError, match="storage unavailable"):
                     await client.get(f"{target.url}/echo")
                 assert broker.held == 0
-            routes = list(transport._door.routes._routes.values())
+            routes = list(transport._routes._routes.values())
             assert routes and [r.active for r in routes] == [0] * len(routes)
             # The connections went back to their pools: none is still serving a request.
             for route in routes:
@@ -398,7 +399,7 @@ async def test_a_request_cancelled_while_an_evicted_transport_closes_gives_every
         assert (await client.get(f"{target.url}/echo")).status_code == 200
         # Fault injection: closing the transport the next request evicts hangs (no real
         # transport hangs on demand), and the caller gives up meanwhile.
-        (first,) = transport._door.routes._routes.values()
+        (first,) = transport._routes._routes.values()
         closing = first.transport.aclose
 
         async def hang() -> None:
@@ -408,22 +409,31 @@ async def test_a_request_cancelled_while_an_evicted_transport_closes_gives_every
         with pytest.raises(asyncio.TimeoutError):
             await asyncio.wait_for(client.get(f"{target.url}/echo"), 0.5)
         assert broker.held == 0
-        assert [r.active for r in transport._door.routes._routes.values()] == [0]
+        assert [r.active for r in transport._routes._routes.values()] == [0]
         assert (await client.get(f"{target.url}/echo")).status_code == 200
         await closing()
     assert broker.counters["released"] == broker.counters["acquired"] == 3
 
 
-def test_raise_on_exhausted_false_returns_the_last_answer(
+def test_raise_on_exhausted_raises_where_the_last_ban_would_be_returned(
     make_broker: BrokerFactory, auth_http_proxy: KitProxy, target: TargetServer
 ) -> None:
-    broker = make_broker([auth_http_proxy.url])
     target.ban(auth_http_proxy.outbound_ip)
-    transport = PharoxTransport(broker, raise_on_exhausted=False, proxy_retries=0)
-    with httpx.Client(transport=transport, timeout=TIMEOUT) as client:
+    broker = make_broker([auth_http_proxy.url])
+    with httpx.Client(transport=PharoxTransport(broker, max_moves=0), timeout=TIMEOUT) as client:
         r = client.get(f"{target.url}/echo")
-    assert r.status_code == 403 and r.text == "banned\n"
+    assert r.status_code == 403 and r.text == "banned\n"  # the default: the site's last word
     assert broker.proxy_stats(broker.proxies()[0].id)["requests"] == 1  # judged once, not twice
+    refusing = make_broker([auth_http_proxy.url])
+    transport = PharoxTransport(refusing, raise_on_exhausted=True, max_moves=0)
+    with (
+        httpx.Client(transport=transport, timeout=TIMEOUT) as client,
+        pytest.raises(AllProxiesFailedError) as failed,
+    ):
+        client.get(f"{target.url}/echo")
+    assert [str(a) for a in failed.value.attempts] == [f"{auth_http_proxy.safe_url}: ban (HTTP 403)"]
+    assert failed.value.request.url.path == "/echo"
+    assert refusing.proxy_stats(refusing.proxies()[0].id)["requests"] == 1
 
 
 def test_dead_proxy_fails_over_and_goes_inactive(
@@ -435,7 +445,7 @@ def test_dead_proxy_fails_over_and_goes_inactive(
         rs = [client.get(f"{target.url}/echo") for _ in range(6)]
     assert all(r.json()["peer_ip"] == auth_http_proxy.outbound_ip for r in rs)
     failures = [a for r in rs for a in r.extensions["pharox"]["attempts"]]
-    assert len(failures) == 2 and all(a.startswith(f"{dead.url}: failure (ConnectError") for a in failures)
+    assert len(failures) == 2 and all(a.startswith(f"{dead.url}: failure (") for a in failures)
     assert by_host_port(broker, dead).status == ProxyStatus.INACTIVE
 
 
@@ -520,34 +530,12 @@ def test_wrong_credentials_raise_proxy_authentication_failed(
         client.get(f"{site.url}/echo")
     error = refused.value
     assert isinstance(error, AllProxiesFailedError) and isinstance(error, httpx.HTTPError)
-    # One proxy only: the request may retry it until the policy benches it (max_failures).
-    assert 1 <= len(error.attempts) <= 3 and {a.outcome for a in error.attempts} == {"failure"}
-    assert {a.proxy for a in error.attempts} == {proxy.safe_url}
+    # One proxy only, tried once: the message names it once.
+    assert [(a.proxy, a.outcome) for a in error.attempts] == [(proxy.safe_url, "failure")]
+    assert str(error).count(proxy.safe_url) == 1 and "\n" not in str(error)
     assert not site.requests  # never reached the target
     assert_no_secret(str(error), repr(error), caplog.text)
     assert "WRONG" not in str(error) + repr(error) + caplog.text
-
-
-def test_generator_body_is_not_replayed_on_another_proxy(
-    make_broker: BrokerFactory, proxy_trio: list[KitProxy], target: TargetServer
-) -> None:
-    broker = make_broker([p.url for p in proxy_trio], acquire_timeout=0.1)
-    for p in proxy_trio:
-        target.ban(p.outbound_ip)
-
-    def body() -> Iterator[bytes]:
-        yield b"once"
-
-    with httpx.Client(transport=PharoxTransport(broker), timeout=TIMEOUT) as client:
-        with pytest.raises(AllProxiesFailedError) as failed:
-            client.post(f"{target.url}/echo", content=body())
-        # A bytes body replays: it moves through all three.
-        with pytest.raises(AllProxiesFailedError) as moved:
-            client.post(f"{target.url}/echo", content=b"twice")
-    assert len(failed.value.attempts) == 1
-    # The first proxy was benched by the generator request; then nothing is left to move to.
-    assert len(moved.value.attempts) == 2
-    assert "no other proxy to move to: all 3 proxies" in str(moved.value)
 
 
 def test_socks4_only_pool_says_httpx_cannot_speak_it(

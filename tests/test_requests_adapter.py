@@ -353,7 +353,7 @@ def test_all_proxies_failed_names_each_without_secrets(
     wrong = bad_auth_url("127.0.0.1", auth_http_proxy.port)
     dead = proxy_kit.dead()
     broker = door.broker([wrong, dead])
-    session = door.session(broker, proxy_retries=1)
+    session = door.session(broker, max_moves=1)
     with pytest.raises(AllProxiesFailedError) as caught:
         session.get(f"{tls_target.url}/echo", verify=tls_target.ca_bundle)
     error = caught.value
@@ -369,13 +369,15 @@ def test_all_proxies_failed_names_each_without_secrets(
 
 def test_proxy_authentication_error(door: Door, tls_target: Any, target: Any, auth_http_proxy: Any) -> None:
     wrong = bad_auth_url("127.0.0.1", auth_http_proxy.port)
-    session = door.session(door.broker([wrong]), proxy_retries=0)
+    session = door.session(door.broker([wrong]), max_moves=0)
     with pytest.raises(ProxyAuthenticationError) as caught:
         session.get(f"{tls_target.url}/echo", verify=tls_target.ca_bundle)
     assert isinstance(caught.value, requests.exceptions.ProxyError)
     assert_no_secret(*exception_texts(caught.value))
-    # Plain HTTP: the proxy's 407 is an answer, and the caller gets it.
-    assert session.get(f"{target.url}/echo").status_code == 407
+    # Plain HTTP: the proxy's 407 is the proxy's refusal, never the site's answer.
+    with pytest.raises(ProxyAuthenticationError, match="HTTP 407"):
+        session.get(f"{target.url}/echo")
+    assert not target.requests
 
 
 def test_target_errors_are_not_the_proxys_fault(door: Door, target: Any, proxy_trio: Any) -> None:

@@ -12,7 +12,7 @@ import pytest
 import requests
 import urllib3
 
-from pharox_integrations import HealthPolicy, LeaseBroker
+from pharox_integrations import HealthPolicy, LeaseBroker, ReportFailed
 from pharox_integrations.requests import PharoxAdapter
 
 if __package__:
@@ -42,7 +42,7 @@ def test_all_banned_gives_the_last_response(door: Door, target: Any, proxy_trio:
     for proxy in proxy_trio:
         target.ban(proxy.outbound_ip, status=429)
     broker = door.broker(proxy_trio, acquire_timeout=0.2)
-    session = door.session(broker, proxy_retries=5)
+    session = door.session(broker, max_moves=5)
     r = session.get(f"{target.url}/echo")
     assert r.status_code == 429
     assert r.text == "banned\n"  # the body of the last answer, still readable
@@ -89,7 +89,7 @@ def test_threads_share_one_session_through_faults(
     target.ban(banned.outbound_ip)
     tls_target.ban(banned.outbound_ip)
     broker = door.broker([*proxy_trio, socks5_proxy, dead], acquire_timeout=5.0)
-    session = door.session(broker, proxy_retries=6)
+    session = door.session(broker, max_moves=6)
     counter = itertools.count()
     kill_at = 400
     outcomes: list[tuple[str, Any]] = []
@@ -174,9 +174,9 @@ def assert_all_back(door: Door, broker: LeaseBroker, session: requests.Session) 
 def test_a_ban_detector_that_raises_gives_everything_back(
     door: Door, target: Any, proxy_trio: Any, stream: bool
 ) -> None:
-    """A bug in the user's ban detector reaches the caller as that error, unwrapped (this
-    door passes on errors that are not requests' own, as from a storage failing to lease);
-    the lease, the proxy's count and the connection all go back, the proxy is not judged,
+    """A bug in the user's ban detector reaches the caller as `ReportFailed` (the same type
+    in every door; here also a `requests.RequestException`) with the bug chained; the
+    lease, the proxy's count and the connection all go back, the proxy is not judged,
     and the next request works."""
     broken = [True]
 
@@ -188,8 +188,10 @@ def test_a_ban_detector_that_raises_gives_everything_back(
     broker = door.broker(proxy_trio, policy=HealthPolicy(ban_detector=detector, backoff_base=600, backoff_cap=600))
     session = door.session(broker)
     for _ in range(2):
-        with pytest.raises(RuntimeError, match="detector bug"):
+        with pytest.raises(ReportFailed, match="detector bug") as caught:
             session.get(f"{target.url}/echo", stream=stream)
+        assert isinstance(caught.value, requests.RequestException)
+        assert isinstance(caught.value.__cause__, RuntimeError)
         assert_all_back(door, broker, session)
     assert broker.counters["acquired"] == 2
     assert {p.status for p in broker.proxies()} == {"active"}  # a detector bug is not the proxy's fault
@@ -205,9 +207,9 @@ def test_a_ban_the_storage_cannot_record_gives_everything_back(
 ) -> None:
     """The target bans every proxy and recording the bench fails in the storage (fault
     injection: no real storage fails on demand, so `apply_health_check_result` is
-    replaced for the test).  The caller gets the storage's error, unwrapped as this door
-    passes on errors that are not requests' own; the lease, the proxy's count and the
-    connection all go back, and once the storage works again so do requests."""
+    replaced for the test).  The caller gets `ReportFailed` with the storage's error
+    chained; the lease, the proxy's count and the connection all go back, and once the
+    storage works again so do requests."""
     for proxy in proxy_trio:
         target.ban(proxy.outbound_ip)
     broker = door.broker(proxy_trio)
@@ -218,8 +220,9 @@ def test_a_ban_the_storage_cannot_record_gives_everything_back(
 
     broker.storage.apply_health_check_result = broken  # type: ignore[method-assign]
     try:
-        with pytest.raises(RuntimeError, match="storage unavailable"):
+        with pytest.raises(ReportFailed, match="storage unavailable") as caught:
             session.get(f"{target.url}/echo", stream=stream)
+        assert isinstance(caught.value.__cause__, RuntimeError)
         assert sum(target.hits.values()) == 1  # not moved on: the outcome could not be recorded
         assert_all_back(door, broker, session)
     finally:

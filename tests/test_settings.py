@@ -99,8 +99,16 @@ def test_settings_from_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Pa
 def test_settings_from_scrapy_settings() -> None:
     from scrapy.settings import Settings
 
-    s = PharoxSettings.from_mapping(Settings({"PHAROX_PROXIES": "http://a:1\nhttp://b:2", "PHAROX_RETRY_TIMES": 2}))
-    assert len(s.proxies) == 2 and s.retry_times == 2
+    s = PharoxSettings.from_mapping(Settings({"PHAROX_PROXIES": "http://a:1\nhttp://b:2", "PHAROX_MAX_MOVES": 2}))
+    assert len(s.proxies) == 2 and s.max_moves == 2
+
+
+def test_the_old_name_of_max_moves_warns_and_still_works() -> None:
+    with pytest.warns(DeprecationWarning, match="PHAROX_RETRY_TIMES is deprecated: use PHAROX_MAX_MOVES"):
+        s = PharoxSettings.from_mapping({"PHAROX_RETRY_TIMES": 4})
+    assert s.max_moves == 4 and PharoxSettings().max_moves == 3
+    with pytest.raises(ConfigurationError, match="PHAROX_RETRY_TIMES and PHAROX_MAX_MOVES are both set"):
+        PharoxSettings.from_mapping({"PHAROX_RETRY_TIMES": 4, "PHAROX_MAX_MOVES": 2})
 
 
 @pytest.mark.parametrize(

@@ -32,11 +32,19 @@ from servers import SPECIAL_AUTH, KitProxy, TargetServer, expected_bytes
 from urllib3.exceptions import HTTPError, MaxRetryError
 from urllib3.util.retry import Retry
 
-from pharox_integrations import AllProxiesFailed, HealthPolicy, LeaseBroker, NoProxyAvailable
+from pharox_integrations import (
+    AllProxiesFailed,
+    HealthPolicy,
+    LeaseBroker,
+    NoProxyAvailable,
+    ProxyAuthenticationFailed,
+    ReportFailed,
+)
 from pharox_integrations.urllib3 import (
     AllProxiesFailedError,
     NoProxyAvailableError,
     PharoxProxyManager,
+    ProxyAuthenticationFailedError,
     ProxyNotLeasedError,
     ReportFailedError,
 )
@@ -108,6 +116,9 @@ def test_is_a_urllib3_proxy_manager(make_broker: MakeBroker, http_proxy: KitProx
     assert issubclass(NoProxyAvailableError, HTTPError) and issubclass(NoProxyAvailableError, NoProxyAvailable)
     assert issubclass(AllProxiesFailedError, MaxRetryError) and issubclass(AllProxiesFailedError, AllProxiesFailed)
     assert issubclass(ProxyNotLeasedError, HTTPError)
+    auth = ProxyAuthenticationFailedError
+    assert issubclass(auth, AllProxiesFailedError) and issubclass(auth, ProxyAuthenticationFailed)
+    assert issubclass(auth, urllib3.exceptions.ProxyError) and issubclass(ReportFailedError, ReportFailed)
 
 
 def test_http_through_auth_proxy_with_special_credentials(
@@ -406,18 +417,21 @@ def test_ban_moves_the_request_and_benches_the_proxy(
     assert target.hits[banned.outbound_ip] == 1
 
 
-def test_ban_with_no_tries_left_returns_the_ban_response(
+def test_ban_with_no_moves_left_returns_the_ban_response(
     make_broker: MakeBroker, proxy_trio: list[KitProxy], target: TargetServer
 ) -> None:
     for p in proxy_trio:
         target.ban(p.outbound_ip, status=429)
     broker = make_broker(proxy_trio, acquire_timeout=0.2)
-    with PharoxProxyManager(broker, proxy_retries=1, timeout=TIMEOUT) as pm:
+    with PharoxProxyManager(broker, max_moves=1, timeout=TIMEOUT) as pm:
         r = pm.request("GET", f"{target.url}/echo", preload_content=False)
         assert r.status == 429 and target.hits.total() == 2
         assert broker.held == 1  # the answer is the user's; its lease goes with it
         r.drain_conn()  # read the ban page out and give the connection back
-        with pytest.raises(NoProxyAvailableError) as raised:  # two benched, the last one too now
+        assert broker.held == 0
+        assert pm.request("GET", f"{target.url}/echo").status == 429  # the last one left bans too
+        assert target.hits.total() == 3 and broker.held == 0
+        with pytest.raises(NoProxyAvailableError) as raised:  # all three benched now
             pm.request("GET", f"{target.url}/echo")
     assert "'default'" in str(raised.value) and isinstance(raised.value, HTTPError)
 
@@ -441,7 +455,7 @@ def test_every_proxy_failing_raises_a_max_retry_error_naming_each(
     broker = make_broker(
         [f"http://{quote(SPECIAL_AUTH[0], safe='')}:{quote(SPECIAL_AUTH[1], safe='')}@127.0.0.1:{d.port}" for d in dead]
     )
-    with PharoxProxyManager(broker, proxy_retries=1, retries=False) as pm, pytest.raises(MaxRetryError) as raised:
+    with PharoxProxyManager(broker, max_moves=1, retries=False) as pm, pytest.raises(MaxRetryError) as raised:
         pm.request("GET", f"{target.url}/echo")
     error = raised.value
     assert isinstance(error, AllProxiesFailedError) and isinstance(error, HTTPError)
@@ -451,11 +465,21 @@ def test_every_proxy_failing_raises_a_max_retry_error_naming_each(
     assert_no_secret(str(error), repr(error), repr(error.reason), str(pickle.loads(pickle.dumps(error))))
 
 
-def test_one_try_keeps_urllib3s_own_error(make_broker: MakeBroker, proxy_kit: Any, target: TargetServer) -> None:
-    broker = make_broker([proxy_kit.dead()])
-    with PharoxProxyManager(broker, proxy_retries=0) as pm, pytest.raises(MaxRetryError) as raised:
+@pytest.mark.parametrize("max_moves", [None, 0])
+def test_one_dead_proxy_is_named_once(
+    make_broker: MakeBroker, proxy_kit: Any, target: TargetServer, max_moves: int | None
+) -> None:
+    """With a single proxy there is nowhere to move: the caller gets AllProxiesFailedError
+    (a MaxRetryError) naming that proxy once, whatever the move budget."""
+    dead = proxy_kit.dead()
+    broker = make_broker([dead])
+    with PharoxProxyManager(broker, max_moves=max_moves) as pm, pytest.raises(MaxRetryError) as raised:
         pm.request("GET", f"{target.url}/echo", retries=Retry(total=1, backoff_factor=0))
-    assert type(raised.value) is MaxRetryError
+    error = raised.value
+    assert isinstance(error, AllProxiesFailedError) and not isinstance(error, NoProxyAvailable)
+    assert str(error).count(f"127.0.0.1:{dead.port}") == 1 and "\n" not in str(error)
+    assert [a.outcome for a in error.attempts] == ["failure"] and "MaxRetryError" not in str(error)
+    assert broker.held == 0 and broker.counters["failures"] == 1
 
 
 def test_exhausted_pool_raises_no_proxy_available(
@@ -504,6 +528,8 @@ def test_proxy_crashing_mid_stream_releases_and_moves_on(
             while r.read(65536):
                 pass
         assert broker.held == 0  # urllib3 gave the connection up, and the lease with it
+        (crashed,) = [p for p in broker.proxies() if p.port == doomed.port]
+        assert broker.proxy_stats(crashed.id)["failures"] == 1  # the broken body counts against it
         for _ in range(4):
             assert echo(pm.request("GET", f"{target.url}/echo"))["peer_ip"] == http_proxy.outbound_ip
 
@@ -556,7 +582,7 @@ def test_no_secret_in_logs_errors_or_reprs(
             PharoxProxyManager(make_broker([bad_socks]), retries=False).request("GET", f"{target.url}/echo")
         texts += [str(refused.value), repr(refused.value), repr(refused.value.__context__)]
     texts += [record.getMessage() for record in caplog.records]
-    assert any("moving request off proxy" in t for t in texts)  # the logs were captured
+    assert any("moving the request to another proxy" in t for t in texts)  # the logs were captured
     assert_no_secret(*texts)
     assert not target.saw_header("Proxy-Authorization") and not tls_target.saw_header("Proxy-Authorization")
 
@@ -709,7 +735,7 @@ def test_a_failure_the_storage_cannot_record_gives_everything_back(
         try:
             with pytest.raises(ReportFailedError, match="RuntimeError: storage unavailable") as raised:
                 pm.request("GET", f"{target.url}/echo")
-            assert f"127.0.0.1:{dead.port}" in str(raised.value) and "NewConnectionError" in str(raised.value)
+            assert f"127.0.0.1:{dead.port}" in str(raised.value) and "Connection refused" in str(raised.value)
             assert_all_back(broker, pm)
         finally:
             del broker.storage.apply_health_check_result

@@ -44,6 +44,6 @@ PHAROX_MAX_FAILURES = 2
 PHAROX_BACKOFF_BASE = float(os.environ.get("PHAROX_BACKOFF_BASE", "30"))
 PHAROX_BACKOFF_CAP = 1800
 # Scrapy only: how many other proxies a banned or failed request moves to.
-PHAROX_RETRY_TIMES = 5
+PHAROX_MAX_MOVES = 5
 # Scrapy only: when the pool is exhausted, close the spider (or "ignore_request").
 PHAROX_ON_EXHAUSTED = "close_spider"

@@ -7,7 +7,7 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
-from ..attempts import describe_error
+from ..exchange import describe_error
 from ..broker import LeaseBroker
 
 

@@ -36,7 +36,7 @@ async def test_not_configured_says_which_setting_to_add(crawl: Crawl, target: An
 @pytest.mark.parametrize(
     ("settings", "message"),
     [
-        ({"PHAROX_RETRY_TIMES": "many"}, "PHAROX_RETRY_TIMES='many': expected an integer"),
+        ({"PHAROX_MAX_MOVES": "many"}, "PHAROX_MAX_MOVES='many': expected an integer"),
         ({"PHAROX_ON_EXHAUSTED": "wait"}, "PHAROX_ON_EXHAUSTED='wait': expected one of close_spider, ignore_request"),
         ({"PHAROX_RETRIES": 3}, "unknown setting PHAROX_RETRIES"),
         ({"PHAROX_BAN_POLICY": "no.such.Policy"}, "PHAROX_BAN_POLICY='no.such.Policy': cannot import it"),
@@ -137,53 +137,82 @@ _EPOLL_CRAWL = textwrap.dedent(
     from scrapy import Request, Spider
     from scrapy.crawler import CrawlerProcess
 
-    target, proxies = sys.argv[1], sys.argv[2:]
+    target, extra, proxies = sys.argv[1], json.loads(sys.argv[2]), sys.argv[3:]
 
     class S(Spider):
         name = "s"
         seen = []
+        errors = []
         async def start(self):
             for i in range(12):
-                yield Request(f"{target}/slow?ms=200&i={i}", dont_filter=True)
+                yield Request(f"{target}/slow?ms=200&i={i}", dont_filter=True, errback=self.failed)
         def parse(self, response):
             self.seen.append(response.meta["pharox_proxy"])
+        def failed(self, failure):
+            self.errors.append(type(failure.value).__name__)
 
     process = CrawlerProcess({
         "TWISTED_REACTOR": "twisted.internet.epollreactor.EPollReactor",
         "DOWNLOADER_MIDDLEWARES": {"pharox_integrations.scrapy.PharoxProxyMiddleware": 610},
-        "PHAROX_PROXIES": proxies, "PHAROX_MAX_CONCURRENCY": 1, "PHAROX_ACQUIRE_TIMEOUT": 20,
-        "CONCURRENT_REQUESTS": 6, "TELNETCONSOLE_ENABLED": False, "LOG_LEVEL": "WARNING",
+        "PHAROX_PROXIES": proxies, "PHAROX_ACQUIRE_TIMEOUT": 20,
+        "CONCURRENT_REQUESTS": 6, "TELNETCONSOLE_ENABLED": False, "LOG_LEVEL": "WARNING", **extra,
     })
     crawler = process.create_crawler(S)
     process.crawl(crawler)
     process.start()
     from twisted.internet import reactor
     stats = crawler.stats.get_stats()
-    print(json.dumps({"reactor": type(reactor).__name__, "seen": S.seen,
+    print(json.dumps({"reactor": type(reactor).__name__, "seen": S.seen, "errors": S.errors,
                       "acquired": stats.get("pharox/leases/acquired"),
                       "released": stats.get("pharox/leases/released"),
+                      "moved": stats.get("pharox/moved", 0),
                       "peak": stats.get("pharox/leases/peak_active")}))
     """
 )
 
 
-def test_non_asyncio_reactor_waits_in_a_thread(tmp_path: Path, target: Any, proxy_trio: Any) -> None:
-    """On another reactor a full pool (max 1 lease per proxy) is waited for off the reactor."""
+def _epoll_crawl(tmp_path: Path, target: Any, proxies: list[str], **extra: Any) -> dict[str, Any]:
     script = tmp_path / "crawl_epoll.py"
     script.write_text(_EPOLL_CRAWL)
     done = subprocess.run(
-        [sys.executable, str(script), target.url, *[p.url for p in proxy_trio]],
+        [sys.executable, str(script), target.url, json.dumps(extra), *proxies],
         capture_output=True,
         text=True,
         timeout=120,
     )
     assert done.returncode == 0, done.stderr[-3000:]
-    result = json.loads(done.stdout.strip().splitlines()[-1])
-    assert result["reactor"] == "EPollReactor"
-    assert len(result["seen"]) == 12
-    assert result["acquired"] == result["released"] == 12
-    assert result["peak"] == 3  # six concurrent requests, three proxies of one lease each: the rest waited
     assert_no_secret(done.stdout, done.stderr)
+    result: dict[str, Any] = json.loads(done.stdout.strip().splitlines()[-1])
+    assert result["reactor"] == "EPollReactor"
+    assert result["acquired"] == result["released"]
+    return result
+
+
+def test_non_asyncio_reactor_waits_in_a_thread(tmp_path: Path, target: Any, proxy_trio: Any) -> None:
+    """On another reactor a full pool (max 1 lease per proxy) is waited for off the reactor."""
+    result = _epoll_crawl(tmp_path, target, [p.url for p in proxy_trio], PHAROX_MAX_CONCURRENCY=1)
+    assert len(result["seen"]) == 12 and result["errors"] == []
+    assert result["acquired"] == 12
+    assert result["peak"] == 3  # six concurrent requests, three proxies of one lease each: the rest waited
+
+
+def test_non_asyncio_reactor_moves_off_banned_and_dead_proxies(
+    tmp_path: Path, target: Any, proxy_trio: Any, proxy_kit: Any
+) -> None:
+    banned, good, other = proxy_trio
+    target.ban(banned.outbound_ip)
+    dead = proxy_kit.dead()
+    result = _epoll_crawl(tmp_path, target, [banned.url, dead.url, good.url, other.url])
+    assert len(result["seen"]) == 12 and result["errors"] == []
+    assert set(result["seen"]) <= {good.safe_url, other.safe_url}
+    assert result["moved"] >= 2
+    assert result["acquired"] == 12 + result["moved"]
+
+
+def test_non_asyncio_reactor_every_proxy_dead(tmp_path: Path, target: Any, proxy_kit: Any) -> None:
+    result = _epoll_crawl(tmp_path, target, [proxy_kit.dead().url for _ in range(2)], PHAROX_MAX_FAILURES=100)
+    assert result["seen"] == [] and result["errors"] == ["AllProxiesFailed"] * 12
+    assert result["acquired"] == 24
 
 
 @pytest_twisted.ensureDeferred

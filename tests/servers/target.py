@@ -41,6 +41,7 @@ class SeenRequest:
     path: str
     headers: dict[str, str]
     tls: bool
+    body: bytes = b""  # the request body exactly as received (de-chunked)
 
 
 @dataclass
@@ -128,7 +129,7 @@ class _Handler(BaseHTTPRequestHandler):
         with state.lock:
             state.hits[peer_ip] += 1
             state.requests.append(
-                SeenRequest(peer_ip, self.command, self.path, headers, self.server.ssl_context is not None)
+                SeenRequest(peer_ip, self.command, self.path, headers, self.server.ssl_context is not None, body)
             )
             banned = state.bans.get(peer_ip)
         if banned is not None:

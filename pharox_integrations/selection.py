@@ -1,0 +1,231 @@
+"""Selection: which proxy a request gets.
+
+The caller's filters plus the protocols its client speaks, the selector strategy,
+sticky sessions, and passing over the proxies a moving request already tried.  It
+returns the storage's leases; the broker turns them into `ProxyLease`s.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import OrderedDict
+from collections.abc import Collection
+from datetime import datetime, timezone
+from typing import Any
+from uuid import UUID
+
+from pharox import (
+    AcquireEventPayload,
+    IStorage,
+    Lease,
+    PharoxError,
+    Proxy,
+    ProxyFilters,
+    ProxyManager,
+    ProxyProtocol,
+    ProxyStatus,
+    ProxyUnavailableError,
+    SelectorStrategy,
+)
+
+from .filters import with_protocols
+from .internals import DEFAULT_CONSUMER, has_acquire_listeners, notify_acquire
+from .lease import LeaseHandle
+from .pools import PoolAdmin
+
+_SESSIONS_MAX = 10_000
+
+Found = tuple[Lease | LeaseHandle, Proxy | None]
+
+
+class StickyBusy(Exception):
+    """The sticky proxy is at capacity: wait for it rather than switching."""
+
+
+class Selection:
+    """Leases from the storage for one broker's consumer, selector and lease duration."""
+
+    def __init__(
+        self,
+        lease_manager: ProxyManager,
+        storage: IStorage,
+        pools: PoolAdmin,
+        lock: threading.RLock,
+        *,
+        consumer: str | None,
+        selector: SelectorStrategy,
+        lease_seconds: int,
+    ) -> None:
+        self.lease_manager = lease_manager
+        self.storage = storage
+        self._pools = pools
+        self._lock = lock
+        self.consumer = consumer
+        self.selector = selector
+        self.lease_seconds = lease_seconds
+        self.sessions: OrderedDict[tuple[str, str], UUID] = OrderedDict()
+        self._consumer_ready = consumer is None
+        self._default_consumer_ready = False
+        self._filter_cache: dict[tuple[int, int], tuple[Any, Any, ProxyFilters | None]] = {}
+        self._last_filters: tuple[Any, Any, ProxyFilters | None] = (object(), object(), None)
+        # The storage's find-and-lease in one step (ours have it), for the common acquire.
+        one_step = getattr(storage, "acquire_lease", None)
+        self._one_step = one_step if callable(one_step) else None
+
+    def effective_filters(
+        self, filters: ProxyFilters | None, protocols: Collection[ProxyProtocol | str] | None
+    ) -> ProxyFilters | None:
+        """Caller filters plus the protocol restriction, built once per combination
+        (a pydantic model per request would cost more than the memory lease itself)."""
+        if protocols is None:
+            return filters
+        last = self._last_filters
+        if last[0] is filters and last[1] is protocols:
+            return last[2]
+        # Keyed by identity: callers pass the same filters and protocol set (a module
+        # constant) on every request; the kept references make a stale id impossible.
+        key = (id(filters), id(protocols))
+        cached = self._filter_cache.get(key)
+        if cached is None or cached[0] is not filters or cached[1] is not protocols:
+            allowed = frozenset(ProxyProtocol(p) for p in protocols)
+            cached = (filters, protocols, with_protocols(filters, allowed))
+            if len(self._filter_cache) >= 256:
+                self._filter_cache.clear()
+            self._filter_cache[key] = cached
+        self._last_filters = cached  # a door passes the same pair on every request
+        return cached[2]
+
+    def ensure_consumer(self) -> None:
+        if not self._consumer_ready and self.consumer:
+            self.storage.ensure_consumer(self.consumer)
+            self._consumer_ready = True
+
+    def take(self, pool: str, filters: ProxyFilters | None) -> Lease | LeaseHandle | None:
+        """One acquisition attempt, through pharox's manager or the storage's one-step path.
+
+        A storage with `acquire_lease` (ours) finds and leases in one step (one
+        transaction on SQL), where pharox's manager needs several and races between
+        them.  The manager's acquire listeners are still called, so pharox's
+        observability holds.
+        """
+        watched = has_acquire_listeners(self.lease_manager)
+        one_step = self._one_step
+        if one_step is None:
+            if watched:
+                return self.lease_manager.acquire_proxy(
+                    pool,
+                    consumer_name=self.consumer,
+                    duration_seconds=self.lease_seconds,
+                    filters=filters,
+                    selector=self.selector,
+                )
+            one_step = self._find_and_lease
+        consumer = self.consumer or DEFAULT_CONSUMER
+        if not watched:
+            found: Lease | LeaseHandle | None = one_step(pool, consumer, self.lease_seconds, filters, self.selector)
+            return found
+        started = datetime.now(timezone.utc)
+        lease = one_step(pool, consumer, self.lease_seconds, filters, self.selector)
+        if lease is not None and not isinstance(lease, Lease):
+            lease = lease.to_lease()  # the storage's own record: listeners get a pharox Lease
+        completed = datetime.now(timezone.utc)
+        notify_acquire(
+            self.lease_manager,
+            AcquireEventPayload(
+                lease=lease,
+                pool_name=pool,
+                consumer_name=consumer,
+                filters=filters,
+                selector=self.selector,
+                started_at=started,
+                completed_at=completed,
+                duration_ms=max(0, int((completed - started).total_seconds() * 1000)),
+                pool_stats=self.storage.get_pool_stats(pool),
+            ),
+        )
+        return lease
+
+    def _find_and_lease(
+        self, pool: str, consumer: str, duration: int, filters: ProxyFilters | None, selector: SelectorStrategy
+    ) -> Lease | None:
+        """pharox's manager steps without its event payloads and pool-stats calls, used
+        when nobody listens to them (they cost more than the lease itself on a memory
+        storage)."""
+        if consumer == DEFAULT_CONSUMER and not self._default_consumer_ready:
+            self.storage.ensure_consumer(consumer)
+            self._default_consumer_ready = True
+        self.storage.cleanup_expired_leases()
+        proxy = self.storage.find_available_proxy(pool, filters, selector)
+        return self.storage.create_lease(proxy, consumer, duration) if proxy is not None else None
+
+    # ------------------------------------------------------------------ sessions
+
+    def session_proxy(self, pool: str, session: str) -> UUID | None:
+        return self.sessions.get((pool, session))
+
+    def sticky(self, pool: str, filters: ProxyFilters | None, session: str) -> Found | None:
+        """The session's proxy while it stays usable (StickyBusy while it is at capacity)."""
+        key = (pool, session)
+        with self._lock:
+            proxy_id = self.sessions.get(key)
+        if proxy_id is None:
+            return None
+        try:
+            proxy = self.storage.get_proxy(str(proxy_id))
+        except PharoxError:
+            proxy = None
+        if proxy is None or proxy.status != ProxyStatus.ACTIVE or (filters and not filters.matches(proxy)):
+            with self._lock:
+                self.sessions.pop(key, None)
+            return None
+        try:
+            lease = self.storage.create_lease(proxy, self.consumer or DEFAULT_CONSUMER, self.lease_seconds)
+        except ProxyUnavailableError:
+            raise StickyBusy() from None
+        return lease, proxy
+
+    def remember(self, pool: str, session: str, proxy_id: UUID) -> None:
+        """The session keeps this proxy from now on (caller holds the lock)."""
+        self.sessions[(pool, session)] = proxy_id
+        self.sessions.move_to_end((pool, session))
+        while len(self.sessions) > _SESSIONS_MAX:
+            self.sessions.popitem(last=False)
+
+    # ------------------------------------------------------------------ moving requests
+
+    def untried(self, pool: str, filters: ProxyFilters | None, avoid: Collection[UUID]) -> Found | None:
+        """Lease the least busy active proxy outside `avoid` (a request that moves).
+
+        A scan of the pool, on the path of moves only: the storages' selectors cannot
+        be told which proxies to pass over.
+        """
+        candidates = [p for p in self._candidates(pool, filters, avoid) if not _full(p)]
+        candidates.sort(key=lambda p: p.current_leases)
+        for proxy in candidates:
+            try:
+                return self.storage.create_lease(proxy, self.consumer or DEFAULT_CONSUMER, self.lease_seconds), proxy
+            except ProxyUnavailableError:
+                continue
+        return None
+
+    def untried_left(self, pool: str, filters: ProxyFilters | None, avoid: Collection[UUID]) -> bool:
+        """True while the pool has an active proxy outside `avoid` (busy ones may free up).
+
+        Asked once when a moving request finds nothing free: with every other proxy
+        benched or tried, waiting would only end in the same answer.
+        """
+        return any(True for _ in self._candidates(pool, filters, avoid))
+
+    def _candidates(self, pool: str, filters: ProxyFilters | None, avoid: Collection[UUID]) -> list[Proxy]:
+        record = self._pools.record(pool)
+        if record is None:
+            return []
+        return [
+            p
+            for p in self.storage.list_proxies(str(record.id))
+            if p.status == ProxyStatus.ACTIVE and p.id not in avoid and (filters is None or filters.matches(p))
+        ]
+
+
+def _full(proxy: Proxy) -> bool:
+    return proxy.max_concurrency is not None and proxy.current_leases >= proxy.max_concurrency

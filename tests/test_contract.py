@@ -1,0 +1,496 @@
+"""The same situation gets the same answer from every door.
+
+One suite, parametrized over the doors (requests, urllib3, httpx sync and async,
+Scrapy), through real proxies to a real target that records what it received.  The
+rules are the core's `Exchange` table; each door only translates its client's events,
+so a failure here names the door that translates wrongly.
+
+Sync doors run in a worker thread and Scrapy in a real crawl, all from one Twisted
+test, so a single test body describes the situation for every door.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import json
+import ssl
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import quote
+
+import httpx
+import pytest
+import pytest_twisted
+import requests
+import urllib3
+from twisted.internet import threads
+
+from pharox_integrations import (
+    AllProxiesFailed,
+    HealthPolicy,
+    LeaseBroker,
+    ProxyAuthenticationFailed,
+    ReportFailed,
+)
+from pharox_integrations.httpx import AsyncPharoxTransport, PharoxTransport
+from pharox_integrations.requests import pharox_session
+from pharox_integrations.urllib3 import PharoxProxyManager
+
+if __package__:
+    from .servers import SPECIAL_AUTH, KitProxy, TargetServer
+else:
+    from servers import SPECIAL_AUTH, KitProxy, TargetServer
+
+BAD_AUTH = ("us@r:na/me", "wr@ng:p/w %+ y")
+SECRETS = [SPECIAL_AUTH[1], quote(SPECIAL_AUTH[1], safe=""), BAD_AUTH[1], quote(BAD_AUTH[1], safe="")]
+TIMEOUT = 10.0
+
+
+@dataclass
+class Result:
+    """What the caller got: an answer, or an error."""
+
+    status: int | None = None
+    body: bytes = b""
+    error: BaseException | None = None
+
+    def raised(self) -> BaseException:
+        assert self.error is not None, f"expected an error, got HTTP {self.status}"
+        return self.error
+
+
+class Door:
+    name = ""
+    #: the client's own error family every AllProxiesFailed must also belong to
+    family: tuple[type[BaseException], ...] = ()
+    #: the client's proxy-error type a ProxyAuthenticationFailed must also be
+    proxy_family: tuple[type[BaseException], ...] = ()
+    streams_bodies = True  # can send generator / file bodies
+
+    async def fetch(self, broker: LeaseBroker, url: str, **kw: Any) -> Result:
+        return await threads.deferToThread(self.fetch_sync, broker, url, **kw)  # type: ignore[no-any-return]
+
+    def fetch_sync(self, broker: LeaseBroker, url: str, **kw: Any) -> Result:
+        raise NotImplementedError
+
+    def __repr__(self) -> str:
+        return self.name
+
+
+class RequestsDoor(Door):
+    name = "requests"
+    family = (requests.ConnectionError,)
+    proxy_family = (requests.exceptions.ProxyError,)
+
+    def fetch_sync(
+        self, broker: LeaseBroker, url: str, *, method: str = "GET", body: Any = None, ca: str | None = None,
+        session: str | None = None, max_moves: int | None = None,
+    ) -> Result:
+        client = pharox_session(broker, session=session, max_moves=max_moves)
+        try:
+            r = client.request(method, url, data=body, verify=ca or True, timeout=TIMEOUT)
+            return Result(r.status_code, r.content)
+        except Exception as exc:
+            return Result(error=exc)
+        finally:
+            client.close()
+
+
+class Urllib3Door(Door):
+    name = "urllib3"
+    family = (urllib3.exceptions.HTTPError,)
+    proxy_family = (urllib3.exceptions.HTTPError,)
+
+    def fetch_sync(
+        self, broker: LeaseBroker, url: str, *, method: str = "GET", body: Any = None, ca: str | None = None,
+        session: str | None = None, max_moves: int | None = None,
+    ) -> Result:
+        tls = {"ca_certs": ca} if ca else {}
+        manager = PharoxProxyManager(broker, session=session, max_moves=max_moves, **tls)
+        try:
+            r = manager.request(method, url, body=body, timeout=TIMEOUT, retries=False)
+            return Result(r.status, r.data)
+        except Exception as exc:
+            return Result(error=exc)
+        finally:
+            manager.clear()
+
+
+class HttpxDoor(Door):
+    name = "httpx"
+    family = (httpx.TransportError,)
+    proxy_family = (httpx.ProxyError,)
+
+    def fetch_sync(
+        self, broker: LeaseBroker, url: str, *, method: str = "GET", body: Any = None, ca: str | None = None,
+        session: str | None = None, max_moves: int | None = None,
+    ) -> Result:
+        transport = PharoxTransport(broker, max_moves=max_moves, verify=_verify(ca))
+        options = {"pharox": {"session": session}} if session else None
+        with httpx.Client(transport=transport, timeout=TIMEOUT) as client:
+            try:
+                r = client.request(method, url, content=body, extensions=options)
+                return Result(r.status_code, r.content)
+            except Exception as exc:
+                return Result(error=exc)
+
+
+class AsyncHttpxDoor(HttpxDoor):
+    name = "httpx-async"
+
+    def fetch_sync(self, broker: LeaseBroker, url: str, **kw: Any) -> Result:
+        return asyncio.run(self._fetch(broker, url, **kw))
+
+    async def _fetch(
+        self, broker: LeaseBroker, url: str, *, method: str = "GET", body: Any = None, ca: str | None = None,
+        session: str | None = None, max_moves: int | None = None,
+    ) -> Result:
+        if isinstance(body, Iterator):
+            body = _async_iter(body)
+        transport = AsyncPharoxTransport(broker, max_moves=max_moves, verify=_verify(ca))
+        options = {"pharox": {"session": session}} if session else None
+        async with httpx.AsyncClient(transport=transport, timeout=TIMEOUT) as client:
+            try:
+                r = await client.request(method, url, content=body, extensions=options)
+                return Result(r.status_code, r.content)
+            except Exception as exc:
+                return Result(error=exc)
+
+
+def _verify(ca: str | None) -> ssl.SSLContext | bool:
+    return ssl.create_default_context(cafile=ca) if ca else True
+
+
+async def _async_iter(chunks: Iterator[bytes]) -> AsyncIterator[bytes]:
+    for chunk in chunks:
+        yield chunk
+
+
+class ScrapyDoor(Door):
+    name = "scrapy"
+    family = (Exception,)  # Scrapy hands the error to the errback as it is
+    proxy_family = (Exception,)
+    streams_bodies = False  # a Scrapy request body is bytes
+
+    async def fetch(
+        self, broker: LeaseBroker, url: str, *, method: str = "GET", body: Any = None, ca: str | None = None,
+        session: str | None = None, max_moves: int | None = None,
+    ) -> Result:
+        from scrapy.crawler import CrawlerRunner
+        from twisted.internet import reactor
+
+        cls = type(reactor)
+        meta: dict[str, Any] = {"handle_httpstatus_all": True}
+        if session:
+            meta["pharox_session"] = session
+        if max_moves is not None:
+            meta["pharox_max_moves"] = max_moves
+        runner = CrawlerRunner(
+            {
+                "TWISTED_REACTOR": f"{cls.__module__}.{cls.__name__}",
+                "DOWNLOADER_MIDDLEWARES": {"pharox_integrations.scrapy.PharoxProxyMiddleware": 610},
+                "PHAROX_BROKER": _use(broker),
+                "TELNETCONSOLE_ENABLED": False,
+                "ROBOTSTXT_OBEY": False,
+                "RETRY_ENABLED": False,
+                "DOWNLOAD_TIMEOUT": TIMEOUT,
+                "PHAROX_LOGSTATS_INTERVAL": 0,
+                "LOG_LEVEL": "INFO",
+            }
+        )
+        crawler = runner.create_crawler(_OneRequest)
+        await runner.crawl(crawler, url=url, method=method, body=body, meta=meta)
+        spider = crawler.spider
+        assert isinstance(spider, _OneRequest)
+        return spider.result
+
+
+_current: list[LeaseBroker] = []
+
+
+def current_broker() -> LeaseBroker:
+    """What PHAROX_BROKER names (Scrapy deep-copies settings: the broker goes by import path)."""
+    return _current[0]
+
+
+def _use(broker: LeaseBroker) -> str:
+    _current[:] = [broker]
+    return f"{__name__}.current_broker"
+
+
+def _one_request_spider() -> type:
+    from scrapy import Request, Spider
+
+    class OneRequest(Spider):
+        name = "contract"
+
+        def __init__(self, url: str, method: str, body: bytes | None, meta: dict[str, Any], **kw: Any) -> None:
+            super().__init__(**kw)
+            self.request = Request(
+                url, method=method, body=body, meta=meta, callback=self.got, errback=self.failed, dont_filter=True
+            )
+            self.result = Result(error=AssertionError("neither callback nor errback ran"))
+
+        async def start(self) -> Any:
+            yield self.request
+
+        def got(self, response: Any) -> None:
+            self.result = Result(response.status, response.body)
+
+        def failed(self, failure: Any) -> None:
+            self.result = Result(error=failure.value)
+
+    return OneRequest
+
+
+_OneRequest: Any = _one_request_spider()
+
+DOORS = [RequestsDoor(), Urllib3Door(), HttpxDoor(), AsyncHttpxDoor(), ScrapyDoor()]
+
+
+@pytest.fixture(params=DOORS, ids=lambda d: d.name)
+def door(request: pytest.FixtureRequest) -> Door:
+    return request.param  # type: ignore[no-any-return]
+
+
+@pytest.fixture
+def brokers() -> Iterator[list[LeaseBroker]]:
+    made: list[LeaseBroker] = []
+    yield made
+    for broker in made:
+        broker.close()
+
+
+def make_broker(brokers: list[LeaseBroker], urls: list[str], **kw: Any) -> LeaseBroker:
+    kw.setdefault("acquire_timeout", 2)
+    broker = LeaseBroker.from_proxies(urls, **kw)
+    brokers.append(broker)
+    return broker
+
+
+def assert_nothing_held(broker: LeaseBroker) -> None:
+    """Every lease released, every lease count back to zero."""
+    assert broker.held == 0, broker.held_leases()
+    leased = {p.port: p.current_leases for p in broker.proxies() if p.current_leases}
+    assert leased == {}, f"proxies still leased: {leased}"
+
+
+def assert_one_line_no_secret(error: BaseException) -> None:
+    text = str(error)
+    assert "\n" not in text, text
+    assert " object at 0x" not in text, text  # no nested reprs
+    for secret in SECRETS:
+        assert secret not in text and secret not in repr(error), text
+
+
+def bad_auth_url(port: int) -> str:
+    return f"http://{quote(BAD_AUTH[0], safe='')}:{quote(BAD_AUTH[1], safe='')}@127.0.0.1:{port}"
+
+
+def bodies_seen(target: TargetServer) -> list[bytes]:
+    return [r.body for r in target.requests]
+
+
+# ---------------------------------------------------------------------- bans
+
+
+@pytest_twisted.ensureDeferred
+async def test_every_proxy_banning_gives_the_last_ban_answer(
+    door: Door, target: TargetServer, proxy_trio: list[KitProxy], brokers: list[LeaseBroker]
+) -> None:
+    for proxy in proxy_trio:
+        target.ban(proxy.outbound_ip)
+    broker = make_broker(brokers, [p.url for p in proxy_trio])
+    result = await door.fetch(broker, f"{target.url}/echo", max_moves=5)
+    assert result.error is None, repr(result.error)
+    assert (result.status, result.body) == (403, b"banned\n")
+    assert {ip: n for ip, n in target.hits.items()} == {p.outbound_ip: 1 for p in proxy_trio}  # each once
+    assert broker.counters["bans"] == 3
+    assert_nothing_held(broker)
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_ban_moves_the_request_to_another_proxy(
+    door: Door, target: TargetServer, proxy_trio: list[KitProxy], brokers: list[LeaseBroker]
+) -> None:
+    banned, good, _ = proxy_trio
+    target.ban(banned.outbound_ip)
+    broker = make_broker(brokers, [banned.url, good.url])
+    statuses = [(await door.fetch(broker, f"{target.url}/echo")).status for _ in range(3)]
+    assert statuses == [200, 200, 200]
+    assert target.hits[banned.outbound_ip] <= 1 and target.hits[good.outbound_ip] == 3
+    assert {p.port: p.status for p in broker.proxies()} == {banned.port: "banned", good.port: "active"}
+    assert_nothing_held(broker)
+
+
+# ---------------------------------------------------------------------- failures
+
+
+@pytest_twisted.ensureDeferred
+async def test_every_proxy_failing_raises_all_proxies_failed_naming_each_once(
+    door: Door, target: TargetServer, proxy_kit: Any, brokers: list[LeaseBroker]
+) -> None:
+    dead = [proxy_kit.dead(), proxy_kit.dead()]
+    broker = make_broker(brokers, [p.url for p in dead])
+    error = (await door.fetch(broker, f"{target.url}/echo")).raised()
+    assert isinstance(error, AllProxiesFailed) and isinstance(error, door.family), repr(error)
+    assert not isinstance(error, ProxyAuthenticationFailed)
+    text = str(error)
+    for proxy in dead:
+        assert text.count(f"127.0.0.1:{proxy.port}") == 1, text
+    assert [a.outcome for a in error.attempts] == ["failure", "failure"]
+    assert_one_line_no_secret(error)
+    assert not target.requests
+    assert_nothing_held(broker)
+
+
+@pytest_twisted.ensureDeferred
+async def test_one_dead_proxy_is_tried_once_and_named_once(
+    door: Door, target: TargetServer, proxy_kit: Any, brokers: list[LeaseBroker]
+) -> None:
+    dead = proxy_kit.dead()
+    broker = make_broker(brokers, [dead.url])
+    error = (await door.fetch(broker, f"{target.url}/echo")).raised()
+    assert isinstance(error, AllProxiesFailed) and isinstance(error, door.family), repr(error)
+    assert len(error.attempts) == 1 and str(error).count(f"127.0.0.1:{dead.port}") == 1, str(error)
+    assert broker.counters["failures"] == 1
+    assert_one_line_no_secret(error)
+    assert_nothing_held(broker)
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_default_move_budget_is_the_same_in_every_door(
+    door: Door, target: TargetServer, proxy_kit: Any, brokers: list[LeaseBroker]
+) -> None:
+    dead = [proxy_kit.dead() for _ in range(6)]
+    broker = make_broker(brokers, [p.url for p in dead])
+    error = (await door.fetch(broker, f"{target.url}/echo")).raised()
+    assert isinstance(error, AllProxiesFailed), repr(error)
+    assert len(error.attempts) == 1 + broker.max_moves == 4  # the first proxy and three moves
+    assert len({a.proxy for a in error.attempts}) == 4
+    assert_nothing_held(broker)
+
+
+# ---------------------------------------------------------------------- bodies
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_body_that_cannot_be_replayed_is_never_sent_twice(
+    door: Door, target: TargetServer, proxy_trio: list[KitProxy], brokers: list[LeaseBroker]
+) -> None:
+    if not door.streams_bodies:
+        pytest.skip("a Scrapy request body is always bytes (replayable)")
+    banned, good, _ = proxy_trio
+    target.ban(banned.outbound_ip)
+    broker = make_broker(brokers, [banned.url, good.url], selector="first_available")
+    chunks = [b"order=", b"42&qty=", b"7"]
+    result = await door.fetch(broker, f"{target.url}/echo", method="POST", body=iter(chunks))
+    assert result.error is None, repr(result.error)
+    assert result.status == 403  # not moved: the generator is spent
+    assert bodies_seen(target) == [b"order=42&qty=7"]  # sent once, whole
+    assert target.hits == {banned.outbound_ip: 1}
+    assert_nothing_held(broker)
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_seekable_body_is_rewound_and_moved(
+    door: Door, target: TargetServer, proxy_trio: list[KitProxy], brokers: list[LeaseBroker]
+) -> None:
+    if not door.streams_bodies:
+        pytest.skip("a Scrapy request body is always bytes")
+    if door.name.startswith("httpx"):
+        pytest.skip("httpx reads file content as a one-shot iterator (it does not rewind files itself)")
+    banned, good, _ = proxy_trio
+    target.ban(banned.outbound_ip)
+    broker = make_broker(brokers, [banned.url, good.url], selector="first_available")
+    body = io.BytesIO(b"skip-me|payload=" + b"x" * 5000)
+    body.seek(8)  # the caller's body starts here, as requests and urllib3 honour
+    result = await door.fetch(broker, f"{target.url}/echo", method="POST", body=body)
+    assert result.error is None, repr(result.error)
+    assert result.status == 200
+    sent = b"payload=" + b"x" * 5000
+    assert json.loads(result.body)["body"] == sent.decode()
+    assert bodies_seen(target) == [sent, sent]  # the banning site and the next one: the same bytes
+    assert_nothing_held(broker)
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_bytes_body_moves_and_arrives_whole(
+    door: Door, target: TargetServer, proxy_trio: list[KitProxy], brokers: list[LeaseBroker]
+) -> None:
+    banned, good, _ = proxy_trio
+    target.ban(banned.outbound_ip)
+    broker = make_broker(brokers, [banned.url, good.url], selector="first_available")
+    sent = b"\x00binary\xffpayload" * 100
+    result = await door.fetch(broker, f"{target.url}/echo", method="POST", body=sent)
+    assert result.status == 200, repr(result.error)
+    assert bodies_seen(target) == [sent, sent]
+    assert_nothing_held(broker)
+
+
+# ---------------------------------------------------------------------- proxy authentication
+
+
+@pytest_twisted.ensureDeferred
+@pytest.mark.parametrize("scheme", ["http", "https"])
+async def test_a_407_is_the_proxys_failure_never_the_sites_answer(
+    door: Door,
+    scheme: str,
+    target: TargetServer,
+    tls_target: TargetServer,
+    auth_http_proxy: KitProxy,
+    http_proxy: KitProxy,
+    brokers: list[LeaseBroker],
+) -> None:
+    site = target if scheme == "http" else tls_target
+    wrong = bad_auth_url(auth_http_proxy.port)
+    broker = make_broker(brokers, [wrong, http_proxy.url], selector="first_available")
+    moved = await door.fetch(broker, f"{site.url}/echo", ca=site.ca_bundle if scheme == "https" else None)
+    assert moved.status == 200, repr(moved.error)  # the refusal moved the request
+    assert [r.peer_ip for r in site.requests] == [http_proxy.outbound_ip]
+
+    site.reset()
+    alone = make_broker(brokers, [wrong])
+    error = (await door.fetch(alone, f"{site.url}/echo", ca=site.ca_bundle if scheme == "https" else None)).raised()
+    assert isinstance(error, ProxyAuthenticationFailed) and isinstance(error, door.proxy_family), repr(error)
+    assert_one_line_no_secret(error)
+    assert not site.requests  # the site never saw a thing
+    assert_nothing_held(broker)
+    assert_nothing_held(alone)
+
+
+# ---------------------------------------------------------------------- faults of the judge
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_failing_ban_detector_is_one_error_type_and_releases(
+    door: Door, target: TargetServer, http_proxy: KitProxy, brokers: list[LeaseBroker]
+) -> None:
+    def detector(status: int | None, response: Any) -> bool | None:
+        raise RuntimeError("detector bug")
+
+    broker = make_broker(brokers, [http_proxy.url], policy=HealthPolicy(ban_detector=detector))
+    error = (await door.fetch(broker, f"{target.url}/echo")).raised()
+    assert isinstance(error, ReportFailed), repr(error)
+    assert "detector bug" in str(error)
+    assert {p.status for p in broker.proxies()} == {"active"}
+    assert_nothing_held(broker)
+
+
+# ---------------------------------------------------------------------- per-request choices
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_sticky_session_keeps_its_proxy(
+    door: Door, target: TargetServer, proxy_trio: list[KitProxy], brokers: list[LeaseBroker]
+) -> None:
+    broker = make_broker(brokers, [p.url for p in proxy_trio])
+    for _ in range(4):
+        result = await door.fetch(broker, f"{target.url}/echo", session="account-42")
+        assert result.status == 200, repr(result.error)
+    assert len(target.hits) == 1 and sum(target.hits.values()) == 4
+    rotating = [json.loads((await door.fetch(broker, f"{target.url}/echo")).body)["peer_ip"] for _ in range(3)]
+    assert len(set(rotating)) == 3
+    assert_nothing_held(broker)
