@@ -18,7 +18,7 @@ from .errors import (
 )
 from .exchange import Exchange, Step
 from .health import HealthPolicy, Verdict
-from .lease import PoolHealth, ProxyLease
+from .lease import PoolHealth, ProxyLease, ProxyView
 from .settings import PharoxSettings, ProxySpec, parse_proxy, parse_proxy_lines
 
 __version__ = "0.1.0"
@@ -37,6 +37,7 @@ __all__ = [
     "ProxyAttempt",
     "ProxyAuthenticationFailed",
     "ProxyLease",
+    "ProxyView",
     "ProxySpec",
     "ReportFailed",
     "Step",

@@ -10,17 +10,15 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import random
 import threading
 import time
 from collections.abc import AsyncIterator, Collection, Generator, Iterable, Iterator, Mapping
 from contextlib import asynccontextmanager, contextmanager
 from datetime import datetime, timezone
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypedDict
 from uuid import UUID
 
 from pharox import (
-    InMemoryStorage,
     IStorage,
     Lease,
     Proxy,
@@ -32,24 +30,41 @@ from pharox import (
     SelectorStrategy,
 )
 
-from . import bridge
+from . import bridge, building
 from .errors import ConfigurationError, NoProxyAvailable
 from .exchange import CORE_ERRORS, DEFAULT_MAX_MOVES, DoorErrors, Exchange
 from .health import HealthPolicy, Verdict
 from .internals import has_release_listeners, storage_of
-from .lease import LeaseHandle, PoolHealth, ProxyLease, _Endpoint
+from .lease import LeaseHandle, PoolHealth, ProxyLease, ProxyView, _Endpoint
 from .ledger import HealthLedger
 from .pools import PoolAdmin
-from .selection import Selection, StickyBusy
-from .settings import PharoxSettings, ProxySpec, SettingsSource, parse_proxy
+from .selection import Selection
+from .settings import PharoxSettings, ProxySpec, SettingsSource
+
+if TYPE_CHECKING:
+    from typing_extensions import Unpack
 
 logger = logging.getLogger("pharox_integrations")
+
+
+class LeaseOptions(TypedDict, total=False):
+    """The per-request choices, with one meaning in every door."""
+
+    pool: str | None  # the pool to lease from (default: the broker's)
+    filters: ProxyFilters | None  # pharox filters (default: the broker's)
+    session: str | None  # sticky session key: the same proxy while it stays healthy
+    protocols: Collection[ProxyProtocol | str] | None  # what the calling client can speak
+
+
+class ExchangeOptions(LeaseOptions, total=False):
+    max_moves: int | None  # other proxies the request may move to (default: the broker's)
+    body: Any  # the request body, for the replay rule
+    timeout: float | None  # the caller's own timeout: bounds the wait for a lease
 
 #: Protocols each client can speak through a proxy (doors pass one of these).
 HTTP_PROTOCOLS = frozenset({ProxyProtocol.HTTP, ProxyProtocol.HTTPS})
 ALL_PROTOCOLS = frozenset(ProxyProtocol)
 
-_RACE_RETRIES = 8  # ProxyUnavailableError races retried at once before waiting
 
 
 class LeaseBroker:
@@ -87,7 +102,7 @@ class LeaseBroker:
         self.policy = policy or HealthPolicy()
         self.acquire_timeout = float(acquire_timeout)
         self.max_moves = max_moves  # other proxies one request may move to (see Exchange)
-        self.storage_blocks = _storage_blocks(self.storage) if storage_blocks is None else storage_blocks
+        self.storage_blocks = building.storage_blocks(self.storage) if storage_blocks is None else storage_blocks
         self.counters: dict[str, int] = dict.fromkeys(
             ("acquired", "released", "bans", "failures", "benched", "revived", "no_proxy_available", "races"), 0
         )
@@ -104,7 +119,10 @@ class LeaseBroker:
             manager,
             self.storage,
             self._pools,
+            self._ledger,
             self._lock,
+            self._wrap,
+            self._release_in_storage,
             consumer=consumer,
             selector=SelectorStrategy(selector) if selector else SelectorStrategy.ROUND_ROBIN,
             lease_seconds=int(lease_seconds),
@@ -122,7 +140,7 @@ class LeaseBroker:
     def lease_seconds(self) -> int:
         return self._selection.lease_seconds
 
-    # ------------------------------------------------------------------ builders
+    # ------------------------------------------------------------------ builders (see building.py)
 
     @classmethod
     def from_proxies(
@@ -135,44 +153,12 @@ class LeaseBroker:
         **kwargs: Any,
     ) -> LeaseBroker:
         """The embedded default: a (memory) storage seeded with `proxies`."""
-        from .storage import storage_from_url
-
-        specs = [
-            p if isinstance(p, ProxySpec) else parse_proxy(p, where=f"proxies[{i}]") for i, p in enumerate(proxies)
-        ]
-        store = storage_from_url(storage or "memory://") if not isinstance(storage, IStorage) else storage
-        broker = cls(ProxyManager(store), pool=pool, **kwargs)
-        broker.add_proxies(specs, max_concurrency=max_concurrency)
-        return broker
+        return building.from_proxies(cls, proxies, pool, storage, max_concurrency, kwargs)
 
     @classmethod
     def from_settings(cls, source: SettingsSource | Mapping[str, Any] | PharoxSettings | None = None) -> LeaseBroker:
         """Build from `PHAROX_*` keys of a dict, Scrapy `Settings` or (None) the environment."""
-        settings = source if isinstance(source, PharoxSettings) else PharoxSettings.from_mapping(source)
-        if settings.broker:
-            return _load_broker(settings.broker) if isinstance(settings.broker, str) else _as_broker(settings.broker)
-        from .storage import storage_from_url
-
-        broker = cls(
-            ProxyManager(storage_from_url(settings.storage_url)),
-            pool=settings.pool,
-            consumer=settings.consumer,
-            selector=settings.selector,
-            filters=settings.filters,
-            lease_seconds=settings.lease_seconds,
-            acquire_timeout=settings.acquire_timeout,
-            max_moves=settings.max_moves,
-            policy=HealthPolicy(
-                ban_codes=frozenset(settings.ban_codes),
-                max_failures=settings.max_failures,
-                slow_ms=settings.slow_ms,
-                backoff_base=settings.backoff_base,
-                backoff_cap=settings.backoff_cap,
-            ),
-        )
-        if settings.proxies:
-            broker.add_proxies(settings.proxies, max_concurrency=settings.max_concurrency)
-        return broker
+        return building.from_settings(cls, source)
 
     # ------------------------------------------------------------------ pools (see pools.py)
 
@@ -186,8 +172,8 @@ class LeaseBroker:
     def pools(self) -> list[str]:
         return self._pools.names()
 
-    def proxies(self, pool: str | None = None) -> list[Proxy]:
-        """Every proxy of `pool` (a copy, from the storage)."""
+    def proxies(self, pool: str | None = None) -> list[ProxyView]:
+        """Every proxy of `pool`, as read-only views that never print credentials."""
         return self._pools.proxies(pool or self.pool)
 
     def add_proxies(
@@ -198,14 +184,14 @@ class LeaseBroker:
         max_concurrency: int | None = None,
         status: ProxyStatus = ProxyStatus.ACTIVE,
         **fields: Any,
-    ) -> list[Proxy]:
+    ) -> list[ProxyView]:
         """Add proxies to a pool (created if missing); entries already there are skipped.
 
         Idempotent, so every process of a fleet may seed the same list at start-up.
         """
         return self._pools.add(pool or self.pool, proxies, max_concurrency=max_concurrency, status=status, **fields)
 
-    def remove_proxy(self, proxy: str | UUID | Proxy, *, pool: str | None = None) -> bool:
+    def remove_proxy(self, proxy: str | UUID | Proxy | ProxyView, *, pool: str | None = None) -> bool:
         """Remove a proxy by id, `Proxy` or URL; False when it was not there."""
         return self._pools.remove(proxy, pool or self.pool)
 
@@ -240,9 +226,10 @@ class LeaseBroker:
 
     # ------------------------------------------------------------------ acquire
 
-    def exchange(self, url: str | None = None, *, errors: DoorErrors = CORE_ERRORS, **options: Any) -> Exchange:
-        """The step object a door drives for one request (see `pharox_integrations.exchange`):
-        `pool`, `filters`, `session`, `protocols`, `max_moves`, `body`, `timeout`."""
+    def exchange(
+        self, url: str | None = None, *, errors: DoorErrors = CORE_ERRORS, **options: Unpack[ExchangeOptions]
+    ) -> Exchange:
+        """The step object a door drives for one request (see `pharox_integrations.exchange`)."""
         return Exchange(self, url, errors=errors, **options)
 
     def acquire(
@@ -266,7 +253,7 @@ class LeaseBroker:
             fast = self.acquire_nowait(pool=pool, filters=filters, protocols=protocols)
             if fast is not None:
                 return fast
-        steps = self._acquire_steps(pool, filters, session, protocols, timeout, avoid)
+        steps = self._waits(pool, filters, session, protocols, timeout, avoid)
         try:
             while True:
                 time.sleep(next(steps))
@@ -290,7 +277,7 @@ class LeaseBroker:
             fast = self.acquire_nowait(pool=pool, filters=filters, protocols=protocols)
             if fast is not None:
                 return fast
-        steps = self._acquire_steps(pool, filters, session, protocols, timeout, avoid)
+        steps = self._waits(pool, filters, session, protocols, timeout, avoid)
         while True:
             if self.storage_blocks:
                 finished, value = await bridge.step_off_loop(steps, self.release)
@@ -325,78 +312,24 @@ class LeaseBroker:
             found = selection.take(name, effective)
         except ProxyUnavailableError:
             return None
-        return None if found is None else self._wrap(found, name, None)
+        return None if found is None else self._wrap(found, name, None, None)
 
-    def _acquire_steps(
+    def _waits(
         self,
         pool: str | None,
         filters: ProxyFilters | None,
         session: str | None,
         protocols: Collection[ProxyProtocol | str] | None,
         timeout: float | None,
-        avoid: Collection[UUID] = (),
+        avoid: Collection[UUID],
     ) -> Generator[float, None, ProxyLease]:
-        """One acquisition as a generator of waits, shared by the sync and async forms."""
         if self._closed:
             raise RuntimeError("LeaseBroker is closed")
-        name = pool or self.pool
         wanted = filters if filters is not None else self.filters
-        effective = self._selection.effective_filters(wanted, protocols)
         deadline = time.monotonic() + (self.acquire_timeout if timeout is None else timeout)
-        delay = 0.005
-        hopeless = False
-        while True:
-            self._ledger.revive_due(name)
-            lease = self._try_acquire(name, effective, session, avoid)
-            if lease is not None:
-                return lease
-            now = time.monotonic()
-            if avoid and delay == 0.005:
-                hopeless = not self._selection.untried_left(name, effective, avoid)
-            if now >= deadline or hopeless:
-                with self._lock:
-                    self.counters["no_proxy_available"] += 1
-                raise self.explain(name, wanted, protocols, avoid=avoid)
-            self._ledger.revive_due(name, scan=True)
-            wait = min(delay * (0.5 + random.random()), deadline - now)
-            delay = min(delay * 2, 0.25)
-            yield max(wait, 0.0)
+        return self._selection.waits(pool or self.pool, wanted, protocols, session, avoid, deadline)
 
-    def _try_acquire(
-        self, pool: str, filters: ProxyFilters | None, session: str | None, avoid: Collection[UUID] = ()
-    ) -> ProxyLease | None:
-        selection = self._selection
-        selection.ensure_consumer()
-        if session is not None and selection.session_proxy(pool, session) not in avoid:
-            try:
-                sticky = selection.sticky(pool, filters, session)
-            except StickyBusy:
-                return None  # sticky means this proxy: wait for a free slot on it
-            if sticky is not None:
-                return self._wrap(sticky[0], pool, session, sticky[1])
-        for _ in range(_RACE_RETRIES):
-            try:
-                lease = selection.take(pool, filters)
-            except ProxyUnavailableError:
-                # find and create_lease are separate steps in pharox's storages; the
-                # proxy was taken in between.  Not an error for our callers: try again.
-                with self._lock:
-                    self.counters["races"] += 1
-                continue
-            if lease is None:
-                return None
-            if lease.proxy_id not in avoid:
-                return self._wrap(lease, pool, session)
-            # The selector picked a proxy this request already tried (first_available
-            # and least_used do, every time): give it back, and choose among the others.
-            self._release_in_storage(lease)
-            found = selection.untried(pool, filters, avoid)
-            return None if found is None else self._wrap(found[0], pool, session, found[1])
-        return None
-
-    def _wrap(
-        self, lease: Lease | LeaseHandle, pool: str, session: str | None, proxy: Proxy | None = None
-    ) -> ProxyLease:
+    def _wrap(self, lease: Lease | LeaseHandle, pool: str, session: str | None, proxy: Proxy | None) -> ProxyLease:
         pid = lease.proxy_id
         # The proxy's health record carries its endpoint: one lookup (of a UUID, hashed
         # in Python) per lease.  Read without the lock: a dict read is atomic.
@@ -525,21 +458,14 @@ class LeaseBroker:
         self.storage.release_lease(handle)  # type: ignore[arg-type]  # or the storage's own record
 
     @contextmanager
-    def lease(
-        self,
-        url: str | None = None,
-        *,
-        pool: str | None = None,
-        filters: ProxyFilters | None = None,
-        session: str | None = None,
-        protocols: Collection[ProxyProtocol | str] | None = None,
-    ) -> Iterator[ProxyLease]:
+    def lease(self, url: str | None = None, **options: Unpack[LeaseOptions]) -> Iterator[ProxyLease]:
         """`with broker.lease(url) as lease:` — released on exit, whatever happens.
 
-        Report inside the block (`broker.report(lease, status_code=...)`); an exception
-        escaping the block without a report is reported as an error.
+        Options as `acquire`'s.  Report inside the block (`broker.report(lease,
+        status_code=...)`); an exception escaping the block without a report is
+        reported as an error.
         """
-        held = self.acquire(url, pool=pool, filters=filters, session=session, protocols=protocols)
+        held = self.acquire(url, **options)
         try:
             yield held
         except BaseException as exc:
@@ -550,17 +476,9 @@ class LeaseBroker:
             self.release(held)
 
     @asynccontextmanager
-    async def lease_async(
-        self,
-        url: str | None = None,
-        *,
-        pool: str | None = None,
-        filters: ProxyFilters | None = None,
-        session: str | None = None,
-        protocols: Collection[ProxyProtocol | str] | None = None,
-    ) -> AsyncIterator[ProxyLease]:
+    async def lease_async(self, url: str | None = None, **options: Unpack[LeaseOptions]) -> AsyncIterator[ProxyLease]:
         """Async form of `lease()`; also released when the task is cancelled."""
-        held = await self.acquire_async(url, pool=pool, filters=filters, session=session, protocols=protocols)
+        held = await self.acquire_async(url, **options)
         try:
             yield held
         except Exception as exc:
@@ -612,36 +530,4 @@ class LeaseBroker:
         )
 
 
-def _storage_blocks(storage: IStorage) -> bool:
-    """Memory storages answer inline; anything else may block on I/O."""
-    from .storage import is_memory_storage
-
-    return not (isinstance(storage, InMemoryStorage) or is_memory_storage(storage))
-
-
-def _load_broker(path: str) -> LeaseBroker:
-    from importlib import import_module
-
-    module_name, _, attr = path.replace(":", ".").rpartition(".")
-    try:
-        obj: Any = getattr(import_module(module_name), attr)
-    except (ImportError, AttributeError, ValueError) as exc:
-        raise ConfigurationError(
-            f"PHAROX_BROKER={path!r}: cannot import it ({exc}); expected 'package.module.name' of a LeaseBroker"
-        ) from None
-    return _as_broker(obj, path)
-
-
-def _as_broker(obj: Any, path: str | None = None) -> LeaseBroker:
-    """A ready broker, or what a factory returns."""
-    if not isinstance(obj, LeaseBroker) and callable(obj):
-        obj = obj()
-    if not isinstance(obj, LeaseBroker):
-        shown = repr(path) if path is not None else "<object>"
-        raise ConfigurationError(
-            f"PHAROX_BROKER={shown}: found {type(obj).__name__}; expected a LeaseBroker or a callable returning one"
-        )
-    return obj
-
-
-__all__ = ["ALL_PROTOCOLS", "HTTP_PROTOCOLS", "LeaseBroker", "PoolHealth", "ProxyLease"]
+__all__ = ["ALL_PROTOCOLS", "HTTP_PROTOCOLS", "LeaseBroker", "PoolHealth", "ProxyLease", "ProxyView"]

@@ -9,7 +9,7 @@ from datetime import datetime
 from typing import Any, Protocol
 from uuid import UUID
 
-from pharox import Lease, Proxy, ProxyProtocol
+from pharox import Lease, Proxy, ProxyProtocol, ProxyStatus
 
 from .health import Verdict
 from .settings import ProxySpec
@@ -139,6 +139,76 @@ class ProxyLease:
     def __repr__(self) -> str:
         state = "released" if self.released else "held"
         return f"<ProxyLease {self.safe_url} pool={self.pool!r} {state}>"
+
+    __str__ = __repr__
+
+
+class ProxyView:
+    """A read-only view of a stored proxy, as `broker.proxies()` returns it.
+
+    Every field of pharox's `Proxy` reads through (`.port`, `.status`, `.current_leases`,
+    `.credentials` ...), but `repr`/`str` never show credentials: pharox's model prints
+    `password='…'` in its repr, and proxies end up in logs, test failures and REPLs.
+    `to_pharox()` gives pharox's model (a copy) where pharox's own API wants one.
+    """
+
+    __slots__ = ("_proxy",)
+
+    def __init__(self, proxy: Proxy) -> None:
+        object.__setattr__(self, "_proxy", proxy)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._proxy, name)
+
+    def __setattr__(self, name: str, value: object) -> None:
+        raise AttributeError(f"ProxyView is read-only: change proxies through the broker, not {name!r}")
+
+    @property
+    def id(self) -> UUID:
+        return self._proxy.id  # type: ignore[no-any-return]
+
+    @property
+    def host(self) -> str:
+        return str(self._proxy.host)
+
+    @property
+    def port(self) -> int:
+        return int(self._proxy.port)
+
+    @property
+    def protocol(self) -> ProxyProtocol:
+        return ProxyProtocol(self._proxy.protocol)
+
+    @property
+    def status(self) -> ProxyStatus:
+        return ProxyStatus(self._proxy.status)
+
+    @property
+    def current_leases(self) -> int:
+        return int(self._proxy.current_leases)
+
+    @property
+    def max_concurrency(self) -> int | None:
+        return self._proxy.max_concurrency  # type: ignore[no-any-return]
+
+    @property
+    def safe_url(self) -> str:
+        """The proxy's URL without credentials."""
+        return ProxySpec.from_proxy(self._proxy).safe_url
+
+    def to_pharox(self) -> Proxy:
+        copy: Proxy = self._proxy.model_copy()
+        return copy
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, ProxyView) and other._proxy == self._proxy
+
+    def __hash__(self) -> int:
+        return hash(self._proxy.id)
+
+    def __repr__(self) -> str:
+        limit = "unlimited" if self.max_concurrency is None else str(self.max_concurrency)
+        return f"<Proxy {self.safe_url} {self.status.value} leases={self.current_leases}/{limit} id={self.id}>"
 
     __str__ = __repr__
 

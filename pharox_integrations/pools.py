@@ -17,7 +17,7 @@ from pharox import IStorage, PharoxError, Proxy, ProxyFilters, ProxyPool, ProxyP
 
 from .errors import NoProxyAvailable
 from .filters import ProtocolFilter
-from .lease import PoolHealth, _Endpoint
+from .lease import PoolHealth, ProxyView, _Endpoint
 from .ledger import HealthLedger
 from .settings import ProxySpec, describe_filters, parse_proxy
 
@@ -63,11 +63,11 @@ class PoolAdmin:
     def names(self) -> list[str]:
         return sorted(p.name for p in self.storage.list_pools())
 
-    def proxies(self, pool: str) -> list[Proxy]:
+    def proxies(self, pool: str) -> list[ProxyView]:
         record = self.record(pool)
         if record is None:
             raise self.unknown(pool)
-        return list(self.storage.list_proxies(str(record.id)))
+        return [ProxyView(p) for p in self.storage.list_proxies(str(record.id))]
 
     def add(
         self,
@@ -77,7 +77,7 @@ class PoolAdmin:
         max_concurrency: int | None,
         status: ProxyStatus,
         **fields: Any,
-    ) -> list[Proxy]:
+    ) -> list[ProxyView]:
         record = self.record(pool, create=True)
         assert record is not None
         existing = {_identity(p) for p in self.storage.list_proxies(str(record.id))}
@@ -109,11 +109,11 @@ class PoolAdmin:
             endpoints = {proxy.id: _Endpoint.of(proxy) for proxy in new}
             with self._lock:
                 self._endpoints.update(endpoints)
-        return new
+        return [ProxyView(p) for p in new]
 
-    def remove(self, proxy: str | UUID | Proxy, pool: str) -> bool:
+    def remove(self, proxy: str | UUID | Proxy | ProxyView, pool: str) -> bool:
         target_id: UUID | None = None
-        if isinstance(proxy, Proxy):
+        if isinstance(proxy, (Proxy, ProxyView)):
             target_id = proxy.id
         elif isinstance(proxy, UUID):
             target_id = proxy
@@ -122,7 +122,7 @@ class PoolAdmin:
                 target_id = UUID(str(proxy))
             except ValueError:
                 spec = parse_proxy(str(proxy), where="remove_proxy")
-                match = [p for p in self.proxies(pool) if _identity(p) == spec.identity]
+                match = [p for p in self.proxies(pool) if _identity(p.to_pharox()) == spec.identity]
                 if not match:
                     return False
                 target_id = match[0].id

@@ -1,15 +1,18 @@
-"""Selection: which proxy a request gets.
+"""Selection: which proxy a request gets, and the wait for one.
 
 The caller's filters plus the protocols its client speaks, the selector strategy,
-sticky sessions, and passing over the proxies a moving request already tried.  It
-returns the storage's leases; the broker turns them into `ProxyLease`s.
+sticky sessions, passing over the proxies a moving request already tried, and waiting
+with backoff until a deadline.  The broker turns the storage's leases into
+`ProxyLease`s (`wrap`).
 """
 
 from __future__ import annotations
 
+import random
 import threading
+import time
 from collections import OrderedDict
-from collections.abc import Collection
+from collections.abc import Callable, Collection, Generator
 from datetime import datetime, timezone
 from typing import Any
 from uuid import UUID
@@ -30,10 +33,12 @@ from pharox import (
 
 from .filters import with_protocols
 from .internals import DEFAULT_CONSUMER, has_acquire_listeners, notify_acquire
-from .lease import LeaseHandle
+from .lease import LeaseHandle, ProxyLease
+from .ledger import HealthLedger
 from .pools import PoolAdmin
 
 _SESSIONS_MAX = 10_000
+_RACE_RETRIES = 8  # ProxyUnavailableError races retried at once before waiting
 
 Found = tuple[Lease | LeaseHandle, Proxy | None]
 
@@ -50,7 +55,10 @@ class Selection:
         lease_manager: ProxyManager,
         storage: IStorage,
         pools: PoolAdmin,
+        ledger: HealthLedger,
         lock: threading.RLock,
+        wrap: Callable[[Lease | LeaseHandle, str, str | None, Proxy | None], ProxyLease],
+        release: Callable[[Lease | LeaseHandle], None],
         *,
         consumer: str | None,
         selector: SelectorStrategy,
@@ -59,7 +67,10 @@ class Selection:
         self.lease_manager = lease_manager
         self.storage = storage
         self._pools = pools
+        self._ledger = ledger
         self._lock = lock
+        self._wrap = wrap  # the broker's: a storage lease becomes a ProxyLease it holds
+        self._release = release  # the broker's storage-side release, for a lease never handed out
         self.consumer = consumer
         self.selector = selector
         self.lease_seconds = lease_seconds
@@ -71,6 +82,72 @@ class Selection:
         # The storage's find-and-lease in one step (ours have it), for the common acquire.
         one_step = getattr(storage, "acquire_lease", None)
         self._one_step = one_step if callable(one_step) else None
+
+    def waits(
+        self,
+        pool: str,
+        filters: ProxyFilters | None,
+        protocols: Collection[ProxyProtocol | str] | None,
+        session: str | None,
+        avoid: Collection[UUID],
+        deadline: float,
+    ) -> Generator[float, None, ProxyLease]:
+        """One acquisition as a generator of waits (seconds), shared by the sync and async
+        forms; its value is the lease, or it raises `NoProxyAvailable` saying why."""
+        effective = self.effective_filters(filters, protocols)
+        delay = 0.005
+        next_check = 0.0
+        while True:
+            self._ledger.revive_due(pool)
+            lease = self.try_lease(pool, effective, session, avoid)
+            if lease is not None:
+                return lease
+            now = time.monotonic()
+            hopeless = False
+            if now >= next_check:  # at the first miss, then once a second
+                hopeless = not self.worth_waiting(pool, effective, avoid, deadline)
+                next_check = now + 1.0
+            if now >= deadline or hopeless:
+                with self._lock:
+                    self._ledger.counters["no_proxy_available"] += 1
+                raise self._pools.explain(pool, filters, protocols, avoid)
+            self._ledger.revive_due(pool, scan=True)
+            wait = min(delay * (0.5 + random.random()), deadline - now)
+            delay = min(delay * 2, 0.25)
+            yield max(wait, 0.0)
+
+    def try_lease(
+        self, pool: str, filters: ProxyFilters | None, session: str | None, avoid: Collection[UUID] = ()
+    ) -> ProxyLease | None:
+        """One attempt: the session's proxy, else the selector's pick, else (when the pick
+        was already tried) the least busy untried proxy; None when nothing is free."""
+        self.ensure_consumer()
+        if session is not None and self.sessions.get((pool, session)) not in avoid:
+            try:
+                sticky = self.sticky(pool, filters, session)
+            except StickyBusy:
+                return None  # sticky means this proxy: wait for a free slot on it
+            if sticky is not None:
+                return self._wrap(sticky[0], pool, session, sticky[1])
+        for _ in range(_RACE_RETRIES):
+            try:
+                lease = self.take(pool, filters)
+            except ProxyUnavailableError:
+                # find and create_lease are separate steps in pharox's storages; the
+                # proxy was taken in between.  Not an error for our callers: try again.
+                with self._lock:
+                    self._ledger.counters["races"] += 1
+                continue
+            if lease is None:
+                return None
+            if lease.proxy_id not in avoid:
+                return self._wrap(lease, pool, session, None)
+            # The selector picked a proxy this request already tried (first_available
+            # and least_used do, every time): give it back, and choose among the others.
+            self._release(lease)
+            found = self.untried(pool, filters, avoid)
+            return None if found is None else self._wrap(found[0], pool, session, found[1])
+        return None
 
     def effective_filters(
         self, filters: ProxyFilters | None, protocols: Collection[ProxyProtocol | str] | None
@@ -160,9 +237,6 @@ class Selection:
 
     # ------------------------------------------------------------------ sessions
 
-    def session_proxy(self, pool: str, session: str) -> UUID | None:
-        return self.sessions.get((pool, session))
-
     def sticky(self, pool: str, filters: ProxyFilters | None, session: str) -> Found | None:
         """The session's proxy while it stays usable (StickyBusy while it is at capacity)."""
         key = (pool, session)
@@ -208,13 +282,21 @@ class Selection:
                 continue
         return None
 
-    def untried_left(self, pool: str, filters: ProxyFilters | None, avoid: Collection[UUID]) -> bool:
-        """True while the pool has an active proxy outside `avoid` (busy ones may free up).
-
-        Asked once when a moving request finds nothing free: with every other proxy
-        benched or tried, waiting would only end in the same answer.
-        """
-        return any(True for _ in self._candidates(pool, filters, avoid))
+    def worth_waiting(
+        self, pool: str, filters: ProxyFilters | None, avoid: Collection[UUID], deadline: float
+    ) -> bool:
+        """Whether a proxy could be leased before `deadline`: an active one outside
+        `avoid` (a busy one may be released), or a benched one whose cool-down ends in
+        time.  When none can, the caller hears so at once instead of at the deadline;
+        a proxy this request already tried is never waited for."""
+        if self._candidates(pool, filters, avoid):
+            return True
+        back_by = time.time() + (deadline - time.monotonic())
+        return any(
+            back_at <= back_by
+            for proxy, back_at in self._ledger.benched(pool)
+            if proxy.id not in avoid and (filters is None or filters.matches(proxy))
+        )
 
     def _candidates(self, pool: str, filters: ProxyFilters | None, avoid: Collection[UUID]) -> list[Proxy]:
         record = self._pools.record(pool)

@@ -124,15 +124,19 @@ def test_protocols_restrict_to_what_the_client_speaks() -> None:
 def test_exhausted_pool_waits_then_names_pool_filters_and_counts() -> None:
     broker = make(max_concurrency=1, pool="shop")
     held = [broker.acquire() for _ in range(3)]
+    # No proxy matches the filters: nothing can come, so no waiting at all.
     start = time.monotonic()
     with pytest.raises(NoProxyAvailable) as info:
-        broker.acquire(filters=ProxyFilters(country="US"), timeout=0.25)
-    assert time.monotonic() - start >= 0.25
+        broker.acquire(filters=ProxyFilters(country="US"), timeout=5)
+    assert time.monotonic() - start < 1.0  # generous: ~0.1 ms here
     message = str(info.value)
     assert "pool 'shop'" in message and "country='US'" in message and "3 filtered out" in message
-    with pytest.raises(NoProxyAvailable, match=r"0 of 3 proxies available in pool 'shop': 3 leased to capacity"):
-        broker.acquire(timeout=0)
     assert info.value.pool == "shop"
+    # Every proxy busy: one may be released, so the caller waits its whole timeout.
+    start = time.monotonic()
+    with pytest.raises(NoProxyAvailable, match=r"0 of 3 proxies available in pool 'shop': 3 leased to capacity"):
+        broker.acquire(timeout=0.25)
+    assert time.monotonic() - start >= 0.25
     # A proxy released while someone waits is picked up by the waiter.
     threading.Timer(0.1, broker.release, args=(held[0],)).start()
     lease = broker.acquire(timeout=2)
@@ -142,10 +146,35 @@ def test_exhausted_pool_waits_then_names_pool_filters_and_counts() -> None:
     assert_nothing_held(broker)
 
 
-def test_unknown_pool_says_which_pools_exist() -> None:
+def test_unknown_pool_says_which_pools_exist_at_once() -> None:
     broker = make(pool="shop")
+    start = time.monotonic()
     with pytest.raises(NoProxyAvailable, match=r"pool 'nope' does not exist \(pools in this storage: 'shop'\)"):
-        broker.acquire(pool="nope", timeout=0)
+        broker.acquire(pool="nope", timeout=30)
+    assert time.monotonic() - start < 1.0  # generous: no wait at all
+
+
+def test_all_benched_past_the_deadline_fails_at_once_and_says_when() -> None:
+    broker = make(URLS[:2], policy=HealthPolicy(backoff_base=60, backoff_cap=60))
+    for _ in range(2):
+        with broker.lease() as lease:
+            broker.report(lease, status_code=403)
+    start = time.monotonic()
+    with pytest.raises(NoProxyAvailable, match=r"all 2 proxies of pool 'default' benched: 2 banned; next back in \d+ s"):
+        broker.acquire(timeout=30)
+    assert time.monotonic() - start < 1.0  # generous: the broker knows none is back within 30 s
+    assert_nothing_held(broker)
+
+
+def test_a_proxy_back_before_the_deadline_is_waited_for() -> None:
+    broker = make(URLS[:1], policy=HealthPolicy(backoff_base=0.3, backoff_cap=0.3), revive_scan_seconds=0.1)
+    with broker.lease() as lease:
+        broker.report(lease, status_code=403)
+    start = time.monotonic()
+    lease = broker.acquire(timeout=5)
+    assert 0.2 <= time.monotonic() - start < 4.0  # back after its 0.3 s cool-down
+    broker.release(lease)
+    assert_nothing_held(broker)
 
 
 def test_ban_benches_at_once_then_revives_after_cooldown() -> None:

@@ -161,3 +161,14 @@ def test_broker_object_in_scrapy_settings_survives_their_copies() -> None:
     assert LeaseBroker.from_settings(settings) is ready
     with pytest.raises(ConfigurationError, match=r"PHAROX_BROKER=<object>: found int; expected a LeaseBroker"):
         LeaseBroker.from_settings({"PHAROX_BROKER": 42})
+
+
+def test_an_unknown_pool_fails_at_start_up_naming_the_pools_there(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path}/pool.db"
+    from pharox_integrations.storage.sql import init_schema
+
+    init_schema(url)
+    seeded = LeaseBroker.from_settings({"PHAROX_STORAGE_URL": url, "PHAROX_POOL": "shop", "PHAROX_PROXIES": "http://a:1"})
+    seeded.close()
+    with pytest.raises(ConfigurationError, match=r"PHAROX_POOL='shpo': no such pool in .* \(pools there: 'shop'\)"):
+        LeaseBroker.from_settings({"PHAROX_STORAGE_URL": url, "PHAROX_POOL": "shpo"})

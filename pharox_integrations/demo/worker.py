@@ -135,6 +135,7 @@ def run(config: dict[str, Any]) -> dict[str, Any]:
         {
             "PHAROX_STORAGE_URL": storage_url,
             "PHAROX_POOL": pool,
+            "PHAROX_PROXIES": list(config["proxies"]),
             "PHAROX_ACQUIRE_TIMEOUT": 15,
             "PHAROX_MAX_FAILURES": 2,
             "PHAROX_LEASE_SECONDS": 120,
