@@ -7,8 +7,8 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
-from ..exchange import describe_error
 from ..broker import LeaseBroker
+from ..exchange import describe_error
 
 
 @dataclass
