@@ -1,0 +1,21 @@
+"""Shared by the core's tests: a memory broker over three proxies, and the leak check."""
+
+from __future__ import annotations
+
+from pharox_integrations import LeaseBroker
+
+URLS = ["http://alice:s3cr%20et@127.0.0.1:8001", "http://127.0.0.2:8002", "socks5://bob:hunter2@127.0.0.3:1080"]
+
+
+def make(urls: list[str] = URLS, **kw: object) -> LeaseBroker:
+    kw.setdefault("acquire_timeout", 0.3)
+    return LeaseBroker.from_proxies(urls, **kw)  # type: ignore[arg-type]
+
+
+def statuses(broker: LeaseBroker) -> dict[str, str]:
+    return {f"{p.host}:{p.port}": p.status.value for p in broker.proxies()}
+
+
+def assert_nothing_held(broker: LeaseBroker) -> None:
+    assert broker.held == 0
+    assert [p.current_leases for p in broker.proxies()] == [0] * len(broker.proxies())
