@@ -6,6 +6,7 @@ done (arguments, URL, pool), 3 storage unreachable or without schema.
 
 from __future__ import annotations
 
+import io
 import socket
 import subprocess
 import sys
@@ -237,3 +238,105 @@ def test_main_puts_the_sigterm_handler_back(db: str, capsys: pytest.CaptureFixtu
     before = signal.getsignal(signal.SIGTERM)
     assert run(capsys, "pool", "list", "--storage", db)[0] == EXIT_OK
     assert signal.getsignal(signal.SIGTERM) is before
+
+
+# ---------------------------------------------------------------------------- long listings
+
+
+def _import_many(db: str, tmp_path: Path, capsys: pytest.CaptureFixture[str], pool: str, count: int) -> None:
+    listing = tmp_path / f"{pool}.txt"
+    listing.write_text("".join(f"http://user:{SECRET}@127.0.{i // 250}.{i % 250 + 1}:8080\n" for i in range(count)))
+    assert run(capsys, "pool", "import", str(listing), "--storage", db, "--pool", pool)[0] == EXIT_OK
+
+
+def _ban(db: str, pool: str, hosts: set[str]) -> None:
+    from pharox import ProxyStatus
+
+    storage = storage_from_url(db)
+    try:
+        for p in _proxies(db, pool):
+            if str(p.host) in hosts:  # type: ignore[attr-defined]
+                storage.save_proxy(p.model_copy(update={"status": ProxyStatus.BANNED}))  # type: ignore[attr-defined]
+    finally:
+        storage.close()  # type: ignore[attr-defined]
+
+
+def _rows(out: str) -> list[str]:
+    """The body of the first table in `out` (between its rule and the first non-row line)."""
+    lines = out.splitlines()
+    rule = next(i for i, line in enumerate(lines) if line.startswith("---"))
+    return [line for line in lines[rule + 1 :] if line.startswith(("http", "socks"))]
+
+
+def test_long_listings_show_50_rows_and_say_how_many_more(
+    db: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    _import_many(db, tmp_path, capsys, "big", 120)
+    _ban(db, "big", {"127.0.0.99", "127.0.0.100"})  # by address, rows 99 and 100 of 120
+
+    code, out, err = run(capsys, "pool", "list", "--storage", db, "--pool", "big")
+    assert code == EXIT_OK and err == ""
+    rows = _rows(out)
+    assert len(rows) == 50
+    assert [r.split()[0] for r in rows[:3]] == [f"http://127.0.0.{i}:8080" for i in (1, 2, 3)]
+    assert "… and 70 more (use --limit 0 for all)" in out
+    assert "120 proxies in pool 'big'" in out
+
+    code, out, _ = run(capsys, "pool", "list", "--storage", db, "--pool", "big", "--limit", "0")
+    assert len(_rows(out)) == 120 and "more (use --limit 0" not in out
+
+    code, out, _ = run(capsys, "pool", "stats", "--storage", db, "--pool", "big", "--limit", "5")
+    assert code == EXIT_OK
+    rows = _rows(out)
+    assert len(rows) == 5
+    assert [r.split()[1] for r in rows[:2]] == ["banned", "banned"]  # trouble first
+    assert "… and 115 more (use --limit 0 for all)" in out
+    assert out.startswith("pool 'big': 120 proxies, 118 active, 2 banned")  # the counts cover every proxy
+
+    _import_many(db, tmp_path, capsys, "other", 1)
+    code, out, _ = run(capsys, "pool", "list", "--storage", db, "--limit", "1")
+    assert out.splitlines()[2].split()[:2] == ["big", "120"]
+    assert "… and 1 more (use --limit 0 for all)" in out
+    assert SECRET not in out
+
+
+def test_long_cells_are_cut_with_an_ellipsis(db: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    source = "provider-" + "x" * 90
+    sheet = tmp_path / "p.csv"
+    sheet.write_text(f"url,source\nhttp://127.0.0.1:5000,{source}\n")
+    assert run(capsys, "pool", "import", str(sheet), "--storage", db, "--pool", "a")[0] == EXIT_OK
+    code, out, _ = run(capsys, "pool", "list", "--storage", db, "--pool", "a")
+    assert code == EXIT_OK
+    assert source[:59] + "…" in out and source not in out
+
+
+def test_stats_of_every_proxy_in_a_big_pool_shows_compact_progress(
+    db: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    _import_many(db, tmp_path, capsys, "big", 600)
+    code, out, err = run(capsys, "pool", "stats", "--storage", db, "--pool", "big")
+    assert code == EXIT_OK and err == ""  # 50 rows: nothing to wait for
+    code, out, err = run(capsys, "pool", "stats", "--storage", db, "--pool", "big", "--limit", "0")
+    assert code == EXIT_OK
+    assert len(_rows(out)) == 600
+    lines = err.splitlines()
+    assert lines[-1].endswith("read health of 600/600")
+    assert len(lines) <= 11  # off a terminal: a line per tenth, not per proxy
+
+
+class _Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def test_progress_on_a_terminal_rewrites_one_line_at_most_ten_times_a_second() -> None:
+    from pharox_integrations.cli import _Progress
+
+    stream = _Terminal()
+    progress = _Progress(10_000, "checked", stream=stream)
+    for done in range(1, 10_001):
+        progress.update(done)
+    progress.finish()
+    text = stream.getvalue()
+    assert text.startswith("\r[") and text.endswith("checked 10000/10000\n")
+    assert text.count("\r") < 50  # throttled, and the final state always shown

@@ -15,6 +15,7 @@ import asyncio
 import io
 import json
 import ssl
+import time
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -31,6 +32,7 @@ from pharox_integrations import (
     AllProxiesFailed,
     HealthPolicy,
     LeaseBroker,
+    NoProxyAvailable,
     ProxyAuthenticationFailed,
     ReportFailed,
 )
@@ -86,11 +88,11 @@ class RequestsDoor(Door):
 
     def fetch_sync(
         self, broker: LeaseBroker, url: str, *, method: str = "GET", body: Any = None, ca: str | None = None,
-        session: str | None = None, max_moves: int | None = None,
+        session: str | None = None, max_moves: int | None = None, timeout: float = TIMEOUT,
     ) -> Result:
         client = pharox_session(broker, session=session, max_moves=max_moves)
         try:
-            r = client.request(method, url, data=body, verify=ca or True, timeout=TIMEOUT)
+            r = client.request(method, url, data=body, verify=ca or True, timeout=timeout)
             return Result(r.status_code, r.content)
         except Exception as exc:
             return Result(error=exc)
@@ -105,12 +107,12 @@ class Urllib3Door(Door):
 
     def fetch_sync(
         self, broker: LeaseBroker, url: str, *, method: str = "GET", body: Any = None, ca: str | None = None,
-        session: str | None = None, max_moves: int | None = None,
+        session: str | None = None, max_moves: int | None = None, timeout: float = TIMEOUT,
     ) -> Result:
         tls = {"ca_certs": ca} if ca else {}
         manager = PharoxProxyManager(broker, session=session, max_moves=max_moves, **tls)
         try:
-            r = manager.request(method, url, body=body, timeout=TIMEOUT, retries=False)
+            r = manager.request(method, url, body=body, timeout=timeout, retries=False)
             return Result(r.status, r.data)
         except Exception as exc:
             return Result(error=exc)
@@ -125,11 +127,11 @@ class HttpxDoor(Door):
 
     def fetch_sync(
         self, broker: LeaseBroker, url: str, *, method: str = "GET", body: Any = None, ca: str | None = None,
-        session: str | None = None, max_moves: int | None = None,
+        session: str | None = None, max_moves: int | None = None, timeout: float = TIMEOUT,
     ) -> Result:
         transport = PharoxTransport(broker, max_moves=max_moves, verify=_verify(ca))
         options = {"pharox": {"session": session}} if session else None
-        with httpx.Client(transport=transport, timeout=TIMEOUT) as client:
+        with httpx.Client(transport=transport, timeout=timeout) as client:
             try:
                 r = client.request(method, url, content=body, extensions=options)
                 return Result(r.status_code, r.content)
@@ -145,13 +147,13 @@ class AsyncHttpxDoor(HttpxDoor):
 
     async def _fetch(
         self, broker: LeaseBroker, url: str, *, method: str = "GET", body: Any = None, ca: str | None = None,
-        session: str | None = None, max_moves: int | None = None,
+        session: str | None = None, max_moves: int | None = None, timeout: float = TIMEOUT,
     ) -> Result:
         if isinstance(body, Iterator):
             body = _async_iter(body)
         transport = AsyncPharoxTransport(broker, max_moves=max_moves, verify=_verify(ca))
         options = {"pharox": {"session": session}} if session else None
-        async with httpx.AsyncClient(transport=transport, timeout=TIMEOUT) as client:
+        async with httpx.AsyncClient(transport=transport, timeout=timeout) as client:
             try:
                 r = await client.request(method, url, content=body, extensions=options)
                 return Result(r.status_code, r.content)
@@ -176,13 +178,13 @@ class ScrapyDoor(Door):
 
     async def fetch(
         self, broker: LeaseBroker, url: str, *, method: str = "GET", body: Any = None, ca: str | None = None,
-        session: str | None = None, max_moves: int | None = None,
+        session: str | None = None, max_moves: int | None = None, timeout: float = TIMEOUT,
     ) -> Result:
         from scrapy.crawler import CrawlerRunner
         from twisted.internet import reactor
 
         cls = type(reactor)
-        meta: dict[str, Any] = {"handle_httpstatus_all": True}
+        meta: dict[str, Any] = {"handle_httpstatus_all": True, "download_timeout": timeout}
         if session:
             meta["pharox_session"] = session
         if max_moves is not None:
@@ -493,4 +495,61 @@ async def test_a_sticky_session_keeps_its_proxy(
     assert len(target.hits) == 1 and sum(target.hits.values()) == 4
     rotating = [json.loads((await door.fetch(broker, f"{target.url}/echo")).body)["peer_ip"] for _ in range(3)]
     assert len(set(rotating)) == 3
+    assert_nothing_held(broker)
+
+
+# ---------------------------------------------------------------------- deadlines
+#
+# Bounds are generous (shared, loaded machines): the figures measured here are in the
+# closing note of the deadlines issue.  What matters is the order of magnitude: seconds
+# bounded by the caller's timeout, not the 30 s acquire timeout or a 30 s cool-down.
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_only_proxy_banned_answers_at_once_not_after_its_cool_down(
+    door: Door, target: TargetServer, http_proxy: KitProxy, brokers: list[LeaseBroker]
+) -> None:
+    target.ban(http_proxy.outbound_ip)
+    broker = make_broker(brokers, [http_proxy.url], acquire_timeout=30)
+    started = time.monotonic()
+    result = await door.fetch(broker, f"{target.url}/echo", timeout=5)
+    assert result.status == 403, repr(result.error)
+    assert time.monotonic() - started < 3.0  # measured well under 1 s; it waited 60-90 s before
+    assert_nothing_held(broker)
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_pool_benched_for_minutes_says_so_at_once(
+    door: Door, target: TargetServer, http_proxy: KitProxy, brokers: list[LeaseBroker]
+) -> None:
+    broker = make_broker(brokers, [http_proxy.url], acquire_timeout=30, policy=HealthPolicy(backoff_base=120))
+    with broker.lease() as lease:
+        broker.report(lease, status_code=403)
+    started = time.monotonic()
+    result = await door.fetch(broker, f"{target.url}/echo", timeout=5)
+    elapsed = time.monotonic() - started
+    error = result.raised()
+    if door.name != "scrapy":  # Scrapy: PHAROX_ON_EXHAUSTED decides (IgnoreRequest by default)
+        assert isinstance(error, NoProxyAvailable), repr(error)
+    assert "next back in" in str(error), str(error)
+    assert elapsed < 3.0  # measured well under 1 s: nothing can come back within 5 s
+    assert not target.requests
+    assert_nothing_held(broker)
+
+
+@pytest_twisted.ensureDeferred
+async def test_waiting_for_a_busy_proxy_is_bounded_by_the_callers_timeout(
+    door: Door, target: TargetServer, http_proxy: KitProxy, brokers: list[LeaseBroker]
+) -> None:
+    broker = make_broker(brokers, [http_proxy.url], acquire_timeout=30, max_concurrency=1)
+    elsewhere = broker.acquire()  # the only proxy, busy with another request
+    started = time.monotonic()
+    result = await door.fetch(broker, f"{target.url}/echo", timeout=1.5)
+    elapsed = time.monotonic() - started
+    broker.release(elsewhere)
+    error = result.raised()
+    if door.name != "scrapy":
+        assert isinstance(error, NoProxyAvailable), repr(error)
+    assert "leased to capacity" in str(error), str(error)
+    assert 1.4 <= elapsed < 3.0  # the caller's 1.5 s, not the broker's 30 s
     assert_nothing_held(broker)

@@ -242,6 +242,93 @@ def _guarded(
 
 # "relation … does not exist" (PostgreSQL), "no such table" (SQLite), "Table … doesn't exist" (MySQL)
 _NO_TABLE = re.compile(r"relation \S+ does not exist|no such table|Table \S+ doesn't exist", re.I)
+# A server that answers but will not let us in: these never heal by waiting.
+_NO_DATABASE = re.compile(r"database \"(?P<pg>[^\"]*)\" does not exist|Unknown database '(?P<my>[^']*)'", re.I)
+_LOGIN = re.compile(
+    r"role \"(?P<pg_role>[^\"]*)\" does not exist"
+    r"|password authentication failed for user \"(?P<pg_user>[^\"]*)\""
+    r"|no pg_hba\.conf entry for host \S+, user \"(?P<hba_user>[^\"]*)\""
+    r"|permission denied for database"
+    r"|Access denied for user '(?P<my_user>[^']*)'",
+    re.I,
+)
+_SQLITE_CANNOT_OPEN = re.compile(r"unable to open database file", re.I)
+# libpq's framing around the server's own words
+_PG_NOISE = re.compile(
+    r"connection failed: |connection to server at \"[^\"]*\"(?: \([^)]*\))?, port \d+ failed: |FATAL:\s+"
+)
+
+
+def _failure(exc: BaseException, url: sa.URL, where: str) -> StorageUnavailable:
+    """The one `StorageUnavailable` for a database that cannot be used, naming why.
+
+    Besides its message (for logs and tracebacks) it carries `database` (where),
+    `kind` ("unreachable", "no_database", "login", "no_schema" or "failed"), `reason`
+    (why, without the where) and `transient` (True when waiting can help), so a
+    command line can word its own one-line error.  Never the password.
+    """
+    orig = getattr(exc, "orig", None) or exc
+    text = _scrub(str(orig), url)
+    detail = _short(text, orig)
+    kind_name = type(orig).__name__
+    if found := _NO_DATABASE.search(text):
+        name = found.group("pg") or found.group("my") or url.database or ""
+        kind = "no_database"
+        reason = f"the server has no database {name!r}: create it, or fix the database name in the storage URL"
+    elif found := _LOGIN.search(text):
+        user = next((v for v in found.groupdict().values() if v), None) or url.username or ""
+        kind = "login"
+        reason = (
+            f"the server refused user {user!r} ({detail}): fix the user or password in the storage URL, "
+            "or create that user and grant it the database"
+        )
+    elif url.get_backend_name() == "sqlite" and _SQLITE_CANNOT_OPEN.search(text):
+        kind = "no_database"
+        reason = f"cannot open the file ({detail}): does its directory exist, may we write there?"
+    elif isinstance(exc, (OperationalError, InterfaceError)) or getattr(exc, "connection_invalidated", False):
+        kind = "unreachable"
+        reason = f"cannot connect ({kind_name}: {detail})"
+    else:
+        kind = "failed"
+        reason = f"{kind_name}: {detail}"
+    if kind == "unreachable":
+        message = (
+            f"proxy storage unavailable: {where} ({kind_name}: {detail}); "
+            "leasing resumes by itself once the database answers again"
+        )
+    else:
+        message = f"proxy storage unavailable: {where}: {reason}"
+    return _storage_error(message, where=where, kind=kind, reason=reason)
+
+
+def _storage_error(message: str, *, where: str, kind: str, reason: str) -> StorageUnavailable:
+    err = StorageUnavailable(message)
+    err.database = where  # type: ignore[attr-defined]
+    err.kind = kind  # type: ignore[attr-defined]
+    err.reason = reason  # type: ignore[attr-defined]
+    err.transient = kind == "unreachable"  # type: ignore[attr-defined]
+    return err
+
+
+def _scrub(text: str, url: sa.URL) -> str:
+    """`text` without the URL's password, in any spelling a driver might echo."""
+    from urllib.parse import quote, quote_plus
+
+    password = url.password
+    if isinstance(password, str) and len(password) >= 3:
+        for spelling in {password, quote(password, safe=""), quote_plus(password)}:
+            text = text.replace(spelling, "***")
+    return re.sub(r"(?P<scheme>[a-z][a-z0-9+.-]*://)[^/\s@]+@", r"\g<scheme>***@", text, flags=re.I)
+
+
+def _short(text: str, orig: object) -> str:
+    """The driver's message in one short line, without libpq's framing."""
+    args: tuple[Any, ...] = tuple(getattr(orig, "args", ()))
+    if len(args) == 2 and isinstance(args[0], int) and isinstance(args[1], str):  # PyMySQL: (code, message)
+        text = f"{args[1]} [{args[0]}]"
+    text = _PG_NOISE.sub("", text)
+    line = "; ".join(part.strip() for part in text.strip().splitlines() if part.strip())
+    return line if len(line) <= 200 else line[:199] + "…"
 
 
 @dataclass
@@ -778,11 +865,16 @@ def init_schema(url: str | sa.URL | Engine) -> None:
     """Create or upgrade the SqlStorage tables (Alembic ``upgrade head``); idempotent."""
     if isinstance(url, Engine):
         _prepare_engine(url)
-        _run_migrations(url)
+        try:
+            _run_migrations(url)
+        except DBAPIError as exc:
+            raise _failure(exc, url.url, SqlStorage._describe(url.url)) from exc
         return
     engine = make_engine(url, pool_size=1)
     try:
         _run_migrations(engine)
+    except DBAPIError as exc:
+        raise _failure(exc, engine.url, SqlStorage._describe(engine.url)) from exc
     finally:
         engine.dispose()
 
@@ -835,7 +927,7 @@ class SqlStorage(IStorage):
         if create_schema:
             try:
                 _run_migrations(self._engine)
-            except (OperationalError, InterfaceError) as exc:
+            except DBAPIError as exc:
                 raise self._unavailable(exc) from exc
 
     # ------------------------------------------------------------------ plumbing
@@ -848,22 +940,16 @@ class SqlStorage(IStorage):
         return f"{url.get_backend_name()} at {url.host or 'localhost'}{port}/{url.database or ''}"
 
     def _unavailable(self, exc: DBAPIError) -> StorageUnavailable:
-        reason = str(exc.orig).strip().splitlines()[0][:200] if exc.orig is not None else ""
-        kind = type(exc.orig).__name__ if exc.orig is not None else type(exc).__name__
-        err = StorageUnavailable(
-            f"proxy storage unavailable: {self._where} ({kind}: {reason}); "
-            "leasing resumes by itself once the database answers again"
-        )
-        err.database = self._where  # type: ignore[attr-defined]
-        return err
+        return _failure(exc, self._engine.url, self._where)
 
     def _no_schema(self) -> StorageUnavailable:
-        err = StorageUnavailable(
+        return _storage_error(
             f"no pharox-integrations schema in {self._where}: create it once with "
-            "`pharox-integrations db init --storage URL` (or SqlStorage(url, create_schema=True))"
+            "`pharox-integrations db init --storage URL` (or SqlStorage(url, create_schema=True))",
+            where=self._where,
+            kind="no_schema",
+            reason="no pharox-integrations schema",
         )
-        err.database = self._where  # type: ignore[attr-defined]
-        return err
 
     @property
     def engine(self) -> Engine:
