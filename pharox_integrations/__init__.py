@@ -19,7 +19,7 @@ from .errors import (
 from .exchange import Exchange, Step
 from .health import HealthPolicy, Verdict
 from .lease import PoolHealth, ProxyLease, ProxyView
-from .settings import PharoxSettings, ProxySpec, parse_proxy, parse_proxy_lines
+from .settings import PharoxSettings, PharoxSettingsWarning, ProxySpec, parse_proxy, parse_proxy_lines
 
 __version__ = "0.1.0"
 
@@ -33,6 +33,7 @@ __all__ = [
     "NoProxyAvailable",
     "PharoxIntegrationError",
     "PharoxSettings",
+    "PharoxSettingsWarning",
     "PoolHealth",
     "ProxyAttempt",
     "ProxyAuthenticationFailed",

@@ -2,15 +2,41 @@
 
 Settings come from a dict, a Scrapy `Settings` object or the environment.  Every value
 is parsed and checked once, up front: a bad value fails at start-up with the key, the
-value and what was expected, never later on the request path.
+value and what was expected, never later on the request path.  An unknown `PHAROX_*`
+key (any case) in a dict or Scrapy settings is an error; in the environment, where
+other programs' variables live too, it is one `PharoxSettingsWarning`.  Both name the
+closest known key.
+
+`PHAROX_PROXIES` given as one string (the environment's only form) is split into
+entries at newlines, commas and spaces, but a password may contain those too, so a
+piece only starts a new entry when it is one:
+
+- a piece beginning with `scheme://` starts an entry;
+- so does a piece that is a bare `host:port` or `[v6]:port`;
+- an entry is complete once it ends in `@host:port` (its credentials are closed), or
+  when it is a bare `host:port`: the next piece starts another entry.
+
+Any other piece belongs to the entry before it, joined with the separator as written:
+`"http://carl:Zq9 Wx7@127.0.0.1:3128"` is one entry whose password is `Zq9 Wx7`.  So a
+password piece that itself looks like `xxx://…` or a bare `host:port`, or a
+`user:pass@host:port` without its scheme right after a `scheme://host:port` entry,
+reads differently: percent-encode it (`%20` for a space) or give a list or a file,
+where every item or line is exactly one entry.  `#` starts a comment at the start of
+a line or after a space.
+
+Errors about an entry never show any part of its credentials: the whole user-info is
+replaced by `***`, and when the entry has no recognisable `@host:port` end everything
+after the scheme is (`'http://***'`).
 """
 
 from __future__ import annotations
 
+import difflib
 import ipaddress
 import json
 import os
 import re
+import sys
 import warnings
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -101,25 +127,26 @@ def build_proxy_url(scheme: str, host: str, port: int, username: str | None, pas
 def parse_proxy(entry: str, *, where: str = "proxy entry") -> ProxySpec:
     """Parse `scheme://user:pass@host:port`, bare `host:port` (http) or `[v6]:port`.
 
-    The user-info part ends at the *last* `@`, so a raw `@`, `:` or `/` inside the
-    password still parses; percent-encoded credentials are decoded.  Errors name
-    `where` (setting and line) and never echo the credentials.
+    The user-info part ends at the *last* `@`, so a raw `@`, `:`, `/` or space inside
+    the password still parses; percent-encoded credentials are decoded.  Errors name
+    `where` (setting and line) and never echo any part of the credentials.
     """
     text = entry.strip()
     if not text:
         raise InvalidProxyURL(f"{where}: empty proxy entry")
     scheme = "http"
     rest = text
-    if "://" in text:
-        scheme, rest = text.split("://", 1)
-        scheme = scheme.lower()
+    has_scheme = _SCHEME.match(text)
+    if has_scheme:
+        scheme = has_scheme.group("scheme").lower()
+        rest = text[has_scheme.end() :]
     try:
         protocol = ProxyProtocol(scheme)
     except ValueError:
         supported = ", ".join(p.value for p in ProxyProtocol)
         raise InvalidProxyURL(f"{where}: unsupported proxy protocol {scheme!r} (supported: {supported})") from None
+    shown = _masked(scheme, rest)
     userinfo, at, hostport = rest.rpartition("@")
-    shown = f"{scheme}://{'***@' if at else ''}{hostport}"
     match = _HOSTPORT.match(hostport)
     if not match:
         raise InvalidProxyURL(f"{where}: {shown!r} is not a proxy URL; expected scheme://[user:password@]host:port")
@@ -144,17 +171,74 @@ def parse_proxy(entry: str, *, where: str = "proxy entry") -> ProxySpec:
     return ProxySpec(protocol, host, port, username, password)
 
 
+_SCHEME = re.compile(r"^(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*)://")
+_PLAIN_HOST = re.compile(r"^[\w.-]+/?$")
+
+
+def _masked(scheme: str, rest: str) -> str:
+    """The entry as an error may show it: the whole user-info replaced by `***`.
+
+    Where the user-info ends is only known when the entry ends in `@host:port`; without
+    that end (a missing host or port, a password cut at a space or `#`), any part after
+    the scheme may be a password fragment, so all of it is masked unless it is a plain
+    host or host:port.
+    """
+    _userinfo, at, hostport = rest.rpartition("@")
+    if at:
+        return f"{scheme}://***@{hostport}" if _HOSTPORT.match(hostport) else f"{scheme}://***"
+    if _HOSTPORT.match(rest) or _PLAIN_HOST.match(rest):
+        return f"{scheme}://{rest}"
+    return f"{scheme}://***"
+
+
 def parse_proxy_lines(lines: Iterable[str], *, source: str) -> list[ProxySpec]:
     """Parse a list of entries; `#` comments and blank lines are skipped, duplicates
     dropped (first one kept), and a bad entry fails with its line number."""
+    return _parse_entries((f"{source} line {number}", _strip_comment(raw)) for number, raw in enumerate(lines, start=1))
+
+
+def split_proxy_string(text: str) -> list[str]:
+    """The entries of one `PHAROX_PROXIES` string (the rule is in the module doc string)."""
+    entries: list[str] = []
+    for line in text.splitlines():
+        pieces = re.split(r"([,\s]+)", _strip_comment(line).strip(", \t"))
+        current = pieces[0]
+        for separator, piece in zip(pieces[1::2], pieces[2::2], strict=True):
+            if _starts_entry(piece) or _is_complete(current):
+                entries.append(current)
+                current = piece
+            else:
+                current += separator + piece
+        if current:
+            entries.append(current)
+    return entries
+
+
+def _starts_entry(piece: str) -> bool:
+    return bool(_SCHEME.match(piece) or _HOSTPORT.match(piece))
+
+
+def _is_complete(entry: str) -> bool:
+    """True when nothing can follow: `…@host:port`, or a bare `host:port`."""
+    _userinfo, at, hostport = entry.rpartition("@")
+    return bool(_HOSTPORT.match(hostport)) if at else bool(_HOSTPORT.match(entry))
+
+
+def _strip_comment(line: str) -> str:
+    line = line.strip()
+    if line.startswith("#"):
+        return ""
+    return re.split(r"\s+#", line, maxsplit=1)[0].strip()
+
+
+def _parse_entries(labelled: Iterable[tuple[str, str]]) -> list[ProxySpec]:
+    """Parse `(where, entry)` pairs, skipping blank entries and dropping duplicates."""
     specs: list[ProxySpec] = []
     seen: set[tuple[str, str, int, str | None, str | None]] = set()
-    for number, raw in enumerate(lines, start=1):
-        line = raw.strip()
-        if not line or line.startswith("#"):
+    for where, entry in labelled:
+        if not entry.strip():
             continue
-        line = re.split(r"\s+#", line, maxsplit=1)[0].strip()
-        spec = parse_proxy(line, where=f"{source} line {number}")
+        spec = parse_proxy(entry, where=where)
         if spec.identity not in seen:
             seen.add(spec.identity)
             specs.append(spec)
@@ -172,7 +256,10 @@ SETTINGS_DOC: dict[str, str] = {
     "PHAROX_STORAGE_URL": "storage URL: memory:// (default), sqlite:///file.db, postgresql+psycopg://…, mysql+pymysql://…",
     "PHAROX_POOL": "pool name to lease from (default 'default')",
     "PHAROX_CONSUMER": "consumer name leases are attributed to (default: pharox's 'default')",
-    "PHAROX_PROXIES": "list of proxy URLs (or one string, entries separated by newlines, commas or spaces)",
+    "PHAROX_PROXIES": (
+        "list of proxy URLs, or one string of entries separated by newlines, commas or spaces; a new entry starts"
+        " only at a scheme:// or a bare host:port, so a password may contain spaces and commas"
+    ),
     "PHAROX_PROXIES_FILE": "path of a file with one proxy URL per line (# comments allowed)",
     "PHAROX_SELECTOR": "round_robin (default), first_available, least_used or lowest_latency",
     "PHAROX_FILTERS": 'mapping (or JSON object) of pharox ProxyFilters fields, e.g. {"country": "US"}',
@@ -231,7 +318,9 @@ class PharoxSettings:
         env = source is None
         src: Any = os.environ if source is None else source
         reader = _Reader(src)
-        if not env:
+        if env:
+            _warn_unknown_environment(src)
+        else:
             reader.reject_unknown()
         explicit = frozenset(k for k in SETTINGS_DOC if reader.has(k))
         proxies = reader.proxies()
@@ -277,6 +366,61 @@ class PharoxSettings:
         )
 
 
+class PharoxSettingsWarning(UserWarning):
+    """A setting that is not an error but probably a mistake (an unknown `PHAROX_*`
+    environment variable).  Silence it with
+    `warnings.filterwarnings("ignore", category=PharoxSettingsWarning)`."""
+
+
+#: Environment variables with the prefix that are not settings: the test suite's
+#: database URLs (tests/sqlhelpers.py).
+_NOT_SETTINGS_PREFIX = "PHAROX_TEST_"
+
+
+def _unknown_keys(keys: Iterable[Any]) -> list[str]:
+    """Keys that look like settings (`PHAROX_` in any case) but are not one."""
+    return sorted(k for k in keys if isinstance(k, str) and k.upper().startswith("PHAROX_") and k not in SETTINGS_DOC)
+
+
+def _with_suggestions(unknown: list[str]) -> str:
+    """`PHAROX_MAX_FAILURE (did you mean PHAROX_MAX_FAILURES?), ...`"""
+    named = []
+    for key in unknown:
+        close = difflib.get_close_matches(key.upper(), SETTINGS_DOC, n=1)
+        named.append(f"{key} (did you mean {close[0]}?)" if close else key)
+    return ", ".join(named)
+
+
+def _warn_unknown_environment(environ: Mapping[str, str]) -> None:
+    """One warning naming every unknown `PHAROX_*` variable.
+
+    A warning rather than an error: the environment is shared with other programs.  A
+    warning rather than a log line: Python shows it on stderr with no logging set up
+    (requests, httpx and urllib3 scripts), Scrapy routes warnings into its log
+    (`logging.captureWarnings`), it is shown once per place even when many brokers are
+    built, and `-W` / `filterwarnings` can silence or escalate it by category.
+    """
+    unknown = [k for k in _unknown_keys(environ) if not k.startswith(_NOT_SETTINGS_PREFIX)]
+    if unknown:
+        warnings.warn(
+            f"ignored unknown environment variable{'s' if len(unknown) > 1 else ''} {_with_suggestions(unknown)};"
+            f" known settings: {', '.join(sorted(SETTINGS_DOC))}",
+            PharoxSettingsWarning,
+            stacklevel=_stacklevel_outside_package(),
+        )
+
+
+def _stacklevel_outside_package() -> int:
+    """The `stacklevel` that points a warning at the first caller outside this package."""
+    package = os.path.dirname(os.path.abspath(__file__))
+    frame = sys._getframe(1)  # the function that calls warnings.warn: stacklevel 1
+    level = 1
+    while frame.f_back is not None and frame.f_code.co_filename.startswith(package):
+        frame = frame.f_back
+        level += 1
+    return level
+
+
 def _max_moves(reader: _Reader) -> int:
     """PHAROX_MAX_MOVES, or its old name PHAROX_RETRY_TIMES (with a deprecation warning)."""
     if reader.has("PHAROX_RETRY_TIMES"):
@@ -317,10 +461,11 @@ class _Reader:
             keys = list(self._source.keys())
         except (AttributeError, TypeError):
             return
-        unknown = sorted(k for k in keys if isinstance(k, str) and k.startswith("PHAROX_") and k not in SETTINGS_DOC)
+        unknown = _unknown_keys(keys)
         if unknown:
-            known = ", ".join(sorted(SETTINGS_DOC))
-            raise ConfigurationError(f"unknown setting {', '.join(unknown)}; known settings: {known}")
+            raise ConfigurationError(
+                f"unknown setting {_with_suggestions(unknown)}; known settings: {', '.join(sorted(SETTINGS_DOC))}"
+            )
 
     def text(self, key: str) -> str | None:
         value = self.raw(key)
@@ -432,26 +577,34 @@ class _Reader:
             return parse_proxy_lines(lines, source=f"PHAROX_PROXIES_FILE {file.name}")
         if inline is None:
             return []
-        return parse_proxy_lines(_split_list(inline, newline_only=True), source="PHAROX_PROXIES")
+        if isinstance(inline, str) and _json_list(inline) is None:
+            entries = split_proxy_string(inline)
+        else:
+            entries = [_strip_comment(entry) for entry in _split_list(inline)]
+        return _parse_entries((f"PHAROX_PROXIES[{i}]", entry) for i, entry in enumerate(entries))
 
 
-def _split_list(value: Any, *, newline_only: bool = False) -> list[str]:
+def _split_list(value: Any) -> list[str]:
     """A list setting given as a list, or as one string (Scrapy and env style)."""
     if isinstance(value, str):
-        text = value.strip()
-        if text.startswith("["):
-            try:
-                loaded = json.loads(text)
-            except ValueError:
-                loaded = None
-            if isinstance(loaded, list):
-                return [str(v) for v in loaded]
-        if newline_only and "\n" in text:
-            return text.splitlines()
-        return [part for part in re.split(r"[,\s]+", text) if part]
+        loaded = _json_list(value)
+        if loaded is not None:
+            return loaded
+        return [part for part in re.split(r"[,\s]+", value.strip()) if part]
     if isinstance(value, Iterable):
         return [str(v) for v in value]
     return [str(value)]
+
+
+def _json_list(text: str) -> list[str] | None:
+    """The items of a string holding a JSON list (`'["a:1", "b:2"]'`), else None."""
+    if not text.strip().startswith("["):  # a JSON list, or a bare [v6]:port entry
+        return None
+    try:
+        loaded = json.loads(text)
+    except ValueError:
+        return None
+    return [str(v) for v in loaded] if isinstance(loaded, list) else None
 
 
 _FILTER_FIELDS = ("source", "country", "city", "isp", "asn", "latitude", "longitude", "radius_km")

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import pytest
 from pharox import ProxyProtocol, SelectorStrategy
 
 from pharox_integrations import ConfigurationError, InvalidProxyURL, LeaseBroker, PharoxSettings, parse_proxy
-from pharox_integrations.settings import parse_proxy_lines
+from pharox_integrations.settings import PharoxSettingsWarning, parse_proxy_lines, split_proxy_string
 
 
 def test_full_url_with_percent_encoded_credentials() -> None:
@@ -124,8 +125,12 @@ def test_the_old_name_of_max_moves_warns_and_still_works() -> None:
         ({"PHAROX_FILTERS": {"colour": "red"}}, r"PHAROX_FILTERS: unknown filter field\(s\) colour"),
         ({"PHAROX_BACKOFF_BASE": 60, "PHAROX_BACKOFF_CAP": 10}, r"PHAROX_BACKOFF_CAP=10.0: expected a number >="),
         ({"PHAROX_ON_EXHAUSTED": "panic"}, r"PHAROX_ON_EXHAUSTED='panic': expected one of close_spider"),
-        ({"PHAROX_PROXIES": ["http://a:1", "bogus entry"]}, r"PHAROX_PROXIES line 2"),
-        ({"PHAROX_PROXY": "http://a:1"}, r"unknown setting PHAROX_PROXY; known settings:"),
+        ({"PHAROX_PROXIES": ["http://a:1", "bogus entry"]}, r"PHAROX_PROXIES\[1\]: 'http://\*\*\*' is not a proxy URL"),
+        (
+            {"PHAROX_PROXY": "http://a:1"},
+            r"unknown setting PHAROX_PROXY \(did you mean PHAROX_PROXIES\?\); known settings:",
+        ),
+        ({"pharox_pool": "shop"}, r"unknown setting pharox_pool \(did you mean PHAROX_POOL\?\); known settings:"),
         ({"PHAROX_BROKER": "x.y", "PHAROX_PROXIES": ["http://a:1"]}, r"PHAROX_BROKER is set together"),
         ({"PHAROX_PROXIES": ["a:1"], "PHAROX_PROXIES_FILE": "f"}, r"both set"),
         ({"PHAROX_PROXIES_FILE": "/nonexistent/list.txt"}, r"PHAROX_PROXIES_FILE='/nonexistent/list.txt': cannot read"),
@@ -168,7 +173,155 @@ def test_an_unknown_pool_fails_at_start_up_naming_the_pools_there(tmp_path: Path
     from pharox_integrations.storage.sql import init_schema
 
     init_schema(url)
-    seeded = LeaseBroker.from_settings({"PHAROX_STORAGE_URL": url, "PHAROX_POOL": "shop", "PHAROX_PROXIES": "http://a:1"})
+    seeded = LeaseBroker.from_settings(
+        {"PHAROX_STORAGE_URL": url, "PHAROX_POOL": "shop", "PHAROX_PROXIES": "http://a:1"}
+    )
     seeded.close()
     with pytest.raises(ConfigurationError, match=r"PHAROX_POOL='shpo': no such pool in .* \(pools there: 'shop'\)"):
         LeaseBroker.from_settings({"PHAROX_STORAGE_URL": url, "PHAROX_POOL": "shpo"})
+
+
+# -- PHAROX_PROXIES as one string: where entries split, and passwords that hold separators
+
+PASSWORDS = ["Zq9 Wx7", "Zq9@Wx7:Kj2", "Zq9:Wx7/Kj2", "Zq9%zzWx7 Kj2", "Zq9/ Wx7,Kj2", "Zq9 Wx7@Kj2:8f"]
+
+
+@pytest.mark.parametrize(
+    ("text", "entries"),
+    [
+        ("http://carl:Zq9 Wx7@127.0.0.1:3128", ["http://carl:Zq9 Wx7@127.0.0.1:3128"]),
+        ("http://a:1, socks5://b:2\nc:3 d:4  # a comment", ["http://a:1", "socks5://b:2", "c:3", "d:4"]),
+        ("http://u:a, b@h:1,http://u:c d@h:2", ["http://u:a, b@h:1", "http://u:c d@h:2"]),
+        ("u:p@h:1 v:q@h:2", ["u:p@h:1", "v:q@h:2"]),  # an entry ends at @host:port
+        ("[::1]:80 http://u:a b@c:1", ["[::1]:80", "http://u:a b@c:1"]),
+        ("http://u:a b:12 c@h:1", ["http://u:a", "b:12", "c@h:1"]),  # a bare host:port always starts one
+    ],
+)
+def test_a_string_splits_only_where_an_entry_starts(text: str, entries: list[str]) -> None:
+    assert split_proxy_string(text) == entries
+
+
+def test_a_json_list_string_is_a_list_and_a_leading_ipv6_entry_is_not() -> None:
+    as_json = PharoxSettings.from_mapping({"PHAROX_PROXIES": '["http://u:a b@c:1", "d:2"]'}).proxies
+    assert [(p.safe_url, p.password) for p in as_json] == [("http://c:1", "a b"), ("http://d:2", None)]
+    leading_v6 = PharoxSettings.from_mapping({"PHAROX_PROXIES": "[::1]:80 http://u:a b@c:1"}).proxies
+    assert [(p.safe_url, p.password) for p in leading_v6] == [("http://[::1]:80", None), ("http://c:1", "a b")]
+
+
+@pytest.mark.parametrize("password", PASSWORDS)
+def test_a_password_with_separators_parses_from_every_source(
+    password: str, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    entry = f"http://carlos:{password}@127.0.0.1:3128"
+    _clean_environment(monkeypatch)
+    monkeypatch.setenv("PHAROX_PROXIES", f"socks5://127.0.0.1:1080, {entry}\n127.0.0.1:3129")
+    from_env = PharoxSettings.from_mapping(None).proxies
+    assert [p.safe_url for p in from_env] == [
+        "socks5://127.0.0.1:1080",
+        "http://127.0.0.1:3128",
+        "http://127.0.0.1:3129",
+    ]
+    from_list = PharoxSettings.from_mapping({"PHAROX_PROXIES": [entry]}).proxies
+    file = tmp_path / "proxies.txt"
+    file.write_text(entry + "\n", encoding="utf-8")
+    from_file = PharoxSettings.from_mapping({"PHAROX_PROXIES_FILE": str(file)}).proxies
+    for spec in (from_env[1], from_list[0], from_file[0]):
+        assert (spec.username, spec.password) == ("carlos", password)
+
+
+def _malformed(password: str) -> list[str]:
+    return [
+        f"http://carlos:{password}@127.0.0.1:99999",  # bad port
+        f"http://carlos:{password}@127.0.0.1",  # no port
+        f"http://carlos:{password}",  # no host at all
+        f"http://carlos:{password}@",
+        f"socks5://carlos:{password}@[zz::1]:1080",  # bad IPv6
+        f"http://:{password}@127.0.0.1:3128",  # empty user name
+        f"http://carlos@127.0.0.1:3128 {password}",  # no password, then a stray piece
+        f"ftp://carlos:{password}@127.0.0.1:21",
+    ]
+
+
+def _assert_no_fragment(message: str, password: str) -> None:
+    assert "carlos" not in message, message
+    for i in range(len(password) - 3):
+        assert password[i : i + 4] not in message, f"{password[i : i + 4]!r} of the password in: {message}"
+
+
+@pytest.mark.parametrize("password", PASSWORDS)
+def test_errors_about_an_entry_mask_its_whole_userinfo_in_every_source(
+    password: str, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    _clean_environment(monkeypatch)
+    file = tmp_path / "proxies.txt"
+    for entry in _malformed(password):
+        monkeypatch.setenv("PHAROX_PROXIES", f"http://127.0.0.1:3129, {entry}")
+        file.write_text(f"http://127.0.0.1:3129\n{entry}\n", encoding="utf-8")
+        sources: list[tuple[dict[str, object] | None, str]] = [
+            (None, "PHAROX_PROXIES[1]: "),  # the environment string
+            ({"PHAROX_PROXIES": ["http://127.0.0.1:3129", entry]}, "PHAROX_PROXIES[1]: "),
+            ({"PHAROX_PROXIES_FILE": str(file)}, "proxies.txt line 2: "),
+        ]
+        for source, where in sources:
+            with pytest.raises(InvalidProxyURL) as info:
+                PharoxSettings.from_mapping(source)
+            message = str(info.value)
+            assert where in message and "\n" not in message, message
+            _assert_no_fragment(message, password)
+
+
+def test_the_masked_entry_keeps_its_host_when_the_entry_ends_in_one(monkeypatch: pytest.MonkeyPatch) -> None:
+    _clean_environment(monkeypatch)
+    monkeypatch.setenv("PHAROX_PROXIES", "http://carl:Zq9 Wx7@127.0.0.1:99999")
+    with pytest.raises(InvalidProxyURL) as info:
+        PharoxSettings.from_mapping(None)
+    assert str(info.value) == "PHAROX_PROXIES[0]: 'http://***@127.0.0.1:99999' has port 99999; expected 1-65535"
+    with pytest.raises(InvalidProxyURL) as info:
+        parse_proxy("http://carl:Zq9@Wx7", where="proxies[0]")
+    assert str(info.value) == (
+        "proxies[0]: 'http://***' is not a proxy URL; expected scheme://[user:password@]host:port"
+    )
+
+
+# -- unknown keys
+
+
+def _clean_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    import os
+
+    for name in list(os.environ):
+        if name.upper().startswith("PHAROX_"):
+            monkeypatch.delenv(name)
+
+
+def test_unknown_environment_variables_give_one_warning_naming_the_closest_key(monkeypatch: pytest.MonkeyPatch) -> None:
+    _clean_environment(monkeypatch)
+    monkeypatch.setenv("PHAROX_PROXIES", "http://127.0.0.1:3129")
+    monkeypatch.setenv("PHAROX_MAX_FAILURE", "5")
+    monkeypatch.setenv("pharox_pool", "shop")
+    monkeypatch.setenv("PHAROX_TEST_MYSQL_URL", "mysql+pymysql://root@127.0.0.1:3306/test")  # the test suite's own
+    with pytest.warns(PharoxSettingsWarning) as record:
+        broker = LeaseBroker.from_settings()
+    broker.close()
+    assert len(record) == 1
+    assert str(record[0].message).startswith(
+        "ignored unknown environment variables PHAROX_MAX_FAILURE (did you mean PHAROX_MAX_FAILURES?), "
+        "pharox_pool (did you mean PHAROX_POOL?); known settings: PHAROX_ACQUIRE_TIMEOUT, "
+    )
+    assert record[0].filename == __file__  # points at the caller, not into the package
+    assert issubclass(PharoxSettingsWarning, UserWarning)
+
+
+def test_a_clean_environment_gives_no_warning(monkeypatch: pytest.MonkeyPatch) -> None:
+    _clean_environment(monkeypatch)
+    monkeypatch.setenv("PHAROX_POOL", "shop")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert PharoxSettings.from_mapping(None).pool == "shop"
+
+
+def test_a_lowercase_key_in_scrapy_settings_is_rejected_too() -> None:
+    from scrapy.settings import Settings
+
+    with pytest.raises(ConfigurationError, match=r"unknown setting pharox_proxies \(did you mean PHAROX_PROXIES\?\)"):
+        PharoxSettings.from_mapping(Settings({"pharox_proxies": "http://a:1"}))
