@@ -56,6 +56,21 @@ async def test_bad_settings_stop_the_crawl_at_start_up(
 
 
 @pytest_twisted.ensureDeferred
+async def test_an_unknown_pool_stops_the_crawl_at_start_up_naming_the_pools(
+    crawl: Crawl, target: Any, tmp_path: Any
+) -> None:
+    from pharox_integrations import LeaseBroker
+    from pharox_integrations.storage.sql import init_schema
+
+    url = f"sqlite:///{tmp_path}/pool.db"
+    init_schema(url)
+    LeaseBroker.from_settings({"PHAROX_STORAGE_URL": url, "PHAROX_POOL": "shop", "PHAROX_PROXIES": "http://a:1"}).close()
+    with pytest.raises(ConfigurationError, match=r"PHAROX_POOL='shpo': no such pool .*\(pools there: 'shop'\)"):
+        await crawl(Urls, {"PHAROX_STORAGE_URL": url, "PHAROX_POOL": "shpo"}, requests=[(f"{target.url}/echo", {})])
+    assert target.hits == {}
+
+
+@pytest_twisted.ensureDeferred
 async def test_proxies_from_settings_rotate_and_are_released(
     crawl: Crawl, target: Any, proxy_trio: Any, debug_logs: Any
 ) -> None:
