@@ -25,18 +25,20 @@ def step(steps: Generator[float, None, T]) -> tuple[bool, Any]:
         return True, done.value
 
 
-async def step_off_loop(steps: Generator[float, None, T], release: Callable[[T], object]) -> tuple[bool, Any]:
-    """One step in a worker thread; a result nobody receives any more goes to `release`."""
+async def in_thread(fn: Callable[[], T], orphaned: Callable[[T], object]) -> T:
+    """`fn()` in a worker thread, awaited.  Cancelling the awaiting task cannot stop the
+    thread: a result that nobody receives any more goes to `orphaned` (from the worker
+    thread when it finishes later, or from a new one when it was already in)."""
     lock = threading.Lock()
-    state: dict[str, Any] = {"cancelled": False, "result": None}
+    state: dict[str, Any] = {"cancelled": False, "done": False, "result": None}
 
-    def work() -> tuple[bool, Any]:
-        result = step(steps)
+    def work() -> T:
+        result = fn()
         with lock:
+            state["done"], state["result"] = True, result
             orphan = state["cancelled"]
-            state["result"] = result
-        if orphan and result[0]:
-            release(result[1])
+        if orphan:
+            orphaned(result)
         return result
 
     try:
@@ -44,10 +46,20 @@ async def step_off_loop(steps: Generator[float, None, T], release: Callable[[T],
     except asyncio.CancelledError:
         with lock:
             state["cancelled"] = True
-            result = state["result"]
-        if result is not None and result[0]:  # finished, but never delivered
-            threading.Thread(target=release, args=(result[1],), daemon=True).start()
+            done, result = state["done"], state["result"]
+        if done:  # finished, but never delivered
+            threading.Thread(target=orphaned, args=(result,), daemon=True).start()
         raise
+
+
+async def step_off_loop(steps: Generator[float, None, T], release: Callable[[T], object]) -> tuple[bool, Any]:
+    """One acquisition step in a worker thread; a lease nobody receives goes to `release`."""
+
+    def orphaned(result: tuple[bool, Any]) -> None:
+        if result[0]:
+            release(result[1])
+
+    return await in_thread(lambda: step(steps), orphaned)
 
 
 async def run(blocking: bool, fn: Callable[..., T], *args: Any) -> T:

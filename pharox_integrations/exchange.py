@@ -33,12 +33,10 @@ not yet tried by this request leased now (it is held for the next `lease()`).
 
 from __future__ import annotations
 
-import asyncio
 import io
 import logging
 import re
 import ssl
-import threading
 import warnings
 from collections.abc import Collection, Iterator
 from dataclasses import dataclass
@@ -49,6 +47,7 @@ from uuid import UUID
 
 from pharox import ProxyFilters, ProxyProtocol
 
+from . import bridge
 from .errors import (
     AllProxiesFailed,
     NoProxyAvailable,
@@ -169,19 +168,7 @@ class Exchange:
             self._resent = False
             return self.current
         try:
-            if self.session is None:
-                fast = self.broker.acquire_nowait(pool=self.pool, filters=self.filters, protocols=self.protocols)
-                if fast is not None:
-                    self.current = fast
-                    return fast
-            self.current = self.broker.acquire(
-                self.url,
-                pool=self.pool,
-                filters=self.filters,
-                session=self.session,
-                protocols=self.protocols,
-                timeout=self._wait_limit(),
-            )
+            self.current = self.broker.acquire(self.url, timeout=self._wait_limit(), **self._choices())
         except NoProxyAvailable as exc:
             raise self._no_proxy(exc) from None
         return self.current
@@ -200,23 +187,14 @@ class Exchange:
         """`lease()` for asyncio: waits without blocking the loop."""
         if self._next is not None:
             return self.lease()
-        if self.session is None and not self.broker.storage_blocks:
-            fast = self.broker.acquire_nowait(pool=self.pool, filters=self.filters, protocols=self.protocols)
-            if fast is not None:
-                self.current = fast
-                return fast
         try:
-            self.current = await self.broker.acquire_async(
-                self.url,
-                pool=self.pool,
-                filters=self.filters,
-                session=self.session,
-                protocols=self.protocols,
-                timeout=self._wait_limit(),
-            )
+            self.current = await self.broker.acquire_async(self.url, timeout=self._wait_limit(), **self._choices())
         except NoProxyAvailable as exc:
             raise self._no_proxy(exc) from None
         return self.current
+
+    def _choices(self) -> dict[str, Any]:
+        return {"pool": self.pool, "filters": self.filters, "session": self.session, "protocols": self.protocols}
 
     def _wait_limit(self) -> float:
         """How long a lease may be waited for: the caller's timeout, capped by the broker's."""
@@ -328,30 +306,10 @@ class Exchange:
         return self.failed(error, **kwargs)
 
     async def _off_loop(self, fn: Any, *args: Any, **kwargs: Any) -> Step:
-        """`fn` in a worker thread.  Cancelled meanwhile, the thread still finishes; it
-        then gives back whatever the exchange holds itself (the loop may be gone)."""
-        lock = threading.Lock()
-        state = {"cancelled": False, "done": False}
-
-        def work() -> Step:
-            try:
-                return fn(*args, **kwargs)  # type: ignore[no-any-return]
-            finally:
-                with lock:
-                    state["done"] = True
-                    orphan = state["cancelled"]
-                if orphan:
-                    self.close()
-
-        try:
-            return await asyncio.to_thread(work)
-        except asyncio.CancelledError:
-            with lock:
-                state["cancelled"] = True
-                finished = state["done"]
-            if finished:  # the result arrived but nobody will act on it
-                threading.Thread(target=self.close, daemon=True).start()
-            raise
+        """`fn` in a worker thread; cancelled meanwhile, whatever the exchange holds is
+        released by that thread (the loop may be gone by then)."""
+        step: Step = await bridge.in_thread(lambda: fn(*args, **kwargs), lambda _: self.close())
+        return step
 
     def judge(self, status_code: int, response: Any = None) -> Verdict:
         """The policy's verdict on an answer (a failing ban detector: `ReportFailed`, released)."""
@@ -432,13 +390,7 @@ class Exchange:
             return False
         try:
             self._next = self.broker.acquire(
-                self.url,
-                pool=self.pool,
-                filters=self.filters,
-                session=self.session,
-                protocols=self.protocols,
-                timeout=self._wait_limit(),
-                avoid=self._tried or (),
+                self.url, timeout=self._wait_limit(), avoid=self._tried or (), **self._choices()
             )
         except NoProxyAvailable as exc:
             self._none_left = str(exc)
