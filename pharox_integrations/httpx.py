@@ -23,10 +23,8 @@ import asyncio
 import logging
 import re
 import ssl
-import threading
-from collections import OrderedDict
-from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterator, Sequence
-from dataclasses import dataclass
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterator
+from functools import partial
 from typing import Any, Generic, TypeVar
 
 import httpx
@@ -43,6 +41,7 @@ from .errors import (
 )
 from .exchange import DoorErrors, Exchange, Step, describe_error, moves_keyword
 from .health import Verdict
+from .routes import CLOSER, Route, RouteCache
 
 __all__ = [
     "SPOKEN_PROTOCOLS",
@@ -143,74 +142,9 @@ def _as_httpx(exc: BaseException, request: httpx.Request) -> BaseException:
     return exc
 
 
-# ---------------------------------------------------------------------- routes
+# ---------------------------------------------------------------------- inner transports
 
 T = TypeVar("T", httpx.HTTPTransport, httpx.AsyncHTTPTransport)
-
-
-@dataclass(eq=False)
-class _Route(Generic[T]):
-    """One proxy's inner transport and how many requests or streams still use it."""
-
-    transport: T
-    active: int = 0
-    evicted: bool = False
-
-
-class _Routes(Generic[T]):
-    """A bounded LRU of per-proxy inner transports; I/O-free, so both sides share it.
-
-    With rotation over a large pool, one transport per proxy forever would grow
-    without bound (requests' proxy-manager cache does).  Evicted transports are
-    handed back for closing once no request or response stream still uses them.
-    """
-
-    def __init__(self, make: Callable[[httpx.Proxy], T], size: int) -> None:
-        if size < 1:
-            raise ValueError(f"max_proxy_transports={size!r}: expected an integer >= 1")
-        self._make: Callable[[httpx.Proxy], T] = make
-        self._size = size
-        self._lock = threading.Lock()
-        # Keyed by the proxy's URL with its credentials: a proxy whose address or
-        # credentials changed gets a new route (the old one ages out), and a string
-        # keeps its hash where a proxy id (a UUID) is hashed in Python at every lookup.
-        self._routes: OrderedDict[str, _Route[T]] = OrderedDict()
-
-    def checkout(self, lease: ProxyLease) -> tuple[_Route[T], Sequence[T]]:
-        """The route for `lease` (one more user) and the transports now due for closing."""
-        url = lease.url
-        with self._lock:
-            route = self._routes.get(url)
-            if route is not None:
-                self._routes.move_to_end(url)
-                route.active += 1
-                return route, ()
-            route = self._routes[url] = _Route(self._make(_proxy_config(lease)), active=1)
-            stale: list[T] = []
-            while len(self._routes) > self._size:
-                evicted = self._routes.pop(next(iter(self._routes)))
-                evicted.evicted = True
-                if evicted.active == 0:
-                    stale.append(evicted.transport)
-        return route, stale
-
-    def checkin(self, route: _Route[T]) -> T | None:
-        """One user less; returns the transport when it was evicted and is now idle."""
-        with self._lock:
-            route.active -= 1
-            if route.evicted and route.active == 0:
-                return route.transport
-        return None
-
-    def drain(self) -> list[T]:
-        """Every transport, for closing the door."""
-        with self._lock:
-            out = [r.transport for r in self._routes.values()]
-            self._routes.clear()
-        return out
-
-    def __len__(self) -> int:
-        return len(self._routes)
 
 
 def _proxy_config(lease: ProxyLease) -> httpx.Proxy:
@@ -222,7 +156,7 @@ def _proxy_config(lease: ProxyLease) -> httpx.Proxy:
         raise InvalidProxyURLError(f"httpx cannot use proxy {lease.safe_url}: {describe_error(exc)}") from None
 
 
-def _transport_factory(cls: Callable[..., T], kwargs: dict[str, Any]) -> Callable[[httpx.Proxy], T]:
+def _transport_factory(cls: Callable[..., T], kwargs: dict[str, Any]) -> Callable[[ProxyLease], T]:
     """Inner transports for one proxy each, sharing one SSL context built once."""
     for reserved in ("proxy", "uds", "mounts"):
         if reserved in kwargs:
@@ -237,7 +171,8 @@ def _transport_factory(cls: Callable[..., T], kwargs: dict[str, Any]) -> Callabl
         else httpx.create_ssl_context(verify=verify, cert=cert, trust_env=trust_env)
     )
 
-    def make(proxy: httpx.Proxy) -> T:
+    def make(lease: ProxyLease) -> T:
+        proxy = _proxy_config(lease)
         if proxy.url.scheme == "https" and proxy.ssl_context is None:
             proxy.ssl_context = context  # TLS to the proxy itself: no bundle load per transport
         return cls(verify=context, trust_env=trust_env, proxy=proxy, **options)
@@ -274,7 +209,8 @@ class _Door(Generic[T]):
     _failed: Callable[[Exchange, Exception], Awaitable[Step]]
     _answered: Callable[[Exchange, httpx.Response], Awaitable[Step]]
     _close: Callable[[Exchange, BaseException | None], Awaitable[None]]
-    _shut: Callable[[httpx.Response | T], Awaitable[None]]  # close an answer or an inner transport
+    _shut: Callable[[httpx.Response], Awaitable[None]]  # close an answer
+    _close_idle: Callable[[T], Awaitable[None]]  # close an inner transport no request uses
 
     def __init__(
         self,
@@ -293,7 +229,11 @@ class _Door(Generic[T]):
         self.pool = pool
         self.filters = filters
         self.raise_on_exhausted = raise_on_exhausted
-        self._routes: _Routes[T] = _Routes(_transport_factory(self._inner, transport_kwargs), max_proxy_transports)
+        self._make: Callable[[ProxyLease], T] = _transport_factory(self._inner, transport_kwargs)
+        # Keyed by the proxy's URL with its credentials: a proxy whose address or
+        # credentials changed gets a new route (the old one ages out), and a string
+        # keeps its hash where a proxy id (a UUID) is hashed in Python at every lookup.
+        self._routes: RouteCache[str, T] = RouteCache(max_proxy_transports, setting="max_proxy_transports")
 
     def _open(self, request: httpx.Request) -> Exchange:
         """The request's exchange, with this transport's options or the request's own."""
@@ -330,15 +270,16 @@ class _Door(Generic[T]):
         ex = self._open(request)
         try:
             while True:
-                route, stale = self._routes.checkout(await self._lease(ex))
-                held: _Route[T] | None = route  # checked in on every way out but a hand-over
+                lease = await self._lease(ex)
+                route, stale = self._routes.checkout(lease.url, partial(self._make, lease))
+                held: Route[str, T] | None = route  # checked in on every way out but a hand-over
                 response: httpx.Response | None = None
                 try:
                     for transport in stale:
                         await self._close_idle(transport)
                     while True:
                         try:
-                            response = await self._send(route.transport, request)
+                            response = await self._send(route.value, request)
                         except Exception as exc:
                             step = await self._failed(ex, exc)
                             if step is Step.RESEND:
@@ -372,7 +313,7 @@ class _Door(Generic[T]):
             error.__cause__ = cause
         return error
 
-    def _hand_over(self, ex: Exchange, route: _Route[T], response: httpx.Response) -> httpx.Response:
+    def _hand_over(self, ex: Exchange, route: Route[str, T], response: httpx.Response) -> httpx.Response:
         """The answer goes to the caller; its stream now owns the exchange and the route."""
         lease = ex.current
         assert lease is not None
@@ -381,7 +322,7 @@ class _Door(Generic[T]):
         response.stream = _LeasedStream(response.stream, self, ex, route)
         return response
 
-    async def _done(self, route: _Route[T], response: httpx.Response | None) -> None:
+    async def _done(self, route: Route[str, T], response: httpx.Response | None) -> None:
         """The request is done with `route`: its answer closed, the route checked in."""
         try:
             if response is not None:
@@ -391,18 +332,12 @@ class _Door(Generic[T]):
             if idle is not None:
                 await self._close_idle(idle)
 
-    async def _ended(self, ex: Exchange, route: _Route[T], error: BaseException | None) -> None:
+    async def _ended(self, ex: Exchange, route: Route[str, T], error: BaseException | None) -> None:
         """A handed-over answer's stream was closed (`error`: reading it failed)."""
         try:
             await self._close(ex, error)
         finally:
             await self._done(route, None)
-
-    async def _close_idle(self, transport: T) -> None:
-        try:
-            await self._shut(transport)
-        except Exception as exc:  # an idle pool failing to close must not fail a request
-            logger.debug("closing an evicted proxy transport: %(error)s", {"error": describe_error(exc)})
 
     @property
     def proxy_transports(self) -> int:
@@ -417,7 +352,7 @@ class _LeasedStream(httpx.SyncByteStream, httpx.AsyncByteStream):
     """The answer's stream: closing it ends the exchange (the lease goes back) and checks
     the route in.  One class for both sides, as httpx's own `ByteStream`."""
 
-    def __init__(self, inner: Any, door: _Door[Any], ex: Exchange, route: _Route[Any]) -> None:
+    def __init__(self, inner: Any, door: _Door[Any], ex: Exchange, route: Route[str, Any]) -> None:
         self._inner = inner
         self._door = door
         self._ex: Exchange | None = ex
@@ -510,8 +445,12 @@ class PharoxTransport(_Door[httpx.HTTPTransport], httpx.BaseTransport):
     async def _close(self, ex: Exchange, error: BaseException | None) -> None:
         ex.close(error)
 
-    async def _shut(self, closing: httpx.Response | httpx.HTTPTransport) -> None:
-        closing.close()
+    async def _shut(self, response: httpx.Response) -> None:
+        response.close()
+
+    async def _close_idle(self, transport: httpx.HTTPTransport) -> None:
+        CLOSER.start()  # ordinary code: the shared closer thread starts on first use
+        CLOSER.put(transport.close)
 
 
 # ---------------------------------------------------------------------- async
@@ -557,5 +496,11 @@ class AsyncPharoxTransport(_Door[httpx.AsyncHTTPTransport], httpx.AsyncBaseTrans
         else:
             ex.close(error)
 
-    def _shut(self, closing: httpx.Response | httpx.AsyncHTTPTransport) -> Awaitable[None]:
-        return closing.aclose()
+    def _shut(self, response: httpx.Response) -> Awaitable[None]:
+        return response.aclose()
+
+    async def _close_idle(self, transport: httpx.AsyncHTTPTransport) -> None:
+        try:
+            await transport.aclose()
+        except Exception as exc:  # an idle pool failing to close must not fail a request
+            logger.debug("closing an evicted proxy transport: %(error)s", {"error": describe_error(exc)})

@@ -36,15 +36,14 @@ from __future__ import annotations
 
 import importlib.util
 import logging
-import queue
 import ssl
 import sys
 import threading
-import time
 import warnings
 import weakref
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
+from functools import partial
 from typing import Any, Literal
 from urllib.parse import urljoin
 
@@ -72,6 +71,7 @@ from .broker import HTTP_PROTOCOLS, LeaseBroker, ProxyLease
 from .errors import AllProxiesFailed, NoProxyAvailable, PharoxIntegrationError, ProxyAuthenticationFailed, ReportFailed
 from .exchange import DoorErrors, Exchange, Step, describe_error, moves_keyword
 from .health import Verdict
+from .routes import CLOSER
 
 __all__ = [
     "AllProxiesFailedError",
@@ -88,7 +88,6 @@ logger = logging.getLogger("pharox_integrations.urllib3")
 
 _SOCKS = frozenset({ProxyProtocol.SOCKS4, ProxyProtocol.SOCKS5})
 _SOCKS_VERSIONS = {ProxyProtocol.SOCKS4: 1, ProxyProtocol.SOCKS5: 2}  # PySocks' PROXY_TYPE_SOCKS4 / 5
-_CLOSE_BATCH_SECONDS = 0.05
 # RFC 9110 15.4.4: a 303 turns the request into a GET without a body, so the headers
 # that describe that body go too (the same list as urllib3's PoolManager).
 _BODY_HEADERS = (
@@ -212,7 +211,8 @@ def _bind_lease(response: BaseHTTPResponse, end: Callable[[BaseException | None]
     urllib3 calls `release_conn()` when the body is read to the end (and from
     `drain_conn()`, and while a failed read unwinds: `end` then gets that error);
     users call `release_conn()` or `close()`; a response dropped unread is covered by a
-    finalizer.  The wrappers hold the response weakly, so it stays free of cycles.
+    finalizer, which only queues `end` for the closer thread.  The wrappers hold the
+    response weakly, so it stays free of cycles.
     """
     ref = weakref.ref(response)
     cls = type(response)
@@ -236,14 +236,7 @@ def _bind_lease(response: BaseHTTPResponse, end: Callable[[BaseException | None]
 
     response.release_conn = release_conn  # type: ignore[method-assign]
     response.close = close  # type: ignore[method-assign]
-    weakref.finalize(response, _end_quietly, end)
-
-
-def _end_quietly(end: Callable[[BaseException | None], None]) -> None:
-    try:
-        end(None)
-    except Exception:  # a finalizer has nobody to raise to
-        logger.warning("ending the lease of a response dropped unread failed", exc_info=True)
+    weakref.finalize(response, CLOSER.put, partial(end, None))
 
 
 def _discard(response: BaseHTTPResponse) -> None:
@@ -294,48 +287,6 @@ class _Hop:
                 "_proxy_headers": proxy_headers,
                 "_proxy_config": manager.proxy_config,
             }
-
-
-# ---------------------------------------------------------------------------- pool closing
-
-
-class _Closer:
-    """Closes evicted pools on one daemon thread, off the request path.
-
-    With rotation nearly every request evicts a pool; closing its sockets inline
-    showed up as ~2 ms on the evicting request in profiles of the 10,000-entry
-    benchmark.  A pool waiting here is out of the LRU already: nobody can pick it up.
-    """
-
-    def __init__(self) -> None:
-        self._queue: queue.SimpleQueue[HTTPConnectionPool] = queue.SimpleQueue()
-        self._lock = threading.Lock()
-        self._thread: threading.Thread | None = None
-
-    def close(self, pool: HTTPConnectionPool) -> None:
-        self._queue.put(pool)
-        if self._thread is None:
-            with self._lock:
-                if self._thread is None:
-                    self._thread = threading.Thread(target=self._run, name="pharox-urllib3-closer", daemon=True)
-                    self._thread.start()
-
-    def _run(self) -> None:
-        while True:
-            batch = [self._queue.get()]
-            # Wake at most every `_CLOSE_BATCH_SECONDS`: a wake-up per evicted pool
-            # would make every request of a rotating client pay a thread switch.
-            time.sleep(_CLOSE_BATCH_SECONDS)
-            while not self._queue.empty():
-                batch.append(self._queue.get_nowait())
-            for pool in batch:
-                try:
-                    pool.close()
-                except Exception:  # a socket that fails to close is gone anyway
-                    logger.debug("closing an evicted pool failed", exc_info=True)
-
-
-_close_later = _Closer().close
 
 
 # ---------------------------------------------------------------------------- manager
@@ -416,6 +367,7 @@ class PharoxProxyManager(urllib3.ProxyManager):
         self._lock = threading.Lock()
         # This manager's exchanges not yet closed: True for those a streamed body holds.
         self._open: dict[Exchange, bool] = {}
+        CLOSER.start()
 
     # ------------------------------------------------------------------ urllib3 surface
 
@@ -471,9 +423,13 @@ class PharoxProxyManager(urllib3.ProxyManager):
         return self.connection_from_host(host, port, scheme, pool_kwargs=context)
 
     def connection_from_pool_key(self, pool_key: PoolKey, request_context: dict[str, Any]) -> HTTPConnectionPool:
+        """urllib3's pool for `pool_key`, counted in use until this thread's hop ends."""
         hop = self._current_hop()
         with self.pools.lock:  # also serialises eviction (`_dispose`) and the in-use counts
-            return self._use(hop, super().connection_from_pool_key(pool_key, request_context))
+            pool = super().connection_from_pool_key(pool_key, request_context)
+            self._in_use[pool] = self._in_use.get(pool, 0) + 1
+        hop.pools.append(pool)
+        return pool
 
     def clear(self) -> None:
         """Close every pool and release the leases streamed responses still hold.
@@ -711,25 +667,18 @@ class PharoxProxyManager(urllib3.ProxyManager):
             )
         return stack[-1]
 
-    def _use(self, hop: _Hop, pool: HTTPConnectionPool) -> HTTPConnectionPool:
-        """Count one more user of `pool` (until `_done_with`); caller holds `pools.lock`."""
-        self._in_use[pool] = self._in_use.get(pool, 0) + 1
-        hop.pools.append(pool)
-        return pool
-
     def _dispose(self, pool: HTTPConnectionPool) -> None:
-        """LRU eviction or `clear()`: close the pool now, or when its last request ends."""
+        """LRU eviction or `clear()`: close the pool, or once its last request ends."""
         with self.pools.lock:
             if self._in_use.get(pool):
                 self._evicted.add(pool)
-                return
-            if self._close_inline:
+            elif self._close_inline:
                 pool.close()
-                return
-        _close_later(pool)
+            else:
+                CLOSER.put(pool.close)
 
     def _done_with(self, hop: _Hop) -> None:
-        closing = []
+        """The hop's pools are one user less; an evicted one left idle goes to the closer."""
         with self.pools.lock:
             for pool in hop.pools:
                 left = self._in_use.pop(pool) - 1
@@ -737,7 +686,5 @@ class PharoxProxyManager(urllib3.ProxyManager):
                     self._in_use[pool] = left
                 elif pool in self._evicted:
                     self._evicted.discard(pool)
-                    closing.append(pool)
+                    CLOSER.put(pool.close)
             hop.pools.clear()
-        for pool in closing:
-            _close_later(pool)

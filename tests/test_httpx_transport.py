@@ -344,15 +344,13 @@ async def test_a_ban_detector_that_raises_gives_everything_back(
             with pytest.raises(httpx.TransportError, match="detector bug"):
                 client.get(f"{target.url}/echo")
             assert broker.held == 0
-        routes = sync_transport._routes._routes.values()
-        assert len(routes) == 2 and [r.active for r in routes] == [0, 0]
+        assert len(sync_transport._routes) == 2 and sync_transport._routes.in_use == 0
     async with httpx.AsyncClient(transport=async_transport, timeout=TIMEOUT) as aclient:
         for _ in range(2):
             with pytest.raises(httpx.TransportError, match="detector bug"):
                 await aclient.get(f"{target.url}/echo")
             assert broker.held == 0
-        aroutes = async_transport._routes._routes.values()
-        assert len(aroutes) == 2 and [r.active for r in aroutes] == [0, 0]
+        assert len(async_transport._routes) == 2 and async_transport._routes.in_use == 0
     assert broker.counters["acquired"] == broker.counters["released"] == 4
 
 
@@ -378,11 +376,10 @@ async def test_a_ban_the_storage_cannot_record_still_gives_everything_back(
                 with pytest.raises(httpx.TransportError, match="storage unavailable"):
                     await client.get(f"{target.url}/echo")
                 assert broker.held == 0
-            routes = list(transport._routes._routes.values())
-            assert routes and [r.active for r in routes] == [0] * len(routes)
+            assert len(transport._routes) > 0 and transport._routes.in_use == 0
             # The connections went back to their pools: none is still serving a request.
-            for route in routes:
-                pool = route.transport._pool
+            for inner in transport._routes.values():
+                pool = inner._pool
                 assert all(c.is_idle() or c.is_closed() for c in pool.connections)
     finally:
         del broker.storage.apply_health_check_result
@@ -399,17 +396,17 @@ async def test_a_request_cancelled_while_an_evicted_transport_closes_gives_every
         assert (await client.get(f"{target.url}/echo")).status_code == 200
         # Fault injection: closing the transport the next request evicts hangs (no real
         # transport hangs on demand), and the caller gives up meanwhile.
-        (first,) = transport._routes._routes.values()
-        closing = first.transport.aclose
+        (first,) = transport._routes.values()
+        closing = first.aclose
 
         async def hang() -> None:
             await asyncio.sleep(30)
 
-        first.transport.aclose = hang  # type: ignore[method-assign]
+        first.aclose = hang  # type: ignore[method-assign]
         with pytest.raises(asyncio.TimeoutError):
             await asyncio.wait_for(client.get(f"{target.url}/echo"), 0.5)
         assert broker.held == 0
-        assert [r.active for r in transport._routes._routes.values()] == [0]
+        assert len(transport._routes) == 1 and transport._routes.in_use == 0
         assert (await client.get(f"{target.url}/echo")).status_code == 200
         await closing()
     assert broker.counters["released"] == broker.counters["acquired"] == 3
