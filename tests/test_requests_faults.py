@@ -119,7 +119,8 @@ def test_threads_share_one_session_through_faults(
         except (requests.RequestException, urllib3.exceptions.HTTPError) as exc:
             # Only a body cut by the crash may fail: requests cannot be moved mid-body.
             # `r.raw.read()` is urllib3's API, so a cut body read that way raises urllib3's error.
-            return "error", (type(exc).__name__, getattr(exc.response, "pharox_proxy", None))
+            # urllib3's errors carry no `.response` (a cut `r.raw.read()` raises one).
+            return "error", (type(exc).__name__, getattr(getattr(exc, "response", None), "pharox_proxy", None))
 
     def worker(w: int) -> None:
         results = [one(w * 200 + i) for i in range(200)]
