@@ -12,13 +12,14 @@ import ssl
 import time
 import warnings
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
 import urllib3
 from pharox import ProxyStatus
 from servers import KitProxy, TargetServer
+from test_urllib3_manager import MakeBroker, make_broker
 from urllib3.exceptions import HTTPError, MaxRetryError, ProxyError
 from urllib3.util.timeout import Timeout
 
@@ -32,25 +33,7 @@ from pharox_integrations.urllib3 import (
 
 TIMEOUT = 10.0
 
-MakeBroker = Callable[..., LeaseBroker]
-
-
-@pytest.fixture
-def make_broker() -> Iterator[MakeBroker]:
-    """Build brokers from kit proxies; at teardown none may hold a lease."""
-    made: list[LeaseBroker] = []
-
-    def make(proxies: list[Any], **kw: Any) -> LeaseBroker:
-        kw.setdefault("acquire_timeout", 3.0)
-        broker = LeaseBroker.from_proxies([getattr(p, "url", p) for p in proxies], **kw)
-        made.append(broker)
-        return broker
-
-    yield make
-    for broker in made:
-        assert broker.held == 0, broker.held_leases()
-        assert broker.counters["acquired"] == broker.counters["released"]
-        broker.close()
+__all__ = ["make_broker"]  # the fixture, shared with the door's other tests
 
 
 def statuses(broker: LeaseBroker) -> set[ProxyStatus]:
