@@ -114,17 +114,20 @@ def main() -> int:
     swapped.write_text(stock_text.replace(IMPORT_LINE, "from _pharox_swap import ProxyManager, proxy_from_url"))
 
     results = {}
+    skipped = {}
     for name, path in (("stock urllib3", test), ("PharoxProxyManager", swapped)):
         done = run([str(py), "-m", "pytest", "-q", "-rA", "-p", "no:cacheprovider", str(path.relative_to(source))],
                    cwd=source)
         results[name] = {k.split("::", 1)[1]: v for k, v in outcomes(done.stdout).items() if "::" in k}
+        # `-rA` reports skips as "SKIPPED [n] file:line: reason", without test ids.
+        skipped[name] = sum(int(n) for n in re.findall(r"^SKIPPED \[(\d+)\]", done.stdout, flags=re.M))
     stock, ours = results["stock urllib3"], results["PharoxProxyManager"]
     passing = {t for t, v in stock.items() if v == "PASSED"}
     kept = {t for t in passing if ours.get(t) == "PASSED"}
     print(f"\nurllib3 {version}: {TEST_FILE}")
     print(f"{'run':<22}{'passed':>8}{'failed':>8}{'errors':>8}{'skipped':>9}")
     for name, got in results.items():
-        counts = [sum(1 for v in got.values() if v == k) for k in ("PASSED", "FAILED", "ERROR", "SKIPPED")]
+        counts = [sum(1 for v in got.values() if v == k) for k in ("PASSED", "FAILED", "ERROR")] + [skipped[name]]
         print(f"{name:<22}{counts[0]:>8}{counts[1]:>8}{counts[2]:>8}{counts[3]:>9}")
     print(f"\n{len(kept)} of the {len(passing)} tests that pass on stock urllib3 pass with PharoxProxyManager")
     for t in sorted(passing - kept):
