@@ -90,8 +90,6 @@ class DoorErrors:
 
 CORE_ERRORS = DoorErrors()
 
-_SENTINEL_POSITION = -1
-
 
 class Exchange:
     """One request's trip through the pool: its leases, its moves, its final answer.
@@ -261,11 +259,7 @@ class Exchange:
             return Step.RESEND
         detail = f"HTTP {status_code}" if status_code is not None else describe_error(error)
         if verdict is None:
-            try:
-                verdict = self.broker.policy.judge(status_code, None if status_code else error)
-            except Exception as exc:
-                self.close()
-                raise self._report_failed(lease, detail, exc) from exc
+            verdict = self._judged(detail, status_code, None if status_code else error, None)
             if status_code is not None and verdict is not Verdict.FAILURE:
                 verdict = Verdict.FAILURE  # the proxy, not the site, refused the tunnel
         self._finish(lease, detail, status_code=status_code, error=error, verdict=verdict, latency=None)
@@ -313,12 +307,15 @@ class Exchange:
 
     def judge(self, status_code: int, response: Any = None) -> Verdict:
         """The policy's verdict on an answer (a failing ban detector: `ReportFailed`, released)."""
+        return self._judged(f"HTTP {status_code}", status_code, None, response)
+
+    def _judged(self, detail: str, status_code: int | None, error: BaseException | None, response: Any) -> Verdict:
+        lease = self._held()
         try:
-            return self.broker.policy.judge(status_code, None, response)  # a ban detector may raise
+            return self.broker.policy.judge(status_code, error, response)  # a ban detector may raise
         except Exception as exc:
-            lease = self._held()
             self.close()
-            raise self._report_failed(lease, f"HTTP {status_code}", exc) from exc
+            raise self._report_failed(lease, detail, exc) from exc
 
     # ------------------------------------------------------------------ the end
 
@@ -429,7 +426,7 @@ class Exchange:
         )
 
     def _rewind(self) -> None:
-        if self._position is not None and self._position != _SENTINEL_POSITION:
+        if self._position is not None:
             self._body.seek(self._position)
 
 
