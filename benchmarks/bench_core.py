@@ -3,6 +3,7 @@
     python benchmarks/bench_core.py            # pool sizes 10 .. 100,000
     python benchmarks/bench_core.py --quick    # smaller, for a smoke run
     python benchmarks/bench_core.py --reports 1000000   # memory after N report() calls
+    python benchmarks/bench_core.py --sites 1000        # per-site state for 1,000 sites
 
 Prints medians of `--repeats` runs (the machines are shared and noisy).  Each run
 times `--ops` acquire+report+release cycles; bare pharox (ProxyManager +
@@ -14,7 +15,9 @@ from __future__ import annotations
 
 import argparse
 import gc
+import itertools
 import os
+import random
 import statistics
 import time
 import tracemalloc
@@ -121,6 +124,53 @@ def bench_reports(total: int, pool: int) -> None:
         broker.release(lease)
 
 
+def site_cycle(n: int, sites: int, held_per_site: int, delay: float = 0.0) -> Callable[[], None]:
+    """The cycle with the request's URL: each request to the next of `sites` sites, each
+    site holding `held_per_site` proxies off (bans in force), as a broad crawl would."""
+    from pharox_integrations.sites import BAN, Hold
+
+    broker = LeaseBroker.from_proxies(urls(n), site_delay=delay)
+    targets = [f"https://www.site{i}.example/page" for i in range(sites)]
+    ids = [p.id for p in broker.proxies()]
+    rng = random.Random(7)
+    far = time.time() + 3600
+    for i in range(sites):
+        for pid in rng.sample(ids, held_per_site):
+            broker.sites.store.put(pid, f"site{i}.example", Hold(far, BAN, 1, far))
+    turn = itertools.cycle(targets)
+
+    def cycle() -> None:
+        lease = broker.acquire(next(turn))
+        broker.report(lease, status_code=200, latency_ms=12)
+        broker.release(lease)
+
+    return cycle
+
+
+def bench_sites(n: int, sites: int, ops: int, repeats: int, budget: float) -> None:
+    """Per-site state's cost: the same cycle without a URL, with URLs and no state, and
+    with state for `sites` sites."""
+    cases = {
+        "no URL (no site state)": core_cycle(n),
+        f"URL, {sites:,} sites, no holds": site_cycle(n, sites, 0),
+        f"URL, {sites:,} sites x 10 bans": site_cycle(n, sites, 10),
+        f"URL, {sites:,} sites x 10 bans, site_delay": site_cycle(n, sites, 10, delay=1e-6),
+    }
+    runs: dict[str, list[float]] = {name: [] for name in cases}
+    for _ in range(repeats):
+        for name, cycle in cases.items():
+            gc.collect()
+            runs[name].append(time_per_op(cycle, ops, budget)[0])
+    print(f"per-site state, {n:,} proxies: acquire+report+release, µs per request (median of {repeats})")
+    header = f"{'case':<42} | {'µs':>7} | {'vs no site state':>16}"
+    print(header)
+    print("-" * len(header))
+    base = statistics.median(runs["no URL (no site state)"])
+    for name, values in runs.items():
+        us = statistics.median(values)
+        print(f"{name:<42} | {us:>7.1f} | {us / base:>15.2f}x")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="sizes 10 and 1,000, fewer ops")
@@ -128,8 +178,12 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--budget", type=float, default=3.0, help="seconds per run before stopping early")
     parser.add_argument("--reports", type=int, default=0, help="measure memory after this many report() calls")
+    parser.add_argument("--sites", type=int, default=0, help="per-site state: 10,000 proxies, this many sites")
     args = parser.parse_args()
     print(f"python {os.sys.version.split()[0]}, {os.cpu_count()} cores")
+    if args.sites:
+        bench_sites(10_000, args.sites, args.ops, args.repeats, args.budget)
+        return
     if args.reports:
         bench_reports(args.reports, 100)
         return

@@ -79,6 +79,9 @@ PAGE = b"<!DOCTYPE html><html><head><title>page</title></head><body><h1>page</h1
 # ============================================================================ children
 
 
+BLOCKS = False  # --blocks
+
+
 def crawl_child(spec: dict[str, Any]) -> None:
     """One crawler process: set up, say ready, wait for go, crawl, print one JSON line."""
     import asyncio
@@ -125,6 +128,7 @@ def crawl_child(spec: dict[str, Any]) -> None:
         else:
             settings["PHAROX_STORAGE_URL"] = spec["storage_url"]
             settings["PHAROX_POOL"] = spec["pool"]
+            settings["PHAROX_LEASE_BLOCKS"] = bool(spec.get("blocks"))
     process = CrawlerProcess(settings)
     crawler = process.create_crawler(Fleet)
 
@@ -418,7 +422,7 @@ def run_crawl(storage: str, k: int, pages: int, target: str, port: int, work: Pa
     """K crawler processes at once; one Crawl."""
     run_dir = Path(tempfile.mkdtemp(dir=work))
     go = run_dir / "go"
-    base: dict[str, Any] = {"pages": pages, "target": target, "go": str(go)}
+    base: dict[str, Any] = {"pages": pages, "target": target, "go": str(go), "blocks": BLOCKS}
     shared = storage not in ("static", "memory")
     with fresh_pool(urls[storage], port) if shared else nullcontext() as pool:
         if storage == "static":
@@ -534,9 +538,12 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=None, help="runs per cell (default 3; --quick 1)")
     parser.add_argument("--processes", default="1,4", help="crawler process counts (default 1,4)")
     parser.add_argument("--storages", default=",".join(STORAGES), help="crawl rows (default: all)")
+    parser.add_argument("--blocks", action="store_true", help="crawlers on SQL use PHAROX_LEASE_BLOCKS")
     parser.add_argument("--no-doors", action="store_true", help="leave the requests/httpx table out")
     parser.add_argument("--child", nargs=2, metavar=("KIND", "SPEC"), help=argparse.SUPPRESS)
     args = parser.parse_args()
+    global BLOCKS
+    BLOCKS = args.blocks
     if args.child:
         kind, spec = args.child
         (crawl_child if kind == "crawl" else door_child)(json.loads(spec))

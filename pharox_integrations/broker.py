@@ -31,6 +31,7 @@ from pharox import (
 )
 
 from . import bridge, building
+from .blocks import Slot
 from .errors import ConfigurationError, NoProxyAvailable
 from .exchange import CORE_ERRORS, DEFAULT_MAX_MOVES, DoorErrors, Exchange
 from .health import HealthPolicy, Verdict
@@ -40,6 +41,7 @@ from .ledger import HealthLedger
 from .pools import PoolAdmin
 from .selection import Selection
 from .settings import PharoxSettings, ProxySpec, SettingsSource
+from .sites import SiteBook, store_for
 
 if TYPE_CHECKING:
     from typing_extensions import Unpack
@@ -60,11 +62,12 @@ class ExchangeOptions(LeaseOptions, total=False):
     max_moves: int | None  # other proxies the request may move to (default: the broker's)
     body: Any  # the request body, for the replay rule
     timeout: float | None  # the caller's own timeout: bounds the wait for a lease
+    host: str | None  # the request's host, for a door that has it without a URL string
+
 
 #: Protocols each client can speak through a proxy (doors pass one of these).
 HTTP_PROTOCOLS = frozenset({ProxyProtocol.HTTP, ProxyProtocol.HTTPS})
 ALL_PROTOCOLS = frozenset(ProxyProtocol)
-
 
 
 class LeaseBroker:
@@ -88,6 +91,10 @@ class LeaseBroker:
         storage_blocks: bool | None = None,
         revive_scan_seconds: float = 5.0,
         max_moves: int = DEFAULT_MAX_MOVES,
+        site_scope: str = "domain",
+        site_delay: float = 0.0,
+        site_bans_to_bench: int = 3,
+        lease_blocks: bool = False,
     ) -> None:
         if lease_seconds <= 0:
             raise ConfigurationError(f"lease_seconds={lease_seconds!r}: expected an integer > 0")
@@ -104,7 +111,11 @@ class LeaseBroker:
         self.max_moves = max_moves  # other proxies one request may move to (see Exchange)
         self.storage_blocks = building.storage_blocks(self.storage) if storage_blocks is None else storage_blocks
         self.counters: dict[str, int] = dict.fromkeys(
-            ("acquired", "released", "bans", "failures", "benched", "revived", "no_proxy_available", "races"), 0
+            (
+                "acquired", "released", "bans", "cooldowns", "failures", "benched", "revived",
+                "no_proxy_available", "races", "site_bans", "site_cooldowns",
+            ),
+            0,
         )
         self.peak_held = 0  # most leases handed out at once
         self._lock = threading.RLock()
@@ -114,18 +125,38 @@ class LeaseBroker:
         self._ledger = HealthLedger(
             self.storage, self.policy, self._lock, self.counters, self._pool_record, revive_scan_seconds
         )
-        self._pools = PoolAdmin(self.storage, self._lock, self._ledger, self._endpoints, self._held_in)
+        try:
+            self.sites = SiteBook(
+                store_for(self.storage),
+                self.policy,
+                scope=site_scope,
+                delay=site_delay,
+                bans_to_bench=site_bans_to_bench,
+            )
+        except ValueError as exc:
+            raise ConfigurationError(str(exc)) from None
+        if site_delay > self.acquire_timeout:
+            logger.warning(
+                "site_delay=%(delay)s s is longer than acquire_timeout=%(timeout)s s: a request to a site whose "
+                "proxies all visited it lately gives up at once instead of waiting for the next polite slot",
+                {"delay": site_delay, "timeout": self.acquire_timeout},
+            )
+        self._pools = PoolAdmin(self.storage, self._lock, self._ledger, self._endpoints, self._held_in, self.sites)
         self._selection = Selection(
             manager,
             self.storage,
             self._pools,
             self._ledger,
+            self.sites,
             self._lock,
             self._wrap,
             self._release_in_storage,
+            self.release,
             consumer=consumer,
             selector=SelectorStrategy(selector) if selector else SelectorStrategy.ROUND_ROBIN,
             lease_seconds=int(lease_seconds),
+            # Opt-in: lent slots of a few storage leases on a shared storage (blocks.py).
+            lease_blocks=lease_blocks,
         )
 
     @property
@@ -204,9 +235,10 @@ class LeaseBroker:
         """Remove the proxies of `pool` whose status is in `statuses`; returns how many."""
         return self._pools.purge(statuses, pool or self.pool)
 
-    def health(self, pool: str | None = None) -> PoolHealth:
-        """Pool counts from the storage plus this process's request statistics."""
-        return self._pools.health(pool or self.pool)
+    def health(self, pool: str | None = None, *, site: str | None = None) -> PoolHealth:
+        """Pool counts from the storage plus this process's request statistics; with
+        `site` (a domain, host or URL), also how many proxies that site bans or cools."""
+        return self._pools.health(pool or self.pool, site)
 
     def proxy_stats(self, proxy_id: UUID) -> dict[str, Any]:
         """This process's counters for one proxy (requests, successes, bans, failures, median latency)."""
@@ -219,10 +251,12 @@ class LeaseBroker:
         protocols: Collection[ProxyProtocol | str] | None = None,
         *,
         avoid: Collection[UUID] = (),
+        site: str | None = None,
     ) -> NoProxyAvailable:
         """Why nothing can be leased right now, as the exception to raise (`avoid`: the
-        proxies this request already tried)."""
-        return self._pools.explain(pool or self.pool, filters, protocols, avoid)
+        proxies this request already tried; `site`: the request's site, a domain, host or URL)."""
+        named = None if site is None else self.sites.site_of_name(site)
+        return self._pools.explain(pool or self.pool, filters, protocols, avoid, named)
 
     # ------------------------------------------------------------------ acquire
 
@@ -242,18 +276,23 @@ class LeaseBroker:
         protocols: Collection[ProxyProtocol | str] | None = None,
         timeout: float | None = None,
         avoid: Collection[UUID] = (),
+        site: str | None = None,
     ) -> ProxyLease:
         """Lease a proxy, waiting with backoff up to `timeout` (default: the acquire timeout).
 
-        `protocols` limits the proxies to those the calling client can speak; `session`
-        keeps one proxy for a sticky session while it stays healthy; `avoid` names
-        proxies this request already tried (never handed out again).
+        `url` is the request's: its site (or `site`, already worked out) decides which
+        proxies that site holds off (bans, cool-downs, politeness).  `protocols` limits
+        the proxies to those the calling client can speak; `session` keeps one proxy for
+        a sticky session while it stays healthy; `avoid` names proxies this request
+        already tried (never handed out again).
         """
+        if site is None and url is not None:
+            site = self.sites.site_of(url)
         if session is None and not avoid:
-            fast = self.acquire_nowait(pool=pool, filters=filters, protocols=protocols)
+            fast = self.acquire_nowait(pool=pool, filters=filters, protocols=protocols, site=site)
             if fast is not None:
                 return fast
-        steps = self._waits(pool, filters, session, protocols, timeout, avoid)
+        steps = self._waits(pool, filters, session, protocols, timeout, avoid, site)
         try:
             while True:
                 time.sleep(next(steps))
@@ -271,13 +310,16 @@ class LeaseBroker:
         protocols: Collection[ProxyProtocol | str] | None = None,
         timeout: float | None = None,
         avoid: Collection[UUID] = (),
+        site: str | None = None,
     ) -> ProxyLease:
         """`acquire` for asyncio: waits with `asyncio.sleep`, blocking storages off the loop."""
+        if site is None and url is not None:
+            site = self.sites.site_of(url)
         if session is None and not avoid and not self.storage_blocks:
-            fast = self.acquire_nowait(pool=pool, filters=filters, protocols=protocols)
+            fast = self.acquire_nowait(pool=pool, filters=filters, protocols=protocols, site=site)
             if fast is not None:
                 return fast
-        steps = self._waits(pool, filters, session, protocols, timeout, avoid)
+        steps = self._waits(pool, filters, session, protocols, timeout, avoid, site)
         while True:
             if self.storage_blocks:
                 finished, value = await bridge.step_off_loop(steps, self.release)
@@ -293,9 +335,10 @@ class LeaseBroker:
         pool: str | None = None,
         filters: ProxyFilters | None = None,
         protocols: Collection[ProxyProtocol | str] | None = None,
+        site: str | None = None,
     ) -> ProxyLease | None:
         """One attempt without waiting: a lease, or None when no proxy is free right now
-        (or the broker is closed: `acquire` says why).
+        (or the broker is closed: `acquire` says why).  `site`: see `acquire`.
 
         It calls the storage on this thread: an event loop should use it only when
         `storage_blocks` is false.  The first attempt of every common acquire (no
@@ -307,12 +350,15 @@ class LeaseBroker:
         selection = self._selection
         effective = selection.effective_filters(filters if filters is not None else self.filters, protocols)
         self._ledger.revive_due(name)
+        if site is not None:  # the site's holds to pass over, a politeness slot to claim
+            self.sites.maintain()
+            return selection.try_lease(name, effective, None, (), site)
         selection.ensure_consumer()
         try:
             found = selection.take(name, effective)
         except ProxyUnavailableError:
             return None
-        return None if found is None else self._wrap(found, name, None, None)
+        return None if found is None else self._wrap(found, name, None, None, site)
 
     def _waits(
         self,
@@ -322,14 +368,17 @@ class LeaseBroker:
         protocols: Collection[ProxyProtocol | str] | None,
         timeout: float | None,
         avoid: Collection[UUID],
+        site: str | None,
     ) -> Generator[float, None, ProxyLease]:
         if self._closed:
             raise RuntimeError("LeaseBroker is closed")
         wanted = filters if filters is not None else self.filters
         deadline = time.monotonic() + (self.acquire_timeout if timeout is None else timeout)
-        return self._selection.waits(pool or self.pool, wanted, protocols, session, avoid, deadline)
+        return self._selection.waits(pool or self.pool, wanted, protocols, session, avoid, deadline, site)
 
-    def _wrap(self, lease: Lease | LeaseHandle, pool: str, session: str | None, proxy: Proxy | None) -> ProxyLease:
+    def _wrap(
+        self, lease: Lease | LeaseHandle, pool: str, session: str | None, proxy: Proxy | None, site: str | None
+    ) -> ProxyLease:
         pid = lease.proxy_id
         # The proxy's health record carries its endpoint: one lookup (of a UUID, hashed
         # in Python) per lease.  Read without the lock: a dict read is atomic.
@@ -343,7 +392,7 @@ class LeaseBroker:
                 peek = getattr(self.storage, "peek_proxy", None)
                 found = proxy or (peek(pid) if peek is not None else None) or self.storage.get_proxy(str(pid))
                 endpoint = _Endpoint.of(found)
-        held = ProxyLease(lease, endpoint, pool, session)
+        held = ProxyLease(lease, endpoint, pool, session, site)
         with self._lock:
             self._held.add(held)
             self.counters["acquired"] += 1
@@ -409,8 +458,16 @@ class LeaseBroker:
             raise
         lease.verdict = verdict
         lease.reported = True
+        wide = True  # a ban without a site: the proxy's, everywhere (as before sites)
+        if verdict.site_refusal and lease.site is not None:
+            try:
+                wide = self._hold(lease, lease.site, verdict, response)
+            except BaseException:
+                if release:
+                    self.release(lease)
+                raise
         with self._lock:
-            change = self._ledger.record(lease, verdict, latency_ms)
+            change = self._ledger.record(lease, verdict, latency_ms, wide=wide)
             first = release and self._mark_released(lease)
         try:
             if change is not None:
@@ -419,6 +476,24 @@ class LeaseBroker:
             if first:
                 self._release_in_storage(lease._handle)
         return verdict
+
+    def _hold(self, lease: ProxyLease, site: str, verdict: Verdict, response: Any) -> bool:
+        """A site refused the proxy: hold the pair.  True when the proxy is now banned by
+        enough sites at once to be benched everywhere (it is probably burned)."""
+        hold, burned = self.sites.refuse(lease.proxy_id, site, verdict, response)
+        with self._lock:
+            self.counters["site_bans" if verdict is Verdict.BAN else "site_cooldowns"] += 1
+        logger.info(
+            "proxy %(proxy)s %(what)s by site %(site)s; back there in %(seconds).1f s%(burned)s",
+            {
+                "proxy": lease.safe_url,
+                "what": "banned" if verdict is Verdict.BAN else "asked to pause",
+                "site": site,
+                "seconds": max(0.0, hold.until - time.time()),
+                "burned": f" (banned by {self.sites.bans_to_bench}+ sites: benched everywhere)" if burned else "",
+            },
+        )
+        return burned
 
     async def report_async(self, lease: ProxyLease, *args: Any, **kwargs: Any) -> Verdict:
         return await bridge.run(self.storage_blocks, lambda: self.report(lease, *args, **kwargs))
@@ -449,6 +524,9 @@ class LeaseBroker:
 
     def _release_in_storage(self, handle: Lease | LeaseHandle) -> None:
         """The storage's half of a release (the lease may never have been handed out)."""
+        if isinstance(handle, Slot):
+            handle.block.give_back(handle)  # kept for the next request, or released in a batch
+            return
         if has_release_listeners(self.lease_manager):
             self.lease_manager.release_proxy(handle if isinstance(handle, Lease) else handle.to_lease())
             return
@@ -509,6 +587,11 @@ class LeaseBroker:
                 logger.exception("could not release a lease of %(proxy)s", {"proxy": held.safe_url})
         if released:
             logger.info("released %(n)d lease(s) still held at close", {"n": released})
+        for block in self._selection.blocks():
+            try:
+                block.close()  # the slots kept for the next requests go back to the storage
+            except Exception:
+                logger.exception("could not give back the lease block of pool %(pool)s", {"pool": block.pool})
         return released
 
     def __copy__(self) -> LeaseBroker:

@@ -55,6 +55,10 @@ def from_settings(
         lease_seconds=settings.lease_seconds,
         acquire_timeout=settings.acquire_timeout,
         max_moves=settings.max_moves,
+        site_scope=settings.site_scope,
+        site_delay=settings.site_delay,
+        site_bans_to_bench=settings.site_bans_to_bench,
+        lease_blocks=settings.lease_blocks,
         policy=HealthPolicy(
             ban_codes=frozenset(settings.ban_codes),
             max_failures=settings.max_failures,

@@ -55,6 +55,7 @@ _CSV_TEXT_COLUMNS = ("country", "city", "source", "isp")
 _CSV_INT_COLUMNS = ("asn", "max_concurrency")
 _CELL = 60  # widest table cell; longer text is cut with "…"
 _CONNECT_TIMEOUT = 10  # seconds; libpq's default waits for the TCP stack (minutes)
+_SITE_SCOPES = ("domain", "host")  # as pharox_integrations.sites.SITE_SCOPES (not imported: the CLI starts fast)
 
 
 class CommandError(Exception):
@@ -88,7 +89,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = verbs.add_parser(
         "demo",
-        help="crawl a local site through real local proxies with every door and print a per-proxy table",
+        help="crawl two local sites through real local proxies with every door; print per-proxy and per-site tables",
         epilog=_EXIT_HELP,
     )
     demo.add_argument(
@@ -149,7 +150,21 @@ def build_parser() -> argparse.ArgumentParser:
         type=_limit,
         default=_DEFAULT_LIMIT,
         metavar="N",
-        help=_LIMIT_HELP + "; proxies that are not active come first",
+        help=_LIMIT_HELP + "; proxies that are not active come first (with --site, then those the site holds off)",
+    )
+    stats.add_argument(
+        "--site",
+        type=_site_name,
+        default=None,
+        metavar="SITE",
+        help="also each proxy's standing at this site (a domain, host or URL): banned there, cooling or "
+        "politeness delay, seconds left, strikes",
+    )
+    stats.add_argument(
+        "--site-scope",
+        choices=_SITE_SCOPES,
+        default=None,
+        help="what a site is, as your crawlers' PHAROX_SITE_SCOPE says (default: $PHAROX_SITE_SCOPE, else domain)",
     )
 
     chk = pool_verbs.add_parser(
@@ -251,6 +266,35 @@ def _http_url(text: str) -> str:
             f"{mask_credentials(text)!r} is not an http(s) URL: expected e.g. https://httpbin.org/ip"
         )
     return text
+
+
+def _site_name(text: str) -> str:
+    """The host a `--site` names (a domain, a host, or a URL: its host); never its credentials."""
+    from urllib.parse import urlsplit
+
+    name = text.strip()
+    host = None
+    if name and not any(c.isspace() for c in name):
+        try:
+            host = urlsplit(name if "://" in name else "//" + name).hostname
+        except ValueError:
+            host = None
+    if not host:
+        raise argparse.ArgumentTypeError(
+            f"{_without_userinfo(text)!r}: expected a site: a domain, host or URL, e.g. shop.example"
+        )
+    return host
+
+
+def _without_userinfo(text: str) -> str:
+    """`text` with any ``user:password@`` before its host shown as ``***@``."""
+    scheme, sep, rest = text.partition("://")
+    if not sep:
+        scheme, rest = "", text
+    authority, slash, path = rest.partition("/")
+    if "@" in authority:
+        authority = "***@" + authority.rsplit("@", 1)[1]
+    return f"{scheme}{sep}{authority}{slash}{path}"
 
 
 def _status_codes(text: str) -> list[int]:
@@ -468,7 +512,7 @@ def _close(storage: object) -> None:
         close()
 
 
-def _open(args: argparse.Namespace, pool: str | None = None) -> _Opened:
+def _open(args: argparse.Namespace, pool: str | None = None, *, site_scope: str = "domain") -> _Opened:
     """The storage behind `--storage`, probed once so failures surface here."""
     from pharox import ProxyManager
 
@@ -484,7 +528,7 @@ def _open(args: argparse.Namespace, pool: str | None = None) -> _Opened:
         if _from_database(exc):
             raise _database_error(url, exc) from None
         raise
-    return _Opened(LeaseBroker(ProxyManager(storage), pool=pool or "default"), url)
+    return _Opened(LeaseBroker(ProxyManager(storage), pool=pool or "default", site_scope=site_scope), url)
 
 
 def _guard_db(opened: _Opened, fn: Callable[[], int]) -> int:
@@ -781,17 +825,77 @@ def _recent_health(storage: Any, proxies: Sequence[Any]) -> dict[Any, list[Any]]
     return found
 
 
+def _site_scope(args: argparse.Namespace) -> str:
+    """`--site-scope`, else `$PHAROX_SITE_SCOPE`, else domain (what the crawlers keyed their holds by)."""
+    if args.site_scope:
+        return str(args.site_scope)
+    scope = os.environ.get("PHAROX_SITE_SCOPE", "").strip().lower() or "domain"
+    if scope not in _SITE_SCOPES:
+        raise CommandError(f"PHAROX_SITE_SCOPE={scope!r}: expected one of {', '.join(_SITE_SCOPES)}")
+    return scope
+
+
+_STANDING = {"ban": "banned there", "cooldown": "cooling", "delay": "delay"}
+_HOLD_RANK = {"ban": 0, "cooldown": 1, "delay": 2}  # with --site: the proxies it holds off first
+
+
+@dataclass
+class _SiteView:
+    """One site's holds on the proxies of one pool, read once (`pool stats --site`)."""
+
+    site: str
+    holds: dict[Any, Any]  # proxy id -> sites.Hold
+    now: float
+
+    def order(self, proxy: Any) -> int:
+        hold = self.holds.get(proxy.id)
+        return len(_HOLD_RANK) if hold is None else _HOLD_RANK.get(hold.kind, len(_HOLD_RANK))
+
+    def cells(self, proxy: Any) -> tuple[str | None, str | None, int | None]:
+        """(standing, seconds left, strikes) of one proxy at the site."""
+        hold = self.holds.get(proxy.id)
+        if hold is None:
+            return ("usable" if _status(proxy) == "active" else None), None, None
+        return _STANDING.get(hold.kind, hold.kind), f"{max(0.0, hold.until - self.now):.1f}", hold.strikes
+
+    def summary(self, proxies: Sequence[Any]) -> str:
+        """The line `NoProxyAvailable` would build for the site, for the active proxies
+        (the counts are those of `broker.health(site=...)`)."""
+        active = [p for p in proxies if _status(p) == "active"]
+        banned = [self.holds[p.id].until for p in active if p.id in self.holds and self.holds[p.id].kind == "ban"]
+        cooling = [self.holds[p.id].until for p in active if p.id in self.holds and self.holds[p.id].kind != "ban"]
+        usable = len(active) - len(banned) - len(cooling)
+        line = f"site {self.site!r}: {usable} of {len(active)} active prox{'y' if len(active) == 1 else 'ies'} usable"
+        for until, label in ((banned, "banned there"), (cooling, "cooling")):
+            line += f"; {len(until)} {label}"
+            if until:
+                line += f", next in {max(0.0, min(until) - self.now):.1f} s"
+        return line
+
+
 def _pool_stats(args: argparse.Namespace) -> int:
     import statistics
 
     from .exchange import mask_credentials
 
-    opened = _open(args, args.pool)
+    scope = _site_scope(args) if args.site else "domain"
+    opened = _open(args, args.pool, site_scope=scope)
 
     def run() -> int:
         broker = opened.broker
         proxies = broker.proxies(args.pool)
-        shown, left_out = _page(sorted(proxies, key=_by_trouble), args.limit)
+        view: _SiteView | None = None
+        if args.site:
+            site = broker.sites.site_of_name(args.site)
+            ids = {p.id for p in proxies}
+            holds = {pid: hold for pid, _, hold in broker.sites.in_force(site) if pid in ids}
+            view = _SiteView(site, holds, time.time())
+
+        def order(proxy: Any) -> tuple[int, int, tuple[int, int, str, int]]:
+            rank, address = _by_trouble(proxy)
+            return rank, view.order(proxy) if view is not None else 0, address
+
+        shown, left_out = _page(sorted(proxies, key=order), args.limit)
         health = _recent_health(broker.storage, shown)
         rows = []
         latencies: list[int] = []
@@ -804,7 +908,10 @@ def _pool_stats(args: argparse.Namespace) -> int:
             detail = None
             if last is not None:
                 after = str(getattr(last.status_after, "value", last.status_after))
-                detail = f"{after}: {mask_credentials(last.error)}" if last.error else after
+                error = mask_credentials(last.error) if last.error else ""
+                # The broker's own records already start with the status ("banned: HTTP 403").
+                detail = error if error.startswith(f"{after}:") else f"{after}: {error}" if error else after
+            at_site = view.cells(p) if view is not None else ()
             rows.append(
                 (
                     _safe(p),
@@ -813,6 +920,7 @@ def _pool_stats(args: argparse.Namespace) -> int:
                     f"{len(good)}/{len(records)}",
                     statistics.median(lat) if lat else None,
                     _ago(p.checked_at),
+                    *at_site,
                     detail,
                 )
             )
@@ -825,8 +933,15 @@ def _pool_stats(args: argparse.Namespace) -> int:
             f"pool {args.pool!r}: {len(proxies)} proxies, {by['active']} active, {by['banned']} banned, "
             f"{by['inactive']} inactive, {by['slow']} slow; {leased} lease(s) in use; median latency {median}"
         )
+        if view is not None:
+            print(view.summary(proxies))
         if rows:
-            print(table(("proxy", "status", "leases", "ok/recent", "median ms", "checked", "last"), rows, (2, 3, 4)))
+            head = ["proxy", "status", "leases", "ok/recent", "median ms", "checked"]
+            right = [2, 3, 4]
+            if view is not None:
+                head += ["at site", "left s", "strikes"]
+                right += [7, 8]
+            print(table((*head, "last"), rows, right))
             _more(left_out)
         return EXIT_OK
 

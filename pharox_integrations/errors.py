@@ -30,7 +30,8 @@ class NoProxyAvailable(PharoxIntegrationError):
     """No proxy of the pool could be leased before the acquire timeout.
 
     The message names the pool, the filters and why (counts per reason, and when the
-    first benched proxy comes back), so the caller can decide to wait or stop.
+    first benched proxy comes back; for a site that holds proxies off, the site and
+    when the next one is usable there), so the caller can decide to wait or stop.
     """
 
     def __init__(
@@ -41,12 +42,16 @@ class NoProxyAvailable(PharoxIntegrationError):
         filters: str | None = None,
         counts: Mapping[str, int] | None = None,
         next_revival_in: float | None = None,
+        site: str | None = None,
+        next_usable_in: float | None = None,
     ) -> None:
         super().__init__(message)
         self.pool = pool
         self.filters = filters
         self.counts: dict[str, int] = dict(counts or {})
         self.next_revival_in = next_revival_in
+        self.site = site  # the request's site, when its holds kept proxies off it
+        self.next_usable_in = next_usable_in  # seconds until a proxy held off the site is usable there
 
 
 @dataclass(frozen=True)

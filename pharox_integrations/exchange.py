@@ -22,7 +22,8 @@ all here.  The send stays with the door (Scrapy moves a request by yielding a ne
 | outcome                                | health                    | step                       |
 |----------------------------------------|---------------------------|----------------------------|
 | answer the site meant (2xx-5xx)        | success for the proxy     | RETURN                     |
-| ban (ban codes, ban detector)          | ban                       | MOVE if possible, else RETURN the ban answer |
+| ban (ban codes, ban detector)          | ban for (proxy, site)     | MOVE if possible, else RETURN the ban answer |
+| 429, 503 with Retry-After              | cool-down for (proxy, site), no strike | as a ban      |
 | proxy failure (connect, tunnel, 407)   | failure, proxy-wide       | MOVE if possible, else RAISE AllProxiesFailed |
 | dropped kept-alive connection          | none                      | RESEND once per proxy      |
 | the caller's own error (bad URL...)    | none against the proxy    | RAISE it as it is          |
@@ -116,6 +117,7 @@ class Exchange:
         "protocols",
         "replayable",
         "session",
+        "site",
         "timeout",
         "url",
     )
@@ -132,6 +134,7 @@ class Exchange:
         max_moves: int | None = None,
         body: Any = None,
         timeout: float | None = None,
+        host: str | None = None,
         errors: DoorErrors = CORE_ERRORS,
     ) -> None:
         moves = broker.max_moves if max_moves is None else max_moves
@@ -139,6 +142,8 @@ class Exchange:
             raise ValueError(f"max_moves={moves!r}: expected an integer >= 0")
         self.broker = broker
         self.url = url
+        # Whose bans, cool-downs and spacing apply: the site of the URL (or of the host).
+        self.site = broker.sites.site_of(url) if host is None else broker.sites.site_of_name(host)
         self.pool = pool
         self.filters = filters
         self.session = session
@@ -178,7 +183,9 @@ class Exchange:
             return self.lease()
         if self.session is not None or self.broker.storage_blocks:
             return None
-        self.current = self.broker.acquire_nowait(pool=self.pool, filters=self.filters, protocols=self.protocols)
+        self.current = self.broker.acquire_nowait(
+            pool=self.pool, filters=self.filters, protocols=self.protocols, site=self.site
+        )
         return self.current
 
     async def lease_async(self) -> ProxyLease:
@@ -192,7 +199,13 @@ class Exchange:
         return self.current
 
     def _choices(self) -> dict[str, Any]:
-        return {"pool": self.pool, "filters": self.filters, "session": self.session, "protocols": self.protocols}
+        return {
+            "pool": self.pool,
+            "filters": self.filters,
+            "session": self.session,
+            "protocols": self.protocols,
+            "site": self.site,
+        }
 
     def _wait_limit(self) -> float:
         """How long a lease may be waited for: the caller's timeout, capped by the broker's."""
@@ -203,7 +216,15 @@ class Exchange:
         cls = self.errors.no_proxy
         if type(exc) is cls:
             return exc
-        return cls(str(exc), pool=exc.pool, filters=exc.filters, counts=exc.counts, next_revival_in=exc.next_revival_in)
+        return cls(
+            str(exc),
+            pool=exc.pool,
+            filters=exc.filters,
+            counts=exc.counts,
+            next_revival_in=exc.next_revival_in,
+            site=exc.site,
+            next_usable_in=exc.next_usable_in,
+        )
 
     # ------------------------------------------------------------------ outcomes
 
@@ -241,7 +262,7 @@ class Exchange:
             if streaming:
                 self.broker.release(lease)
             return Step.MOVE
-        if verdict is Verdict.BAN:
+        if verdict.site_refusal:
             return Step.RETURN  # the caller gets the site's last word
         self.broker.release(lease)
         self.error = self._give_up(status_code=status_code)

@@ -23,14 +23,24 @@ class Verdict(str, Enum):
     """What one response or error says about the proxy that carried it."""
 
     OK = "ok"  # the proxy delivered an answer the site meant
-    TARGET_ERROR = "target_error"  # 404/500/503 from the site: not the proxy's fault
-    BAN = "ban"  # the site refuses this proxy (403/429, captcha page…)
+    TARGET_ERROR = "target_error"  # 404/500 from the site: not the proxy's fault
+    BAN = "ban"  # the site refuses this proxy (403, captcha page…)
+    COOLDOWN = "cooldown"  # the site asks this proxy to pause (429, 503 + Retry-After)
     FAILURE = "failure"  # the proxy itself failed: refused, tunnel failed, timeout, 407
 
     @property
     def moves_request(self) -> bool:
-        """Bans and proxy failures are worth another try on another proxy."""
-        return self in (Verdict.BAN, Verdict.FAILURE)
+        """Bans, cool-downs and proxy failures are worth another try on another proxy."""
+        return self in _MOVES
+
+    @property
+    def site_refusal(self) -> bool:
+        """The site's word on this proxy (a ban or a cool-down): held per (proxy, site),
+        and the answer the caller gets when no other proxy can be tried."""
+        return self is Verdict.BAN or self is Verdict.COOLDOWN
+
+
+_MOVES = frozenset({Verdict.BAN, Verdict.COOLDOWN, Verdict.FAILURE})
 
 
 BanDetector = Callable[[int | None, Any], bool | None]
@@ -47,7 +57,10 @@ _CALLER_ERRORS = (ValueError, TypeError, LookupError)
 class HealthPolicy:
     """Ban / fail / slow / revive rules.
 
-    - `ban_codes` ban the proxy at once; `proxy_failure_codes` (407) count as failures.
+    - `ban_codes` ban the proxy at once (for the request's site, see `sites.py`);
+      `cooldown_codes` (429), and a 503 carrying `Retry-After`, cool the (proxy, site)
+      pair down for the time the site asks, without a strike;
+      `proxy_failure_codes` (407) count as failures.
     - `max_failures` failures in a row make it INACTIVE; any answer resets the count,
       so a proxy is judged on its recent record, not one unlucky streak.
     - `slow_ms`: when the median of the last `slow_window` latencies exceeds it, SLOW.
@@ -61,7 +74,8 @@ class HealthPolicy:
       storage at most this often per proxy (bounded writes, latency still visible).
     """
 
-    ban_codes: frozenset[int] = frozenset({403, 429})
+    ban_codes: frozenset[int] = frozenset({403})
+    cooldown_codes: frozenset[int] = frozenset({429})
     proxy_failure_codes: frozenset[int] = frozenset({407})
     max_failures: int = 3
     slow_ms: int | None = None
@@ -74,6 +88,7 @@ class HealthPolicy:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "ban_codes", frozenset(self.ban_codes))
+        object.__setattr__(self, "cooldown_codes", frozenset(self.cooldown_codes))
         object.__setattr__(self, "proxy_failure_codes", frozenset(self.proxy_failure_codes))
         if self.max_failures < 1:
             raise ValueError(f"max_failures={self.max_failures!r}: expected an integer >= 1")
@@ -103,14 +118,18 @@ class HealthPolicy:
         if self.ban_detector is not None:
             banned = self.ban_detector(status_code, response)
             if banned is not None:
-                return Verdict.BAN if banned else self._judge_code(status_code, bans=False)
-        return self._judge_code(status_code, bans=True)
+                return Verdict.BAN if banned else self._judge_code(status_code, response, bans=False)
+        return self._judge_code(status_code, response, bans=True)
 
-    def _judge_code(self, status_code: int | None, *, bans: bool) -> Verdict:
+    def _judge_code(self, status_code: int | None, response: Any, *, bans: bool) -> Verdict:
         if status_code is None:
             return Verdict.OK
         if bans and status_code in self.ban_codes:
             return Verdict.BAN
+        if status_code in self.cooldown_codes:
+            return Verdict.COOLDOWN
+        if status_code == 503 and _has_retry_after(response):
+            return Verdict.COOLDOWN
         if status_code in self.proxy_failure_codes:
             return Verdict.FAILURE
         return Verdict.TARGET_ERROR if status_code >= 400 else Verdict.OK
@@ -124,6 +143,14 @@ class HealthPolicy:
         ceiling = min(self.backoff_cap, self.backoff_base * 2 ** max(0, strikes - 1))
         rng = random.Random(f"{proxy_id}/{benched_at.timestamp():.6f}")
         return max(self.backoff_base, rng.uniform(0.0, ceiling))
+
+
+def _has_retry_after(response: Any) -> bool:
+    headers = getattr(response, "headers", None)
+    try:
+        return headers is not None and bool(headers.get("Retry-After"))
+    except Exception:  # a headers object without a usable get: no header
+        return False
 
 
 def strikes_from_records(records: Sequence[ProxyHealthRecord]) -> int:

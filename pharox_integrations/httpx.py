@@ -40,7 +40,6 @@ from .errors import (
     ReportFailed,
 )
 from .exchange import DoorErrors, Exchange, Step, describe_error, moves_keyword
-from .health import Verdict
 from .routes import CLOSER, Route, RouteCache
 
 __all__ = [
@@ -252,9 +251,10 @@ class _Door(Generic[T]):
             del request.headers["proxy-authorization"]
         timeout = request.extensions.get("timeout")
         stream = request.stream
-        # The target URL is not passed on: the broker does not use it, and making it a
-        # string (without user info) costs more than a tenth of the lease.
+        # The host, not the URL: making the URL a string (without user info) costs more
+        # than a tenth of the lease, and the host is all the site needs.
         return self.broker.exchange(
+            host=request.url.host,
             pool=pool,
             filters=filters,
             session=session,
@@ -303,7 +303,8 @@ class _Door(Generic[T]):
 
     def _keeps(self, ex: Exchange) -> bool:
         """The answer of a RETURN step goes to the caller (unless `raise_on_exhausted` refuses a ban)."""
-        return not (self.raise_on_exhausted and ex.current is not None and ex.current.verdict is Verdict.BAN)
+        verdict = None if ex.current is None else ex.current.verdict
+        return not (self.raise_on_exhausted and verdict is not None and verdict.site_refusal)
 
     @staticmethod
     def _failure(ex: Exchange, cause: BaseException | None = None) -> BaseException:

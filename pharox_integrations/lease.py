@@ -67,17 +67,26 @@ class ProxyLease:
         "released",
         "reported",
         "session",
+        "site",
         "started",
         "verdict",
     )
 
-    def __init__(self, lease: Lease | LeaseHandle, endpoint: _Endpoint, pool: str, session: str | None) -> None:
+    def __init__(
+        self,
+        lease: Lease | LeaseHandle,
+        endpoint: _Endpoint,
+        pool: str,
+        session: str | None,
+        site: str | None = None,
+    ) -> None:
         self._handle = lease
         self._lease = lease if isinstance(lease, Lease) else None
         self.proxy_id: UUID = lease.proxy_id
         self._endpoint = endpoint
         self.pool = pool
         self.session = session
+        self.site = site  # the request's site: a ban or cool-down holds the pair (proxy, site)
         self.started = time.monotonic()
         self.released = False
         self.reported = False
@@ -228,12 +237,23 @@ class PoolHealth:
     requests: int
     success_rate: float | None
     median_latency_ms: float | None
+    # With `health(site=...)`: the site's standing of the pool's active proxies.
+    site: str | None = None
+    site_banned: int = 0  # banned by that site (still in their cool-down there)
+    site_cooling: int = 0  # cooling for that site (Retry-After, politeness spacing)
+    site_usable: int | None = None  # active and not held off that site
 
     def __str__(self) -> str:
         rate = "-" if self.success_rate is None else f"{self.success_rate:.0%}"
         lat = "-" if self.median_latency_ms is None else f"{self.median_latency_ms:.0f} ms"
-        return (
+        text = (
             f"pool {self.pool!r}: {self.active}/{self.total} active, {self.banned} banned, "
             f"{self.inactive} inactive, {self.slow} slow, {self.leased} leased; "
             f"success {rate}, median latency {lat}"
         )
+        if self.site is not None:
+            text += (
+                f"; site {self.site!r}: {self.site_usable} usable, {self.site_banned} banned there, "
+                f"{self.site_cooling} cooling"
+            )
+        return text

@@ -137,9 +137,15 @@ class HealthLedger:
             state.failures = 0
         return state
 
-    def record(self, lease: ProxyLease, verdict: Verdict, latency_ms: float) -> ProxyStatus | None:
+    def record(
+        self, lease: ProxyLease, verdict: Verdict, latency_ms: float, *, wide: bool = True
+    ) -> ProxyStatus | None:
         """Count the outcome against the proxy (caller holds the lock).  Returns the status
-        to write: a bench, ACTIVE for a periodic flush of successes, or None."""
+        to write: a bench, ACTIVE for a periodic flush of successes, or None.
+
+        `wide`: a ban or cool-down benches the proxy everywhere (a request without a
+        site, or a proxy banned by enough sites); otherwise the site holds the pair
+        (`sites.py`) and the proxy stays active for the others."""
         now = time.monotonic()
         new_status: ProxyStatus | None = None
         state: ProxyState | None = lease._state
@@ -148,10 +154,10 @@ class HealthLedger:
             if state is None:
                 state = self.states[lease.proxy_id] = ProxyState(last_flush=now)
         state.requests += 1
-        if verdict is Verdict.BAN:
+        if verdict is Verdict.BAN or verdict is Verdict.COOLDOWN:
             state.bans += 1
-            self.counters["bans"] += 1
-            if not state.benched:
+            self.counters["bans" if verdict is Verdict.BAN else "cooldowns"] += 1
+            if wide and not state.benched:
                 new_status = ProxyStatus.BANNED
         elif verdict is Verdict.FAILURE:
             state.errors += 1
@@ -339,6 +345,11 @@ class HealthLedger:
             states = [s for pid, s in self.states.items() if pid in proxy_ids]
             latencies = [x for s in states for x in s.latencies()]
         return sum(s.requests for s in states), sum(s.successes for s in states), latencies
+
+    def benched_now(self, proxy_id: UUID) -> bool:
+        """Whether this process benched the proxy (read without the lock: one dict get)."""
+        state = self.states.get(proxy_id)
+        return state is not None and state.benched
 
     def forget(self, proxy_id: UUID) -> None:
         with self._lock:

@@ -20,6 +20,7 @@ from .filters import ProtocolFilter
 from .lease import PoolHealth, ProxyView, _Endpoint
 from .ledger import HealthLedger
 from .settings import ProxySpec, describe_filters, parse_proxy
+from .sites import BAN, SiteBook
 
 _LABELS = {
     "banned": "banned",
@@ -42,7 +43,9 @@ class PoolAdmin:
         ledger: HealthLedger,
         endpoints: dict[UUID, _Endpoint],
         held_in: Callable[[str], int],
+        sites: SiteBook,
     ) -> None:
+        self.sites = sites
         self.storage = storage
         self._lock = lock
         self._ledger = ledger
@@ -141,7 +144,7 @@ class PoolAdmin:
             1 for proxy in self.proxies(pool) if ProxyStatus(proxy.status) in wanted and self.remove(proxy.id, pool)
         )
 
-    def health(self, pool: str) -> PoolHealth:
+    def health(self, pool: str, site: str | None = None) -> PoolHealth:
         proxies = self.proxies(pool)
         by_status = {s: 0 for s in ProxyStatus}
         leased = 0
@@ -149,6 +152,19 @@ class PoolAdmin:
             by_status[ProxyStatus(p.status)] += 1
             leased += p.current_leases > 0
         requests, successes, latencies = self._ledger.totals({p.id for p in proxies})
+        site_counts: dict[str, Any] = {}
+        if site is not None:
+            site = self.sites.site_of_name(site)
+            holds = self.sites.holds(site)
+            active = {p.id for p in proxies if p.status == ProxyStatus.ACTIVE}
+            banned = sum(1 for pid, h in holds.items() if pid in active and h.kind == BAN)
+            cooling = sum(1 for pid, h in holds.items() if pid in active and h.kind != BAN)
+            site_counts = {
+                "site": site,
+                "site_banned": banned,
+                "site_cooling": cooling,
+                "site_usable": len(active) - banned - cooling,
+            }
         return PoolHealth(
             pool=pool,
             total=len(proxies),
@@ -161,6 +177,7 @@ class PoolAdmin:
             requests=requests,
             success_rate=successes / requests if requests else None,
             median_latency_ms=statistics.median(latencies) if latencies else None,
+            **site_counts,
         )
 
     # ------------------------------------------------------------------ explanations
@@ -176,6 +193,7 @@ class PoolAdmin:
         filters: ProxyFilters | None,
         protocols: Collection[ProxyProtocol | str] | None,
         avoid: Collection[UUID],
+        site: str | None = None,
     ) -> NoProxyAvailable:
         record = self.record(name)
         if record is None:
@@ -184,8 +202,11 @@ class PoolAdmin:
         speakable = ProtocolFilter(protocols) if protocols is not None else None
         counts: dict[str, int] = {"total": len(proxies)}
         unspeakable: set[str] = set()
+        holds = self.sites.holds(site) if site is not None else {}
+        back: dict[str, float] = {}  # site_banned / site_cooling: the first one usable there again
         for p in proxies:
             status = ProxyStatus(p.status)
+            hold = holds.get(p.id)
             if p.id in avoid:
                 key = "tried"
             elif speakable is not None and not speakable(p):
@@ -195,6 +216,9 @@ class PoolAdmin:
                 key = status.value
             elif filters is not None and not filters.matches(p):
                 key = "filtered_out"
+            elif hold is not None:
+                key = "site_banned" if hold.kind == BAN else "site_cooling"
+                back[key] = min(back.get(key, hold.until), hold.until)
             elif p.max_concurrency is not None and p.current_leases >= p.max_concurrency:
                 key = "leased"
             else:
@@ -206,7 +230,13 @@ class PoolAdmin:
         where = f"pool {name!r}"
         if described:
             where += f" (filters: {described})"
-        parts = [f"{counts[k]} {v}" for k, v in _LABELS.items() if counts.get(k)]
+        now = time.time()
+        parts = [
+            f"{counts[k]} {label}, next in {max(0.0, back[k] - now):.1f} s"
+            for k, label in (("site_banned", "banned there"), ("site_cooling", "cooling"))
+            if counts.get(k)
+        ]
+        parts += [f"{counts[k]} {v}" for k, v in _LABELS.items() if counts.get(k)]
         if counts.get("wrong_protocol"):
             can = ", ".join(sorted(ProxyProtocol(p).value for p in speakable.protocols)) if speakable else ""
             parts.append(
@@ -215,15 +245,26 @@ class PoolAdmin:
             )
         benched = sum(counts.get(k, 0) for k in ("banned", "inactive", "slow"))
         total = counts["total"]
+        usable_in = max(0.0, min(back.values()) - now) if back else None
         if total == 0:
             message = f"{where} has no proxies"
+        elif site is not None and back:
+            message = f"0 of {total} proxies usable for site {site!r} in {where}: {'; '.join(parts)}"
         elif benched == total:
             message = f"all {total} proxies of {where} benched: {', '.join(parts)}"
         else:
             message = f"0 of {total} proxies available in {where}: {', '.join(parts)}"
         if next_in is not None:
             message += f"; next back in {next_in:.0f} s"
-        return NoProxyAvailable(message, pool=name, filters=described, counts=counts, next_revival_in=next_in)
+        return NoProxyAvailable(
+            message,
+            pool=name,
+            filters=described,
+            counts=counts,
+            next_revival_in=next_in,
+            site=site,
+            next_usable_in=usable_in,
+        )
 
 
 def _identity(proxy: Proxy) -> tuple[str, str, int, str | None, str | None]:

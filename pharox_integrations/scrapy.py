@@ -183,6 +183,12 @@ class PharoxProxyMiddleware:
 
     def _exhausted(self, exc: NoProxyAvailable) -> NoReturn:
         self.stats.inc_value("pharox/no_proxy_available")
+        if exc.site is not None and exc.next_usable_in is not None:
+            # One site holds the pool off (bans, cool-downs, spacing): its request goes,
+            # the crawl of the other sites goes on whatever PHAROX_ON_EXHAUSTED says.
+            self.stats.inc_value("pharox/site/exhausted")
+            logger.warning("pharox: no proxy usable for this site now, request ignored: %(why)s", {"why": exc})
+            raise IgnoreRequest(f"no proxy available: {exc}") from None
         if self.close_on_exhausted and not self._closing:
             self._closing = True
             logger.error("pharox: no proxy available, closing the spider: %(why)s", {"why": exc})
@@ -267,7 +273,13 @@ class PharoxProxyMiddleware:
         self._inc(f"pharox/verdict/{verdict.value}/{status or type(outcome).__name__}")
         if not verdict.moves_request:
             return step
-        self._inc("pharox/bans" if verdict is Verdict.BAN else "pharox/failures")
+        if verdict.site_refusal:
+            kind = "bans" if verdict is Verdict.BAN else "cooldowns"
+            self._inc(f"pharox/{kind}")
+            if lease.site is not None:
+                self._inc(f"pharox/site/{kind}")  # counts only: one key per site would be unbounded
+        else:
+            self._inc("pharox/failures")
         if step is Step.MOVE:
             self._inc("pharox/moved")
             self._inc(f"pharox/moved/{verdict.value}")

@@ -8,6 +8,8 @@ with backoff until a deadline.  The broker turns the storage's leases into
 
 from __future__ import annotations
 
+import functools
+import inspect
 import random
 import threading
 import time
@@ -31,11 +33,13 @@ from pharox import (
     SelectorStrategy,
 )
 
+from .blocks import LeaseBlock, supports_blocks
 from .filters import with_protocols
-from .internals import DEFAULT_CONSUMER, has_acquire_listeners, notify_acquire
+from .internals import DEFAULT_CONSUMER, has_acquire_listeners, has_release_listeners, notify_acquire
 from .lease import LeaseHandle, ProxyLease
 from .ledger import HealthLedger
 from .pools import PoolAdmin
+from .sites import DELAY, SiteBook
 
 _SESSIONS_MAX = 10_000
 _RACE_RETRIES = 8  # ProxyUnavailableError races retried at once before waiting
@@ -56,21 +60,26 @@ class Selection:
         storage: IStorage,
         pools: PoolAdmin,
         ledger: HealthLedger,
+        sites: SiteBook,
         lock: threading.RLock,
-        wrap: Callable[[Lease | LeaseHandle, str, str | None, Proxy | None], ProxyLease],
+        wrap: Callable[[Lease | LeaseHandle, str, str | None, Proxy | None, str | None], ProxyLease],
         release: Callable[[Lease | LeaseHandle], None],
+        release_held: Callable[[ProxyLease], object],
         *,
         consumer: str | None,
         selector: SelectorStrategy,
         lease_seconds: int,
+        lease_blocks: bool = False,
     ) -> None:
         self.lease_manager = lease_manager
         self.storage = storage
         self._pools = pools
         self._ledger = ledger
+        self.sites = sites
         self._lock = lock
         self._wrap = wrap  # the broker's: a storage lease becomes a ProxyLease it holds
         self._release = release  # the broker's storage-side release, for a lease never handed out
+        self._release_held = release_held  # the broker's release, for a lease wrapped but not handed out
         self.consumer = consumer
         self.selector = selector
         self.lease_seconds = lease_seconds
@@ -79,9 +88,15 @@ class Selection:
         self._default_consumer_ready = False
         self._filter_cache: dict[tuple[int, int], tuple[Any, Any, ProxyFilters | None]] = {}
         self._last_filters: tuple[Any, Any, ProxyFilters | None] = (object(), object(), None)
-        # The storage's find-and-lease in one step (ours have it), for the common acquire.
+        # The storage's find-and-lease in one step (ours have it), for the common acquire;
+        # the memory storage also passes over proxies to avoid as it walks.
         one_step = getattr(storage, "acquire_lease", None)
         self._one_step = one_step if callable(one_step) else None
+        self._excludes = self._one_step is not None and "exclude" in inspect.signature(self._one_step).parameters
+        # A shared storage: leases taken a few at a time and lent locally (see blocks.py).
+        self._blocks: dict[tuple[str, int, SelectorStrategy], LeaseBlock] | None = (
+            {} if lease_blocks and supports_blocks(storage) else None
+        )
 
     def waits(
         self,
@@ -91,47 +106,74 @@ class Selection:
         session: str | None,
         avoid: Collection[UUID],
         deadline: float,
+        site: str | None = None,
     ) -> Generator[float, None, ProxyLease]:
         """One acquisition as a generator of waits (seconds), shared by the sync and async
-        forms; its value is the lease, or it raises `NoProxyAvailable` saying why."""
+        forms; its value is the lease, or it raises `NoProxyAvailable` saying why.
+
+        `site`: the request's site; proxies it holds off (bans, cool-downs, politeness)
+        are passed over, and waited for when one is usable there before the deadline."""
         effective = self.effective_filters(filters, protocols)
         delay = 0.005
         next_check = 0.0
         while True:
             self._ledger.revive_due(pool)
-            lease = self.try_lease(pool, effective, session, avoid)
+            lease = self.try_lease(pool, effective, session, avoid, site)
             if lease is not None:
                 return lease
             now = time.monotonic()
             hopeless = False
             if now >= next_check:  # at the first miss, then once a second
-                hopeless = not self.worth_waiting(pool, effective, avoid, deadline)
+                hopeless = not self.worth_waiting(pool, effective, avoid, deadline, site)
                 next_check = now + 1.0
             if now >= deadline or hopeless:
                 with self._lock:
                     self._ledger.counters["no_proxy_available"] += 1
-                raise self._pools.explain(pool, filters, protocols, avoid)
+                raise self._pools.explain(pool, filters, protocols, avoid, site)
             self._ledger.revive_due(pool, scan=True)
             wait = min(delay * (0.5 + random.random()), deadline - now)
             delay = min(delay * 2, 0.25)
             yield max(wait, 0.0)
 
     def try_lease(
-        self, pool: str, filters: ProxyFilters | None, session: str | None, avoid: Collection[UUID] = ()
+        self,
+        pool: str,
+        filters: ProxyFilters | None,
+        session: str | None,
+        avoid: Collection[UUID] = (),
+        site: str | None = None,
     ) -> ProxyLease | None:
         """One attempt: the session's proxy, else the selector's pick, else (when the pick
-        was already tried) the least busy untried proxy; None when nothing is free."""
+        was already tried or is held off the site) the least busy other proxy; None when
+        nothing is free.  With a politeness delay the pair's visit slot is claimed too."""
         self.ensure_consumer()
+        if site is not None:
+            held = self.sites.holds(site)
+            if held:
+                if session is not None:
+                    hold = held.get(self.sessions.get((pool, session)))  # type: ignore[arg-type]
+                    if hold is not None and hold.kind == DELAY:
+                        return None  # sticky: wait for its proxy's next polite visit
+                avoid = {*avoid, *held} if avoid else held
+        lease = self._try_lease(pool, filters, session, avoid, site)
+        if lease is not None and site is not None and self.sites.delay and not self.sites.claim(lease.proxy_id, site):
+            self._release_held(lease)  # another request took this pair's visit slot first
+            return None
+        return lease
+
+    def _try_lease(
+        self, pool: str, filters: ProxyFilters | None, session: str | None, avoid: Collection[UUID], site: str | None
+    ) -> ProxyLease | None:
         if session is not None and self.sessions.get((pool, session)) not in avoid:
             try:
                 sticky = self.sticky(pool, filters, session)
             except StickyBusy:
                 return None  # sticky means this proxy: wait for a free slot on it
             if sticky is not None:
-                return self._wrap(sticky[0], pool, session, sticky[1])
+                return self._wrap(sticky[0], pool, session, sticky[1], site)
         for _ in range(_RACE_RETRIES):
             try:
-                lease = self.take(pool, filters)
+                lease = self.take(pool, filters, avoid)
             except ProxyUnavailableError:
                 # find and create_lease are separate steps in pharox's storages; the
                 # proxy was taken in between.  Not an error for our callers: try again.
@@ -141,12 +183,13 @@ class Selection:
             if lease is None:
                 return None
             if lease.proxy_id not in avoid:
-                return self._wrap(lease, pool, session, None)
-            # The selector picked a proxy this request already tried (first_available
-            # and least_used do, every time): give it back, and choose among the others.
+                return self._wrap(lease, pool, session, None, site)
+            # The selector picked a proxy this request already tried or the site holds
+            # off (first_available and least_used pick the same one every time): give
+            # it back, and choose among the others.
             self._release(lease)
             found = self.untried(pool, filters, avoid)
-            return None if found is None else self._wrap(found[0], pool, session, found[1])
+            return None if found is None else self._wrap(found[0], pool, session, found[1], site)
         return None
 
     def effective_filters(
@@ -177,7 +220,9 @@ class Selection:
             self.storage.ensure_consumer(self.consumer)
             self._consumer_ready = True
 
-    def take(self, pool: str, filters: ProxyFilters | None) -> Lease | LeaseHandle | None:
+    def take(
+        self, pool: str, filters: ProxyFilters | None, avoid: Collection[UUID] = ()
+    ) -> Lease | LeaseHandle | None:
         """One acquisition attempt, through pharox's manager or the storage's one-step path.
 
         A storage with `acquire_lease` (ours) finds and leases in one step (one
@@ -186,6 +231,8 @@ class Selection:
         observability holds.
         """
         watched = has_acquire_listeners(self.lease_manager)
+        if self._blocks is not None and not watched and not has_release_listeners(self.lease_manager):
+            return self._block(pool, filters).take(avoid)
         one_step = self._one_step
         if one_step is None:
             if watched:
@@ -198,6 +245,8 @@ class Selection:
                 )
             one_step = self._find_and_lease
         consumer = self.consumer or DEFAULT_CONSUMER
+        if avoid and self._excludes:
+            one_step = functools.partial(one_step, exclude=avoid)  # type: ignore[call-arg]
         if not watched:
             found: Lease | LeaseHandle | None = one_step(pool, consumer, self.lease_seconds, filters, self.selector)
             return found
@@ -221,6 +270,29 @@ class Selection:
             ),
         )
         return lease
+
+    def _block(self, pool: str, filters: ProxyFilters | None) -> LeaseBlock:
+        key = (pool, id(filters), self.selector)
+        assert self._blocks is not None
+        block = self._blocks.get(key)
+        if block is None or block.filters is not filters:
+            with self._lock:
+                block = self._blocks.get(key)
+                if block is None or block.filters is not filters:
+                    self.ensure_consumer()
+                    block = self._blocks[key] = LeaseBlock(
+                        self.storage,
+                        self.consumer or DEFAULT_CONSUMER,
+                        self.lease_seconds,
+                        pool,
+                        filters,
+                        self.selector,
+                        self._ledger.benched_now,
+                    )
+        return block
+
+    def blocks(self) -> list[LeaseBlock]:
+        return list(self._blocks.values()) if self._blocks else []
 
     def _find_and_lease(
         self, pool: str, consumer: str, duration: int, filters: ProxyFilters | None, selector: SelectorStrategy
@@ -283,15 +355,23 @@ class Selection:
         return None
 
     def worth_waiting(
-        self, pool: str, filters: ProxyFilters | None, avoid: Collection[UUID], deadline: float
+        self,
+        pool: str,
+        filters: ProxyFilters | None,
+        avoid: Collection[UUID],
+        deadline: float,
+        site: str | None = None,
     ) -> bool:
         """Whether a proxy could be leased before `deadline`: an active one outside
-        `avoid` (a busy one may be released), or a benched one whose cool-down ends in
-        time.  When none can, the caller hears so at once instead of at the deadline;
-        a proxy this request already tried is never waited for."""
-        if self._candidates(pool, filters, avoid):
-            return True
+        `avoid` and the site's holds (a busy one may be released), one whose hold on
+        the site ends in time, or a benched one whose cool-down ends in time.  When none
+        can, the caller hears so at once instead of at the deadline; a proxy this
+        request already tried is never waited for."""
         back_by = time.time() + (deadline - time.monotonic())
+        held = self.sites.holds(site) if site is not None else {}
+        candidates = self._candidates(pool, filters, avoid)
+        if any(p.id not in held or held[p.id].until <= back_by for p in candidates):
+            return True
         return any(
             back_at <= back_by
             for proxy, back_at in self._ledger.benched(pool)

@@ -266,11 +266,15 @@ SETTINGS_DOC: dict[str, str] = {
     "PHAROX_LEASE_SECONDS": "lease duration in seconds; a crashed process's leases come back after it (default 300)",
     "PHAROX_ACQUIRE_TIMEOUT": "seconds to wait for a free proxy before NoProxyAvailable (default 30)",
     "PHAROX_MAX_CONCURRENCY": "max concurrent leases per proxy seeded from PHAROX_PROXIES (default unlimited)",
-    "PHAROX_BAN_CODES": "HTTP status codes that ban the proxy (default 403, 429)",
+    "PHAROX_BAN_CODES": "HTTP status codes that ban the proxy for the request's site (default 403)",
     "PHAROX_MAX_FAILURES": "proxy failures in a row that make it INACTIVE (default 3)",
     "PHAROX_SLOW_MS": "median latency above which a proxy is marked SLOW (default off)",
     "PHAROX_BACKOFF_BASE": "first cool-down in seconds for a benched proxy (default 30)",
     "PHAROX_BACKOFF_CAP": "longest cool-down in seconds (default 1800)",
+    "PHAROX_SITE_SCOPE": "what a site is (for bans, cool-downs, spacing): domain (registrable, default) or host",
+    "PHAROX_SITE_DELAY": "seconds between two requests through one proxy to one site, across processes (default 0)",
+    "PHAROX_SITE_BANS_TO_BENCH": "how many sites banning a proxy at once bench it everywhere (default 3)",
+    "PHAROX_LEASE_BLOCKS": "shared storages: lease a few proxies at a time and lend them locally (default false)",
     "PHAROX_BROKER": "import path of a ready LeaseBroker (or a callable returning one); excludes the keys above",
     "PHAROX_MAX_MOVES": "how many other proxies a banned or failed request may move to, in every door (default 3)",
     "PHAROX_RETRY_TIMES": "deprecated name of PHAROX_MAX_MOVES",
@@ -294,7 +298,11 @@ class PharoxSettings:
     lease_seconds: int = 300
     acquire_timeout: float = 30.0
     max_concurrency: int | None = None
-    ban_codes: tuple[int, ...] = (403, 429)
+    ban_codes: tuple[int, ...] = (403,)
+    site_scope: str = "domain"
+    site_delay: float = 0.0
+    site_bans_to_bench: int = 3
+    lease_blocks: bool = False
     max_failures: int = 3
     slow_ms: int | None = None
     backoff_base: float = 30.0
@@ -336,6 +344,9 @@ class PharoxSettings:
         cap = reader.number("PHAROX_BACKOFF_CAP", 1800.0, minimum=0.0, exclusive=True)
         if cap < base:
             raise ConfigurationError(f"PHAROX_BACKOFF_CAP={cap!r}: expected a number >= PHAROX_BACKOFF_BASE ({base!r})")
+        site_scope = (reader.text("PHAROX_SITE_SCOPE") or "domain").lower()
+        if site_scope not in ("domain", "host"):
+            raise ConfigurationError(f"PHAROX_SITE_SCOPE={site_scope!r}: expected one of domain, host")
         on_exhausted = (reader.text("PHAROX_ON_EXHAUSTED") or "close_spider").lower()
         if on_exhausted not in ON_EXHAUSTED_CHOICES:
             raise ConfigurationError(
@@ -351,7 +362,11 @@ class PharoxSettings:
             lease_seconds=int(reader.number("PHAROX_LEASE_SECONDS", 300, minimum=1, integer=True)),
             acquire_timeout=reader.number("PHAROX_ACQUIRE_TIMEOUT", 30.0, minimum=0.0),
             max_concurrency=reader.optional_int("PHAROX_MAX_CONCURRENCY"),
-            ban_codes=reader.status_codes("PHAROX_BAN_CODES", (403, 429)),
+            ban_codes=reader.status_codes("PHAROX_BAN_CODES", (403,)),
+            site_scope=site_scope,
+            site_delay=reader.number("PHAROX_SITE_DELAY", 0.0, minimum=0.0),
+            site_bans_to_bench=int(reader.number("PHAROX_SITE_BANS_TO_BENCH", 3, minimum=1, integer=True)),
+            lease_blocks=reader.boolean("PHAROX_LEASE_BLOCKS", False),
             max_failures=int(reader.number("PHAROX_MAX_FAILURES", 3, minimum=1, integer=True)),
             slow_ms=reader.optional_int("PHAROX_SLOW_MS"),
             backoff_base=base,

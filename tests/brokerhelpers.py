@@ -19,3 +19,10 @@ def statuses(broker: LeaseBroker) -> dict[str, str]:
 def assert_nothing_held(broker: LeaseBroker) -> None:
     assert broker.held == 0
     assert [p.current_leases for p in broker.proxies()] == [0] * len(broker.proxies())
+
+
+def banned_there(broker: LeaseBroker, site: str) -> set[int]:
+    """Ports of the proxies `site` (a URL, host or domain) bans now: its own verdict,
+    not the proxy's status."""
+    held = broker.sites.holds(broker.sites.site_of_name(site))
+    return {p.port for p in broker.proxies() if p.id in held and held[p.id].kind == "ban"}

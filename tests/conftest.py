@@ -153,3 +153,21 @@ def socks5_proxy(_shared_kit: ProxyKit, _shared_singles: dict[str, KitProxy]) ->
 def socks4_proxy(_shared_kit: ProxyKit, _shared_singles: dict[str, KitProxy]) -> KitProxy:
     """Shared pproxy SOCKS4 proxy (no auth)."""
     return _shared_single(_shared_kit, _shared_singles, "socks4")
+
+
+# -- two sites ----------------------------------------------------------------
+@pytest.fixture(scope="module")
+def _two_sites() -> Iterator[tuple[TargetServer, TargetServer]]:
+    a, b = TargetServer(host="127.0.0.8"), TargetServer(host="127.0.0.9")
+    yield a, b
+    a.close()
+    b.close()
+
+
+@pytest.fixture
+def sites(_two_sites: tuple[TargetServer, TargetServer]) -> tuple[TargetServer, TargetServer]:
+    """Two HTTP sites on their own loopback addresses (an address is its own site),
+    bans/hits/requests cleared per test."""
+    for site in _two_sites:
+        site.reset()
+    return _two_sites

@@ -7,6 +7,7 @@ done (arguments, URL, pool), 3 storage unreachable or without schema.
 from __future__ import annotations
 
 import io
+import re
 import socket
 import subprocess
 import sys
@@ -340,3 +341,140 @@ def test_progress_on_a_terminal_rewrites_one_line_at_most_ten_times_a_second() -
     text = stream.getvalue()
     assert text.startswith("\r[") and text.endswith("checked 10000/10000\n")
     assert text.count("\r") < 50  # throttled, and the final state always shown
+
+
+# ---------------------------------------------------------------------------- per-site standing
+
+
+class _Answer:
+    """What a client hands `report(response=...)`: only its headers are read."""
+
+    def __init__(self, **headers: str) -> None:
+        self.headers = headers
+
+
+def _site_rows(out: str) -> dict[str, dict[str, str]]:
+    """`pool stats --site` rows by proxy URL: {column: cell} (cells are two or more spaces apart)."""
+    head = ["proxy", "status", "leases", "ok/recent", "median ms", "checked", "at site", "left s", "strikes", "last"]
+    rows: dict[str, dict[str, str]] = {}
+    for line in _rows(out):
+        cells = dict(zip(head, re.split(r"\s{2,}", line), strict=True))
+        rows[cells["proxy"]] = cells
+    return rows
+
+
+def test_stats_for_a_site_shows_each_proxys_standing_there(
+    db: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from pharox import ProxyManager
+
+    from pharox_integrations.broker import LeaseBroker
+
+    listing = tmp_path / "p.txt"
+    listing.write_text(
+        f"http://user:{SECRET}@10.9.0.1:8080\n" + "".join(f"http://10.9.0.{i}:8080\n" for i in (2, 3, 4, 5, 6))
+    )
+    assert run(capsys, "pool", "import", str(listing), "--storage", db, "--pool", "shop")[0] == EXIT_OK
+
+    # Real verdicts through a real broker on the file (nothing is sent: the addresses are never dialled).
+    storage = storage_from_url(db)
+    try:
+        broker = LeaseBroker(ProxyManager(storage), pool="shop")
+        lease = broker.acquire("https://www.shop.example/cart")
+        banned = lease.safe_url
+        broker.finish(lease, 403)  # banned by shop.example only
+        lease = broker.acquire("https://shop.example/search")
+        cooling = lease.safe_url
+        broker.finish(lease, 429, response=_Answer(**{"Retry-After": "120"}))  # asked to pause 120 s, no strike
+        lease = broker.acquire("https://other.example/")
+        elsewhere = lease.safe_url
+        broker.finish(lease, 403)  # another site's verdict: nothing to shop.example
+        lease = broker.acquire()
+        benched = lease.safe_url
+        broker.finish(lease, 403)  # no site known: benched everywhere, as before sites
+        polite = LeaseBroker(ProxyManager(storage), pool="shop", site_delay=60)
+        lease = polite.acquire("https://shop.example/")
+        delayed = lease.safe_url
+        polite.finish(lease, 200)  # its next visit to shop.example is 60 s away
+        health = polite.health(site="shop.example")  # `broker` may see the delay up to 1 s later
+        assert len({banned, cooling, elsewhere, benched, delayed}) == 5  # the broker spread them
+    finally:
+        storage.close()  # type: ignore[attr-defined]
+    assert (health.site_usable, health.site_banned, health.site_cooling) == (2, 1, 2)
+
+    # The site named by a URL with credentials: the same site, and the secret never shown.
+    code, out, err = run(
+        capsys, "pool", "stats", "--storage", db, "--pool", "shop", "--site", f"https://u:{SECRET}@WWW.Shop.Example/x"
+    )
+    assert code == EXIT_OK, err
+    assert SECRET not in out + err
+    lines = out.splitlines()
+    assert lines[0].startswith("pool 'shop': 6 proxies, 5 active, 1 banned, 0 inactive, 0 slow")
+    summary = re.fullmatch(
+        r"site 'shop\.example': 2 of 5 active proxies usable; "
+        r"1 banned there, next in ([\d.]+) s; 2 cooling, next in ([\d.]+) s",
+        lines[1],
+    )
+    assert summary, lines[1]
+    assert 20 < float(summary.group(1)) <= 30  # a first ban: the backoff base (30 s), jitter never below it
+    assert 50 < float(summary.group(2)) <= 60  # the politeness delay ends before the 120 s cool-down
+    head = ["proxy", "status", "leases", "ok/recent", "median ms", "checked", "at site", "left s", "strikes", "last"]
+    assert re.split(r"\s{2,}", lines[2]) == head
+
+    rows = _site_rows(out)
+    # Benched everywhere first, then what the site holds off (ban, cool-down, delay), then the rest.
+    assert list(rows)[:4] == [benched, banned, cooling, delayed]
+    assert rows[benched]["status"] == "banned" and rows[benched]["last"] == "banned: HTTP 403"
+    assert (rows[benched]["at site"], rows[benched]["left s"], rows[benched]["strikes"]) == ("-", "-", "-")
+    assert (rows[banned]["at site"], rows[banned]["strikes"]) == ("banned there", "1")
+    assert 20 < float(rows[banned]["left s"]) <= 30
+    assert (rows[cooling]["at site"], rows[cooling]["strikes"]) == ("cooling", "0")  # a cool-down is no strike
+    assert 110 < float(rows[cooling]["left s"]) <= 120  # the time the site asked for
+    assert (rows[delayed]["at site"], rows[delayed]["strikes"]) == ("delay", "0")
+    assert 50 < float(rows[delayed]["left s"]) <= 60
+    assert (rows[elsewhere]["at site"], rows[elsewhere]["left s"]) == ("usable", "-")  # other.example's ban only
+    assert all(row["status"] == "active" for proxy, row in rows.items() if proxy != benched)
+
+    # The other site sees its own ban only.
+    code, out, _ = run(capsys, "pool", "stats", "--storage", db, "--pool", "shop", "--site", "other.example")
+    assert code == EXIT_OK
+    assert re.fullmatch(
+        r"site 'other\.example': 4 of 5 active proxies usable; 1 banned there, next in [\d.]+ s; 0 cooling",
+        out.splitlines()[1],
+    )
+    assert _site_rows(out)[elsewhere]["at site"] == "banned there"
+
+    # Holds are keyed by registrable domain: with --site-scope host a host is its own site, with none here.
+    code, out, _ = run(
+        capsys, "pool", "stats", "--storage", db, "--pool", "shop", "--site", "www.shop.example", "--site-scope", "host"
+    )
+    assert code == EXIT_OK
+    assert out.splitlines()[1] == "site 'www.shop.example': 5 of 5 active proxies usable; 0 banned there; 0 cooling"
+
+    # Without --site, the table is what it always was.
+    code, out, _ = run(capsys, "pool", "stats", "--storage", db, "--pool", "shop")
+    assert "at site" not in out and "site '" not in out
+
+
+def test_stats_site_errors_are_one_line(
+    db: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    listing = tmp_path / "p.txt"
+    listing.write_text("http://10.9.0.1:8080\n")
+    assert run(capsys, "pool", "import", str(listing), "--storage", db, "--pool", "shop")[0] == EXIT_OK
+    for bad in ("", "https://", f"https://u:{SECRET} x@shop.example/"):
+        with pytest.raises(SystemExit) as exc:
+            main(["pool", "stats", "--storage", db, "--pool", "shop", "--site", bad])
+        assert exc.value.code == EXIT_USAGE
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and "argument --site:" in err and "expected a site" in err
+        assert SECRET not in err
+    monkeypatch.setenv("PHAROX_SITE_SCOPE", "street")
+    code, out, err = run(capsys, "pool", "stats", "--storage", db, "--pool", "shop", "--site", "shop.example")
+    assert code == EXIT_USAGE and out == ""
+    assert err == "pharox-integrations: error: PHAROX_SITE_SCOPE='street': expected one of domain, host\n"
+    monkeypatch.setenv("PHAROX_SITE_SCOPE", "HOST")
+    code, out, _ = run(capsys, "pool", "stats", "--storage", db, "--pool", "shop", "--site", "www.shop.example")
+    assert code == EXIT_OK and "site 'www.shop.example': 1 of 1 active proxy usable" in out
+    code, _, err = run(capsys, "pool", "stats", "--storage", db, "--pool", "nope", "--site", "shop.example")
+    assert code == EXIT_USAGE and "pool 'nope' does not exist" in err

@@ -12,6 +12,7 @@ import os
 import re
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +21,7 @@ import pytest
 
 from pharox_integrations.demo.proxies import DemoProxies
 from pharox_integrations.demo.site import DemoSite, product
+from pharox_integrations.sites import site_of
 from pharox_integrations.storage import storage_from_url
 from pharox_integrations.storage.sql import init_schema
 
@@ -113,12 +115,17 @@ def test_one_sqlite_pool_shared_by_the_crawl_and_a_script(shop: Shop, tmp_path: 
     try:
         pool = next(p for p in storage.list_pools() if p.name == "default")
         proxies = {p.port: p for p in storage.list_proxies(str(pool.id))}
+        site = site_of(shop.site.url)
+        assert site is not None
+        held = {pid for pid, s, hold in storage.site_store().in_force(time.time(), site) if hold.kind == "ban"}  # type: ignore[attr-defined]
     finally:
         storage.close()  # type: ignore[attr-defined]
     assert len(proxies) == 5  # both processes seeded the same file: no duplicates
     assert all(p.current_leases == 0 for p in proxies.values())
     banned_port = next(p.port for p in shop.proxies.items if p.role.startswith("banned"))
-    assert str(proxies[banned_port].status.value) == "banned"
+    # The shop's ban is the shop's: the proxy stays active, held off this site only.
+    assert str(proxies[banned_port].status.value) == "active"
+    assert held == {proxies[banned_port].id}
 
 
 def test_settings_module_is_a_valid_pharox_configuration(tmp_path: Path) -> None:

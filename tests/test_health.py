@@ -15,12 +15,24 @@ from pharox_integrations import HealthPolicy, Verdict
         (500, Verdict.TARGET_ERROR),
         (503, Verdict.TARGET_ERROR),
         (403, Verdict.BAN),
-        (429, Verdict.BAN),
+        (429, Verdict.COOLDOWN),
         (407, Verdict.FAILURE),
     ],
 )
 def test_status_code_verdicts(code: int, verdict: Verdict) -> None:
     assert HealthPolicy().judge(code) is verdict
+
+
+class _Answer:
+    def __init__(self, headers: dict[str, str]) -> None:
+        self.headers = headers
+
+
+def test_503_with_retry_after_is_a_cooldown_and_without_it_the_sites_error() -> None:
+    policy = HealthPolicy()
+    assert policy.judge(503, response=_Answer({"Retry-After": "5"})) is Verdict.COOLDOWN
+    assert policy.judge(503, response=_Answer({})) is Verdict.TARGET_ERROR
+    assert policy.judge(500, response=_Answer({"Retry-After": "5"})) is Verdict.TARGET_ERROR
 
 
 def test_caller_and_certificate_errors_are_not_the_proxys_fault() -> None:

@@ -97,7 +97,8 @@ def test_every_proxy_banning_returns_the_last_ban(
     assert r.status_code == 403 and r.text == "banned\n"
     assert {ip: target.hits[ip] for ip in target.hits} == {p.outbound_ip: 1 for p in proxy_trio}  # each once
     assert sorted(r.extensions["pharox"]["attempts"]) == sorted(f"{p.safe_url}: ban (HTTP 403)" for p in proxy_trio)
-    assert broker.counters["bans"] == 3 and broker.health().banned == 3
+    assert broker.counters["bans"] == 3 and broker.health().banned == 0  # the site's verdict only
+    assert broker.health(site=target.url).site_banned == 3
     assert all(stats(broker, p)["requests"] == 1 for p in proxy_trio)  # judged once each
 
 

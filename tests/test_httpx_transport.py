@@ -294,9 +294,9 @@ def test_banned_proxy_is_benched_and_the_request_moves(
     assert target.hits[banned.outbound_ip] == 1  # banned once, then never leased again
     moved = [r.extensions["pharox"]["attempts"] for r in responses if r.extensions["pharox"]["attempts"]]
     assert moved == [[f"{banned.safe_url}: ban (HTTP 403)"]]
-    assert by_host_port(broker, banned).status == ProxyStatus.BANNED
-    health = broker.health()
-    assert (health.total, health.active, health.banned) == (3, 2, 1)
+    assert by_host_port(broker, banned).status == ProxyStatus.ACTIVE  # the site's verdict only
+    health = broker.health(site=target.url)
+    assert (health.total, health.active, health.banned, health.site_banned) == (3, 3, 0, 1)
 
 
 @pytest.mark.asyncio
@@ -316,14 +316,14 @@ async def test_every_proxy_banned_returns_the_last_ban_then_pool_empty(
             await client.get(f"{target.url}/echo")
     assert last.status_code == 429 and last.text == "banned\n"
     attempts = last.extensions["pharox"]["attempts"]
-    assert sorted(attempts) == sorted(f"{p.safe_url}: ban (HTTP 429)" for p in proxy_trio)
+    assert sorted(attempts) == sorted(f"{p.safe_url}: cooldown (HTTP 429)" for p in proxy_trio)
     assert last.extensions["pharox"]["proxy"] in attempts[-1]
     assert sum(target.hits.values()) == 3  # each proxy once
     assert isinstance(empty.value, httpx.TransportError) and isinstance(empty.value, NoProxyAvailable)
-    assert "3 banned" in str(empty.value) and "next back in" in str(empty.value)
+    assert "usable for site '127.0.0.1'" in str(empty.value) and "3 cooling, next in" in str(empty.value)
     assert empty.value.request.url.path == "/echo"
     assert_no_secret(str(empty.value), repr(last.extensions), caplog.text)
-    assert broker.counters["bans"] == 3
+    assert broker.counters["cooldowns"] == broker.counters["site_cooldowns"] == 3 and broker.counters["bans"] == 0
 
 
 @pytest.mark.asyncio
@@ -358,17 +358,17 @@ async def test_a_ban_detector_that_raises_gives_everything_back(
 async def test_a_ban_the_storage_cannot_record_still_gives_everything_back(
     make_broker: BrokerFactory, proxy_trio: list[KitProxy], target: TargetServer
 ) -> None:
-    """The target bans every proxy; recording the bench fails in the storage (fault
-    injection: no real storage fails on demand).  The caller gets an httpx error, and
+    """The target bans every proxy; recording the site's ban fails in the storage (fault
+    injection: no real storage fails on demand; `sites.store.put` is replaced).  The caller gets an httpx error, and
     the proxy, the inner transport's in-use count and the connection all go back."""
     broker = make_broker([p.url for p in proxy_trio])
     for proxy in proxy_trio:
         target.ban(proxy.outbound_ip)
 
-    def broken(result: object) -> None:
+    def broken(*args: object) -> None:
         raise RuntimeError("storage unavailable")
 
-    broker.storage.apply_health_check_result = broken  # type: ignore[method-assign]
+    broker.sites.store.put = broken  # type: ignore[method-assign]
     transport = AsyncPharoxTransport(broker)
     try:
         async with httpx.AsyncClient(transport=transport, timeout=TIMEOUT) as client:
@@ -382,7 +382,7 @@ async def test_a_ban_the_storage_cannot_record_still_gives_everything_back(
                 pool = inner._pool
                 assert all(c.is_idle() or c.is_closed() for c in pool.connections)
     finally:
-        del broker.storage.apply_health_check_result
+        del broker.sites.store.put
     assert broker.counters["released"] == broker.counters["acquired"] == 3
 
 
@@ -590,7 +590,8 @@ async def test_pool_management_at_runtime(
     make_broker: BrokerFactory, proxy_trio: list[KitProxy], target: TargetServer
 ) -> None:
     a, b, c = proxy_trio
-    broker = make_broker([a.url], acquire_timeout=0.3)
+    # One site's ban benches a proxy everywhere here, so `purge` has a banned one to remove.
+    broker = make_broker([a.url], acquire_timeout=0.3, site_bans_to_bench=1)
     async with httpx.AsyncClient(transport=AsyncPharoxTransport(broker), timeout=TIMEOUT) as client:
 
         async def seen(n: int) -> set[str]:

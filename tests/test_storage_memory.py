@@ -654,3 +654,26 @@ def test_repeated_picks_follow_pool_and_proxy_changes(storage: MemoryStorage) ->
     renamed = storage.get_pool_by_name("renamed")
     assert renamed is not None
     assert_consistent(storage, renamed)
+
+
+@pytest.mark.parametrize("selector", [FIRST, ROUND_ROBIN, LEAST_USED, LOWEST_LATENCY])
+def test_acquire_passes_over_excluded_proxies_in_selector_order(
+    storage: MemoryStorage, pool: ProxyPool, selector: SelectorStrategy
+) -> None:
+    proxies = [add(storage, pool) for _ in range(5)]
+    socks = add(storage, pool, protocol=ProxyProtocol.SOCKS5)
+    excluded = {p.id for p in proxies[:3]}
+    http_only = with_protocols(None, frozenset({ProxyProtocol.HTTP}))
+    got = []
+    for _ in range(4):
+        lease = storage.acquire_lease("main", "c", 60, http_only, selector, exclude=excluded)
+        assert lease is not None
+        got.append(lease.proxy_id)
+        storage.release_lease(lease)
+    assert set(got) <= {proxies[3].id, proxies[4].id}  # never an excluded one, never the SOCKS5 one
+    if selector is ROUND_ROBIN:
+        assert set(got) == {proxies[3].id, proxies[4].id}  # the cursor moves past each pick
+    everything = excluded | {proxies[3].id, proxies[4].id}
+    assert storage.acquire_lease("main", "c", 60, http_only, selector, exclude=everything) is None
+    lease = storage.acquire_lease("main", "c", 60, None, selector, exclude=everything)
+    assert lease is not None and lease.proxy_id == socks.id

@@ -55,7 +55,8 @@ def test_every_proxy_banning_returns_the_last_ban_answer(
         assert broker.held == (0 if preload else 1)  # a streamed answer keeps its proxy until read
         assert r.data == b"banned\n"
         assert broker.held == 0
-    assert statuses(broker) == {ProxyStatus.BANNED}
+    assert statuses(broker) == {ProxyStatus.ACTIVE}  # the site's verdict, not the world's
+    assert broker.health(site=target.url).site_banned == 2
 
 
 @pytest.mark.parametrize("scheme", ["http", "https"], ids=["forwarded-407", "connect-407"])

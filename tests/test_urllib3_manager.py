@@ -413,7 +413,8 @@ def test_ban_moves_the_request_and_benches_the_proxy(
     with PharoxProxyManager(broker, timeout=TIMEOUT) as pm:
         for _ in range(6):
             assert echo(pm.request("GET", f"{target.url}/echo"))["peer_ip"] != banned.outbound_ip
-    assert statuses(broker)[banned.port] == ProxyStatus.BANNED
+    assert statuses(broker)[banned.port] == ProxyStatus.ACTIVE  # banned by this site only
+    assert broker.health(site=target.url).site_banned == 1
     assert target.hits[banned.outbound_ip] == 1
 
 
@@ -633,7 +634,8 @@ def test_threads_with_faults_lose_nothing(
         # Only a request whose every try met the dead or the banned proxy may fail.
         assert outcomes["200"] >= 95 and set(outcomes) <= {"200", "500", "stream 200", "AllProxiesFailedError"}
         assert len(pm.pools) <= 4
-    assert statuses(broker)[proxy_trio[2].port] == ProxyStatus.BANNED
+    assert statuses(broker)[proxy_trio[2].port] == ProxyStatus.ACTIVE  # banned by this site only
+    assert broker.health(site=target.url).site_banned == 1
     assert target.hits[proxy_trio[2].outbound_ip] <= 8  # banned at once, never again after
 
 
@@ -685,8 +687,9 @@ def test_a_ban_detector_that_raises_gives_everything_back(
     assert_no_secret(str(raised.value), repr(raised.value))
 
 
-def storage_unavailable(result: object) -> None:
-    """Stands in for a storage's `apply_health_check_result` that fails (fault injection)."""
+def storage_unavailable(*args: object) -> None:
+    """Stands in for a storage write that fails (fault injection): the health result
+    (`apply_health_check_result`) or the site's ban (`sites.store.put`)."""
     raise RuntimeError("storage unavailable")
 
 
@@ -694,9 +697,9 @@ def storage_unavailable(result: object) -> None:
 def test_a_ban_the_storage_cannot_record_gives_everything_back(
     make_broker: MakeBroker, proxy_trio: list[KitProxy], target: TargetServer, preload: bool
 ) -> None:
-    """The target bans every proxy and recording the bench fails in the storage (fault
-    injection: no real storage fails on demand, so `apply_health_check_result` is
-    replaced for the test).  The caller gets this door's HTTPError naming the storage's
+    """The target bans every proxy and recording the site's ban fails in the storage
+    (fault injection: no real storage fails on demand, so `sites.store.put` is replaced
+    for the test).  The caller gets this door's HTTPError naming the storage's
     error; the lease, the proxy's count and the connection all go back, and once the
     storage works again so do requests."""
     for proxy in proxy_trio:
@@ -704,7 +707,7 @@ def test_a_ban_the_storage_cannot_record_gives_everything_back(
     broker = make_broker(proxy_trio)
 
     with PharoxProxyManager(broker, timeout=TIMEOUT) as pm:
-        broker.storage.apply_health_check_result = storage_unavailable  # type: ignore[method-assign]
+        broker.sites.store.put = storage_unavailable  # type: ignore[method-assign,assignment]
         try:
             with pytest.raises(ReportFailedError, match="RuntimeError: storage unavailable") as raised:
                 pm.request("GET", f"{target.url}/echo", preload_content=preload)
@@ -712,7 +715,7 @@ def test_a_ban_the_storage_cannot_record_gives_everything_back(
             assert target.hits.total() == 1  # not moved on: the outcome could not be recorded
             assert_all_back(broker, pm)
         finally:
-            del broker.storage.apply_health_check_result
+            del broker.sites.store.put
         for proxy in proxy_trio:
             target.unban(proxy.outbound_ip)
         r = pm.request("GET", f"{target.url}/echo", preload_content=preload)

@@ -39,14 +39,24 @@ class SourceAddressPlugin(HttpProxyBasePlugin):
         return hex(int(address)), (source, 0)
 
     def handle_client_request(self, request: Any) -> Any:
-        """Label the request and drop `Proxy-Authorization` from it.
+        """Label the request, drop `Proxy-Authorization` from it, and ask the site to
+        close the connection after its answer.
 
-        proxy.py 2.4 strips that header from the first request of a client connection
-        only; later requests on the same kept-alive connection would reach the site
-        with it.  A real proxy never forwards it, so neither does ours.
+        proxy.py 2.4 strips `Proxy-Authorization` from the first request of a client
+        connection only; later requests on the same kept-alive connection would reach
+        the site with it.  A real proxy never forwards it, so neither does ours.
+
+        proxy.py 2.4 also sends every later request of a kept-alive client connection
+        to the upstream server of the first one, whatever host it names: a client that
+        reuses its connection to the proxy for another site would get the first site's
+        answer.  ``Connection: close`` ends each client connection with its answer, so
+        every request reaches the site it names (the demo serves two sites).
         """
         if request.headers and b"proxy-authorization" in request.headers:
             request.del_header(b"proxy-authorization")
+        if request.headers and b"connection" in request.headers:
+            request.del_header(b"connection")
+        request.add_header(b"Connection", b"close")
         via = os.environ.get(VIA_ENV)
         if via:
             request.add_header(VIA_HEADER.encode(), via.encode())

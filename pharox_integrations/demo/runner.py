@@ -1,4 +1,10 @@
-"""`pharox-integrations demo`: start the local site and proxies, run the worker, print the table."""
+"""`pharox-integrations demo`: start the local sites and proxies, run the worker, print the tables.
+
+Two sites: the shop (127.0.0.1) and the outlet (127.0.0.2, or ``localhost`` where
+127.0.0.x aliases cannot be bound).  Each bans a different proxy by the address it
+connects from; since a ban is one site's verdict, each banned proxy stays active and
+keeps serving the other site, which the per-site lines at the end show.
+"""
 
 from __future__ import annotations
 
@@ -8,16 +14,24 @@ import subprocess
 import sys
 import tempfile
 import threading
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TextIO
+from typing import TYPE_CHECKING, Any, TextIO
 
 from ..storage import safe_storage_url
+
+if TYPE_CHECKING:
+    from .proxies import DemoProxies
 
 #: How the worker is started (`-m` would make it `__main__`, a second copy of the module
 #: that `PHAROX_BROKER` could not reach).
 _WORKER = "import sys; from pharox_integrations.demo.worker import main; sys.exit(main(sys.argv[1:]))"
 _WORKER_TIMEOUT = 600.0
+
+SHOP, OUTLET = "shop", "outlet"
+#: A `DemoProxies` role as this demo names it (`serve` and the example project have one site).
+_ROLE_IN_DEMO = {"banned by the site": "banned by the shop"}
 
 
 @dataclass(frozen=True)
@@ -46,13 +60,19 @@ def run_demo(
 
     say = _printer(stream)
     say(f"pharox-integrations demo: storage {safe_storage_url(storage_url)}, pool {pool!r}")
-    say("starting the demo site and 5 local proxies (proxy.py) ...")
-    with DemoProxies() as proxies, DemoSite(pages=pages, banned_ips=proxies.banned_ips) as site:
-        roles = {p.safe_url: p.role for p in proxies.items}
+    say("starting the demo shop, the demo outlet and 5 local proxies (proxy.py) ...")
+    with (
+        DemoProxies() as proxies,
+        DemoSite(pages=pages, banned_ips=proxies.banned_ips) as shop,
+        DemoSite(pages=pages, banned_ips=outlet_bans(proxies), host=outlet_host(), title="Demo outlet") as outlet,
+    ):
+        roles = demo_roles(proxies)
         for p in proxies.items:
-            say(f"  {p.safe_url:<24} {p.role}")
-        say(f"  demo site {site.url} ({pages} products; it answers 403 to the proxy 'banned by the site')")
-        say("running the Scrapy crawl, then the requests and the urllib3 examples, through one pool:")
+            say(f"  {p.safe_url:<24} {roles[p.safe_url]}")
+        sites = {SHOP: shop, OUTLET: outlet}
+        for name, site in sites.items():
+            say(f"  demo {name:<6} {site.url} ({pages} products; it answers 403 to the proxy 'banned by the {name}')")
+        say("running the Scrapy crawl, then the requests and the urllib3 examples, on both sites through one pool:")
         with tempfile.TemporaryDirectory(prefix="pharox-demo-run-") as tmp:
             config_path = Path(tmp) / "config.json"
             report_path = Path(tmp) / "report.json"
@@ -60,7 +80,7 @@ def run_demo(
                 "storage_url": storage_url,
                 "pool": pool,
                 "proxies": [p.url for p in proxies.items],
-                "site_url": site.url,
+                "sites": {name: site.url for name, site in sites.items()},
                 "pages": pages,
                 "report": str(report_path),
             }
@@ -73,13 +93,23 @@ def run_demo(
                 say(f"demo worker failed (exit code {code}); see the messages above")
                 return 1
             report = json.loads(report_path.read_text(encoding="utf-8"))
-        outcome = check(report, pages=pages, site_auth_seen=site.proxy_auth_seen)
+        source_ips = {p.safe_url: p.source_ip for p in proxies.items}
+        served = {name: served_by(site.hits, source_ips) for name, site in sites.items()}
+        auth_seen = sum(site.proxy_auth_seen for site in sites.values())
+        banned_by = {
+            name: next(p.safe_url for p in proxies.items if p.source_ip in site.banned_ips)
+            for name, site in sites.items()
+        }
+        outcome = check(report, pages=pages, site_auth_seen=auth_seen, banned_by=banned_by, served=served)
         if not storage_url.startswith(("memory:", "pharox-memory:")):
             outcome.problems.extend(_storage_leases(storage_url, pool))
         say("")
-        say(render_table(report, roles, site.hits, proxies_source_ips={p.safe_url: p.source_ip for p in proxies.items}))
+        say(render_table(report, roles, served))
         say("")
-        say(summary(report, site.proxy_auth_seen))
+        for line in render_sites(report, served):
+            say(line)
+        say("")
+        say(summary(report, auth_seen))
         for problem in outcome.problems:
             say(f"PROBLEM: {problem}")
         say("demo OK: every lease returned" if outcome.ok else "demo FAILED")
@@ -122,8 +152,47 @@ def _run_worker(config_path: Path, stream: TextIO) -> int:
         watchdog.cancel()
 
 
-def check(report: dict[str, Any], *, pages: int, site_auth_seen: int) -> DemoOutcome:
-    """Every promise of the demo, as a list of broken ones."""
+def outlet_host() -> str:
+    """Where the outlet listens: a second loopback address, so it is a site of its own
+    (an IP address is its own site); ``localhost`` where 127.0.0.x cannot be bound."""
+    from .proxies import loopback_aliases_work
+
+    return "127.0.0.2" if loopback_aliases_work() else "localhost"
+
+
+def outlet_bans(proxies: DemoProxies) -> set[str]:
+    """The outlet bans the second plain proxy (one the shop keeps using)."""
+    plain = [p.source_ip for p in proxies.items if p.role == "plain" and p.source_ip]
+    return set(plain[-1:])
+
+
+def demo_roles(proxies: DemoProxies) -> dict[str, str]:
+    """Each proxy's role in the demo, by its URL without credentials."""
+    outlet = outlet_bans(proxies)
+    return {
+        p.safe_url: f"banned by the {OUTLET}" if p.source_ip in outlet else _ROLE_IN_DEMO.get(p.role, p.role)
+        for p in proxies.items
+    }
+
+
+def served_by(hits: Mapping[str, int], source_ips: Mapping[str, str | None]) -> dict[str, int]:
+    """Requests a site received from each proxy (by proxy URL), from its hits by address."""
+    return {url: hits.get(ip, 0) if ip else 0 for url, ip in source_ips.items()}
+
+
+def check(
+    report: dict[str, Any],
+    *,
+    pages: int,
+    site_auth_seen: int,
+    banned_by: Mapping[str, str] | None = None,
+    served: Mapping[str, Mapping[str, int]] | None = None,
+) -> DemoOutcome:
+    """Every promise of the demo, as a list of broken ones.
+
+    `banned_by`: the proxy (URL) each site bans; it must be held off that site only,
+    stay active, and serve another site.  `served`: requests each site received from
+    each proxy."""
     problems: list[str] = []
     if report.get("held"):
         problems.append(f"{report['held']} lease(s) still held by the worker's broker at the end")
@@ -133,15 +202,31 @@ def check(report: dict[str, Any], *, pages: int, site_auth_seen: int) -> DemoOut
         if row["current_leases"]:
             problems.append(f"{row['url']} still counts {row['current_leases']} lease(s) in the storage")
     expected = list(range(1, pages + 1))
+    names = list(report.get("sites", {})) or [SHOP]
     crawl = report.get("scrapy", {})
-    if crawl.get("items") != expected:
-        problems.append(f"the crawl scraped {len(crawl.get('items', []))} of {pages} products")
+    for name in names:
+        got = crawl.get("items", {}).get(name, [])
+        if got != expected:
+            problems.append(f"the crawl scraped {len(got)} of the {name}'s {pages} products")
     for client in ("requests", "urllib3"):
         run = report.get(client, {})
-        if run.get("ids") != expected:
-            problems.append(f"{client} fetched {len(run.get('ids', []))} of {pages} products: {run.get('errors')}")
+        for name in names:
+            got = run.get("ids", {}).get(name, [])
+            if got != expected:
+                problems.append(f"{client} fetched {len(got)} of the {name}'s {pages} products: {run.get('errors')}")
     if site_auth_seen:
-        problems.append(f"the site received Proxy-Authorization {site_auth_seen} time(s)")
+        problems.append(f"the sites received Proxy-Authorization {site_auth_seen} time(s)")
+    status = {row["url"]: row["status"] for row in report.get("proxies", [])}
+    for name, proxy in (banned_by or {}).items():
+        standing = report.get("sites", {}).get(name, {})
+        if not any(h["proxy"] == proxy and h["kind"] == "ban" for h in standing.get("holds", [])):
+            refused = (served or {}).get(name, {}).get(proxy, 0)
+            problems.append(f"the {name} holds no ban on {proxy} (it answered that proxy 403 {refused} time(s))")
+        if status.get(proxy) != "active":
+            problems.append(f"{proxy}, banned by the {name} only, is {status.get(proxy)} for every site")
+        elsewhere = sum(hits.get(proxy, 0) for other, hits in (served or {}).items() if other != name)
+        if served and not elsewhere:
+            problems.append(f"{proxy}, banned by the {name} only, served no other site")
     return DemoOutcome(report, problems)
 
 
@@ -170,25 +255,20 @@ def _cell(value: Any, fmt: str = "{}") -> str:
     return "-" if value is None else fmt.format(value)
 
 
-def render_table(
-    report: dict[str, Any],
-    roles: dict[str, str],
-    site_hits: Any,
-    proxies_source_ips: dict[str, str | None],
-) -> str:
-    """The per-proxy table: what each proxy did and whether it holds a lease."""
-    head = ("proxy", "role", "status", "requests", "served", "bans", "failures", "median ms", "leases held")
+def render_table(report: dict[str, Any], roles: dict[str, str], served: Mapping[str, Mapping[str, int]]) -> str:
+    """The per-proxy table: what each proxy did, what each site received from it, and
+    whether it holds a lease."""
+    head = ("proxy", "role", "status", "requests", *served, "bans", "failures", "median ms", "leases held")
     rows = [head]
     order = list(roles)
     for row in sorted(report["proxies"], key=lambda r: order.index(r["url"]) if r["url"] in order else len(order)):
-        ip = proxies_source_ips.get(row["url"])
         rows.append(
             (
                 row["url"],
                 roles.get(row["url"], "?"),
                 row["status"],
                 str(row["requests"]),
-                str(site_hits.get(ip, 0) if ip else 0),
+                *(str(hits.get(row["url"], 0)) for hits in served.values()),
                 str(row["bans"]),
                 str(row["failures"]),
                 _cell(row["median_latency_ms"], "{:.0f}"),
@@ -206,14 +286,52 @@ def render_table(
     return "\n".join(lines)
 
 
+def render_sites(report: dict[str, Any], served: Mapping[str, Mapping[str, int]]) -> list[str]:
+    """A few lines per site: how many proxies it may use, then each proxy it holds off,
+    why and for how long, and for a ban what that proxy did meanwhile (its status and
+    the requests it delivered to the other sites)."""
+    status = {row["url"]: row["status"] for row in report["proxies"]}
+    lines = ["per site (a ban is one site's verdict on a proxy; the proxy stays in the pool for the others):"]
+    sites = report.get("sites", {})
+    width = max((len(name) for name in sites), default=0)
+    for name, standing in sites.items():
+        lines.append(
+            f"  {name:<{width}}  site {standing['site']}: {standing['usable']} of {standing['active']} "
+            f"active proxies usable, {standing['banned']} banned there, {standing['cooling']} cooling"
+        )
+        indent = " " * (width + 4)
+        for hold in standing["holds"]:
+            proxy = hold["proxy"]
+            if hold["kind"] != "ban":
+                lines.append(f"{indent}{hold['kind']}: {proxy} for {hold['seconds']:.0f} s")
+                continue
+            elsewhere = [
+                f"the {other} {_requests(hits.get(proxy, 0))}" for other, hits in served.items() if other != name
+            ]
+            lines.append(
+                f"{indent}bans {proxy} for {hold['seconds']:.0f} s (strike {hold['strikes']}); "
+                f"it stayed {status.get(proxy, '?')} and served " + (", ".join(elsewhere) or "no other site")
+            )
+    return lines
+
+
+def _requests(n: int) -> str:
+    return f"{n} request" if n == 1 else f"{n} requests"
+
+
 def summary(report: dict[str, Any], site_auth_seen: int) -> str:
     c = report["counters"]
     crawl = report["scrapy"]
+
+    def count(ids: Mapping[str, list[int]]) -> str:
+        return " + ".join(str(len(v)) for v in ids.values())
+
+    names = " + ".join(report.get("sites", crawl["items"]))
     return (
-        f"scrapy {len(crawl['items'])} items, requests {len(report['requests']['ids'])}, "
-        f"urllib3 {len(report['urllib3']['ids'])} products in {report['seconds']:.1f} s; "
+        f"scrapy {count(crawl['items'])} items, requests {count(report['requests']['ids'])}, "
+        f"urllib3 {count(report['urllib3']['ids'])} products ({names}) in {report['seconds']:.1f} s; "
         f"leases {c['acquired']} taken / {c['released']} returned, held now {report['held']}; "
-        f"Proxy-Authorization seen by the site: {site_auth_seen}"
+        f"Proxy-Authorization seen by the sites: {site_auth_seen}"
     )
 
 

@@ -1,6 +1,7 @@
-"""The demo's local web site: a small catalogue that bans one of the demo's proxies.
+"""The demo's local web sites: a small catalogue that bans one of the demo's proxies.
 
-It runs in threads of the demo process and listens on 127.0.0.1 only.  It knows
+Each site runs in threads of the demo process and listens on a loopback address only
+(the demo serves two: the shop on 127.0.0.1, the outlet on a second address).  It knows
 which proxy delivered a request by the label the demo proxies add (`X-Demo-Via`), or
 else by the loopback address the proxy connected from; it answers 403 to the banned
 one (what a real site does to a burnt IP) and counts the requests each proxy
@@ -38,9 +39,9 @@ class _Server(ThreadingHTTPServer):
     allow_reuse_address = True
     request_queue_size = 256  # crawls open bursts of connections
 
-    def __init__(self, site: DemoSite, port: int) -> None:
+    def __init__(self, site: DemoSite, host: str, port: int) -> None:
         self.site = site
-        super().__init__(("127.0.0.1", port), _Handler)
+        super().__init__((host, port), _Handler)
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -83,6 +84,8 @@ class _Handler(BaseHTTPRequestHandler):
         self.send_response(code)
         self.send_header("Content-Type", f"{ctype}; charset=utf-8")
         self.send_header("Content-Length", str(len(body)))
+        if self.close_connection:  # asked to (the demo proxies do): say so, as HTTP/1.1 wants
+            self.send_header("Connection", "close")
         self.end_headers()
         self.wfile.write(body)
 
@@ -92,13 +95,24 @@ class DemoSite:
 
     `banned_ips` get 403 on every path.  `hits` counts requests per peer address;
     `proxy_auth_seen` counts requests that carried `Proxy-Authorization` (must stay 0).
+    `host` is the loopback address (or ``localhost``) it listens on and its URL names;
+    `title` heads its pages.
     """
 
     def __init__(
-        self, pages: int = 24, banned_ips: set[str] | None = None, delay_ms: float = 20.0, port: int = 0
+        self,
+        pages: int = 24,
+        banned_ips: set[str] | None = None,
+        delay_ms: float = 20.0,
+        port: int = 0,
+        *,
+        host: str = "127.0.0.1",
+        title: str = "Demo shop",
     ) -> None:
         self.pages = pages
         self.port = port
+        self.host = host
+        self.title = title
         self.banned_ips: set[str] = set(banned_ips or ())
         self.delay_ms = delay_ms
         self.hits: Counter[str] = Counter()
@@ -111,11 +125,11 @@ class DemoSite:
     def url(self) -> str:
         if self._server is None:
             raise RuntimeError("the demo site is not started")
-        return f"http://127.0.0.1:{self._server.server_address[1]}"
+        return f"http://{self.host}:{self._server.server_address[1]}"
 
     def start(self) -> DemoSite:
-        self._server = _Server(self, self.port)
-        self._thread = threading.Thread(target=self._server.serve_forever, name="demo-site", daemon=True)
+        self._server = _Server(self, self.host, self.port)
+        self._thread = threading.Thread(target=self._server.serve_forever, name=f"demo-site-{self.host}", daemon=True)
         self._thread.start()
         return self
 
@@ -134,7 +148,8 @@ class DemoSite:
         links = "\n".join(
             f'<li><a href="/page/{i}">{html.escape(product(i)["name"])}</a></li>' for i in range(1, self.pages + 1)
         )
-        return f"<!doctype html><title>Demo shop</title><h1>Demo shop</h1><ul>{links}</ul>"
+        title = html.escape(self.title)
+        return f"<!doctype html><title>{title}</title><h1>{title}</h1><ul>{links}</ul>"
 
     def page_html(self, i: int) -> str:
         item = product(i)

@@ -1,5 +1,9 @@
 """The demo's worker process: the Scrapy crawl, then requests and urllib3, through ONE broker.
 
+Every door works on both demo sites at once (the shop and the outlet), so the report
+shows per-site standing: each site bans its own proxy, which stays in the pool and
+serves the other site.
+
 Why one process: the pool has to be shared by the three doors whatever the storage.
 `memory://` (the default) lives in one process, so the crawl and the two client
 examples run here, one after the other, on the same `LeaseBroker` (Scrapy reaches it
@@ -55,7 +59,7 @@ def _progress_line(progress: Progress, broker: LeaseBroker) -> str:
     return (
         f"  {progress.phase:<8} {progress.done:>3}/{progress.total:<3} "
         f"leases {c['acquired']} taken, {c['released']} returned, {broker.held} held | "
-        f"bans {c['bans']} | failures {c['failures']} | benched {c['benched']}"
+        f"bans {c['bans']} ({c['site_bans']} held per site) | failures {c['failures']} | benched {c['benched']}"
     )
 
 
@@ -80,7 +84,7 @@ def _seed(broker: LeaseBroker, pool: str, proxies: list[str]) -> None:
     broker.add_proxies(proxies, pool=pool)
 
 
-def _crawl(site_url: str, progress: Progress, pages: int) -> dict[str, Any]:
+def _crawl(sites: dict[str, str], progress: Progress, pages: int) -> dict[str, Any]:
     from scrapy import signals
     from scrapy.crawler import CrawlerProcess
 
@@ -107,12 +111,18 @@ def _crawl(site_url: str, progress: Progress, pages: int) -> dict[str, Any]:
 
     crawler = process.create_crawler(DemoShopSpider)
     crawler.signals.connect(scraped, signal=signals.item_scraped)
-    progress.start("scrapy", pages)
-    process.crawl(crawler, site_url=site_url)
+    progress.start("scrapy", pages * len(sites))
+    process.crawl(crawler, site_url=",".join(sites.values()))
     process.start()
     stats = crawler.stats.get_stats() if crawler.stats else {}
+    by_site: dict[str, list[int]] = {name: [] for name in sites}
+    for item in items:
+        url = str(item["url"])
+        name = next((n for n, site_url in sites.items() if url.startswith(site_url + "/")), None)
+        if name is not None:
+            by_site[name].append(int(url.rsplit("/", 1)[-1]))
     return {
-        "items": sorted(int(str(i["url"]).rsplit("/", 1)[-1]) for i in items),
+        "items": {name: sorted(ids) for name, ids in by_site.items()},
         "finish_reason": str(stats.get("finish_reason", "")),
         "errors": int(stats.get("log_count/ERROR", 0)),
     }
@@ -124,7 +134,7 @@ def run(config: dict[str, Any]) -> dict[str, Any]:
     from .clients import run_requests, run_urllib3
 
     pool = str(config["pool"])
-    site_url = str(config["site_url"])
+    sites = {str(name): str(url) for name, url in config["sites"].items()}
     pages = int(config["pages"])
     storage_url = str(config["storage_url"])
     if not storage_url.startswith(("memory:", "pharox-memory:")):
@@ -153,11 +163,11 @@ def run(config: dict[str, Any]) -> dict[str, Any]:
     report: dict[str, Any] = {"pool": pool}
     started = time.monotonic()
     try:
-        report["scrapy"] = _crawl(site_url, progress, pages)
+        report["scrapy"] = _crawl(sites, progress, pages)
         print(_progress_line(progress, broker), flush=True)  # each phase ends with its line
         for name, fn in (("requests", run_requests), ("urllib3", run_urllib3)):
-            progress.start(name, pages)
-            result = fn(broker, site_url, pages, done=progress.tick)
+            progress.start(name, pages * len(sites))
+            result = fn(broker, sites, pages, done=progress.tick)
             report[name] = asdict(result)
             print(_progress_line(progress, broker), flush=True)
     finally:
@@ -175,8 +185,38 @@ def run(config: dict[str, Any]) -> dict[str, Any]:
         }
         for proxy in broker.proxies(pool)
     ]
+    report["sites"] = _standing(broker, pool, sites)
     report["released_at_close"] = broker.close()
     return report
+
+
+def _standing(broker: LeaseBroker, pool: str, sites: dict[str, str]) -> dict[str, Any]:
+    """Each site's standing of the pool at the end: its key, how many proxies it may
+    use, and the holds it has on proxies (which, why, for how long)."""
+    urls = {p.id: _safe(p) for p in broker.proxies(pool)}
+    now = time.time()
+    standing: dict[str, Any] = {}
+    for name, url in sites.items():
+        health = broker.health(pool, site=url)
+        standing[name] = {
+            "url": url,
+            "site": health.site,
+            "active": health.active,
+            "usable": health.site_usable,
+            "banned": health.site_banned,
+            "cooling": health.site_cooling,
+            "holds": [
+                {
+                    "proxy": urls[proxy_id],
+                    "kind": hold.kind,
+                    "seconds": round(max(0.0, hold.until - now), 1),
+                    "strikes": hold.strikes,
+                }
+                for proxy_id, _, hold in broker.sites.in_force(health.site)
+                if proxy_id in urls  # not a proxy an earlier run left (gone from the pool)
+            ],
+        }
+    return standing
 
 
 def _safe(proxy: Any) -> str:

@@ -46,7 +46,7 @@ from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
 from datetime import datetime, timedelta, timezone
 from itertools import chain, count, islice
 from math import isclose
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from uuid import UUID, uuid4
 
 from pharox import (
@@ -72,6 +72,9 @@ from pharox import (
 from pharox.utils import haversine_distance_km
 
 from ..filters import ProtocolFilter
+
+if TYPE_CHECKING:
+    from ..sites import MemorySiteStore
 
 __all__ = ["MemoryStorage"]
 
@@ -528,6 +531,7 @@ class MemoryStorage(IStorage):
         # (filters, selector, pool name, pool, index, round robin) of the last pick
         # answered by one index; pools are only replaced by save/delete, which reset it.
         self._last_pick: tuple[Any, ...] = _NO_PICK
+        self._site_store: MemorySiteStore | None = None
 
     # ------------------------------------------------------------------
     # Index maintenance (caller holds the lock)
@@ -816,6 +820,31 @@ class MemoryStorage(IStorage):
             pool.rr_last = entry.uid
         return entry
 
+    def _pick_excluding(
+        self,
+        pool_name: str,
+        filters: ProxyFilters | None,
+        selector: SelectorStrategy | None,
+        exclude: Collection[UUID],
+    ) -> _Entry | None:
+        """`_pick` passing over `exclude`: the selector's order walked past them (a few
+        steps: the excluded are few next to the pool), round-robin cursor moved."""
+        pool = self._named.get(pool_name)
+        if pool is None or pool.available == 0:
+            return None
+        strategy = _FIRST if selector is None else SelectorStrategy(selector)
+        query = None if filters is None else self._compiled(filters)
+        if filters is not None and query is None:
+            return None  # contradictory filters
+        check = query is not None and bool(query.equal or query.residual)
+        for entry in self._walk(pool, strategy, None if query is None else query.protocols):
+            if entry.proxy.id in exclude or (check and not query.matches(entry.proxy)):  # type: ignore[union-attr]
+                continue
+            if strategy is _ROUND_ROBIN:
+                pool.rr_last = entry.uid
+            return entry
+        return None
+
     def create_lease(self, proxy: Proxy, consumer_name: str, duration_seconds: int) -> Lease:
         """Lease `proxy`; refuses one that is full or no longer ACTIVE.
 
@@ -844,12 +873,15 @@ class MemoryStorage(IStorage):
         duration_seconds: int,
         filters: ProxyFilters | None = None,
         selector: SelectorStrategy | None = None,
+        exclude: Collection[UUID] = (),
     ) -> _LeaseRecord | None:
         """Find and lease in one step under the lock (extension; the core prefers it).
 
         pharox's manager finds (one proxy copy) then leases (a race window); here the
         pick and the lease happen together, so neither the copy nor the race exists.
         Expired leases are swept first, as pharox's manager does before every acquire.
+        `exclude`: proxies passed over (already tried by the request, or held off its
+        site), skipped while walking the selector's order instead of by a pool scan.
         Returns the storage's own record (`to_lease()` for a pharox `Lease`); give it
         back to `release_lease` as it is.
         """
@@ -858,7 +890,10 @@ class MemoryStorage(IStorage):
         with self._lock:  # one contended acquisition; the sweep re-enters it (RLock)
             if self._expiry and self._expiry[0][0] < time.time():
                 self.cleanup_expired_leases()
-            entry = self._pick(pool_name, filters, selector)
+            if exclude:
+                entry = self._pick_excluding(pool_name, filters, selector, exclude)
+            else:
+                entry = self._pick(pool_name, filters, selector)
             if entry is None:
                 return None
             consumer_id = self._consumers.get(consumer_name)
@@ -1233,6 +1268,23 @@ class MemoryStorage(IStorage):
         """How many leases are held right now (diagnostics and tests)."""
         with self._lock:
             return len(self._leases)
+
+    # ------------------------------------------------------------------
+    # Per-site holds
+    # ------------------------------------------------------------------
+
+    def site_store(self) -> MemorySiteStore:
+        """The per-site holds of this storage: one store per storage object, so every
+        broker on it keeps the same proxies off the same sites."""
+        store = self._site_store
+        if store is None:
+            from ..sites import MemorySiteStore  # only brokers need it: imported late
+
+            with self._lock:
+                if self._site_store is None:
+                    self._site_store = MemorySiteStore()
+                store = self._site_store
+        return store
 
 
 def _discard(index: dict[Any, dict[UUID, _Entry]], key: object, pid: UUID) -> None:

@@ -39,7 +39,8 @@ size or history:
   naming the database (never the password); the pool reconnects by itself.
 
 The schema is created by Alembic migrations shipped in ``storage/migrations``
-(`init_schema(url)`, or ``create_schema=True``).
+(`init_schema(url)`, or ``create_schema=True``), which also bring an older schema up to
+date.  Per-site holds (`site_store`) live in ``pxi_site_holds``, see `sql_sites`.
 """
 
 from __future__ import annotations
@@ -56,7 +57,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
-from typing import Any, Concatenate, ParamSpec, TypeVar
+from typing import TYPE_CHECKING, Any, Concatenate, ParamSpec, TypeVar
 from uuid import UUID, uuid4
 
 import sqlalchemy as sa
@@ -87,6 +88,9 @@ from sqlalchemy.sql.elements import ColumnElement
 
 from pharox_integrations.errors import StorageUnavailable
 from pharox_integrations.filters import ProtocolFilter
+
+if TYPE_CHECKING:
+    from .sql_sites import SqlSiteStore
 
 __all__ = ["SCHEMA_PREFIX", "SqlStorage", "StorageUnavailable", "init_schema"]
 
@@ -847,7 +851,8 @@ def _prepare_engine(engine: Engine) -> None:
     engine._pxi_prepared = True  # type: ignore[attr-defined]
 
 
-def _run_migrations(engine: Engine) -> None:
+def _run_migrations(engine: Engine, revision: str = "head") -> None:
+    """Upgrade to `revision` (tests stop at an old one to check the upgrade path)."""
     from alembic import command
     from alembic.config import Config
 
@@ -856,7 +861,7 @@ def _run_migrations(engine: Engine) -> None:
     with engine.connect() as conn:
         config.attributes["connection"] = conn
         config.attributes["version_table"] = ALEMBIC_VERSION_TABLE
-        command.upgrade(config, "head")
+        command.upgrade(config, revision)
         if conn.in_transaction():
             conn.commit()
 
@@ -920,6 +925,7 @@ class SqlStorage(IStorage):
             self._direct = _PgDirect(self._engine, size)
             # Close its sockets when this object goes away unclosed (no ResourceWarning).
             weakref.finalize(self, self._direct.close)
+        self._site_store: SqlSiteStore | None = None
         self._writer_lock: threading.Lock | None = None
         if self._dialect == "sqlite":
             # One lock per engine, shared by every storage object on it.
@@ -955,6 +961,19 @@ class SqlStorage(IStorage):
     def engine(self) -> Engine:
         """The SQLAlchemy engine (for tests, admin tools and migrations)."""
         return self._engine
+
+    def site_store(self) -> SqlSiteStore:
+        """The per-site holds on this database, shared with every process using it (one
+        store per storage object, so all its brokers share one view and one statement set)."""
+        store = self._site_store
+        if store is None:
+            from .sql_sites import SqlSiteStore  # imports this module: not at the top
+
+            with self._lock:
+                if self._site_store is None:
+                    self._site_store = SqlSiteStore(self)
+                store = self._site_store
+        return store
 
     def close(self) -> None:
         """Close pooled connections (only when this object created the engine)."""
@@ -1520,38 +1539,77 @@ class SqlStorage(IStorage):
     def _sweep(self, limit: int) -> int:
         now = _now()
         with self._tx() as conn:
-            rows = conn.execute(
-                sa.select(leases.c.id, leases.c.proxy_id)
+            expired = conn.execute(
+                sa.select(leases.c.id)
                 .where(leases.c.status == _LEASE_ACTIVE, leases.c.expires_at <= now)
                 .order_by(leases.c.expires_at)
                 .limit(limit)
-                .with_for_update(skip_locked=self._q.skip_locked)
-            ).all()
-            if not rows:
+            ).scalars().all()
+            if not expired:
                 return 0
-            swept: Counter[UUID] = Counter()
-            for lease_id, proxy_id in rows:
-                # Row by row so a lease released meanwhile is never counted twice.
-                done = conn.execute(
-                    sa.update(leases)
-                    .where(leases.c.id == lease_id, leases.c.status == _LEASE_ACTIVE)
-                    .values(status=_LEASE_RELEASED, released_at=now)
-                ).rowcount
-                if done == 1:
-                    swept[proxy_id] += 1
-            for proxy_id in sorted(swept):  # fixed order: no deadlock between sweepers
-                n = swept[proxy_id]
-                conn.execute(
-                    sa.update(proxies)
-                    .where(proxies.c.id == proxy_id)
-                    .values(
-                        current_leases=sa.case(
-                            (proxies.c.current_leases >= n, proxies.c.current_leases - n),
-                            else_=0,
-                        )
+            self._close_leases(conn, expired, now)
+            return len(expired)
+
+    @_guarded
+    def release_leases(self, leases_: Sequence[Lease]) -> int:
+        """Release many leases in one transaction (extension: a lease block gives its
+        slots back in batches).  Leases already released or expired are skipped."""
+        if not leases_:
+            return 0
+        now = _now()
+        with self._tx() as conn:
+            return self._close_leases(conn, [lease.id for lease in leases_], now)
+
+    def _close_leases(self, conn: Connection, ids: Sequence[UUID], now: datetime) -> int:
+        """Mark `ids` released (those still active) and lower their proxies' counts, in
+        the caller's transaction."""
+        rows = conn.execute(
+            sa.select(leases.c.id, leases.c.proxy_id)
+            .where(leases.c.id.in_(ids), leases.c.status == _LEASE_ACTIVE)
+            .with_for_update(skip_locked=self._q.skip_locked)
+        ).all()
+        closed: Counter[UUID] = Counter()
+        for lease_id, proxy_id in rows:
+            # Row by row so a lease released meanwhile is never counted twice.
+            done = conn.execute(
+                sa.update(leases)
+                .where(leases.c.id == lease_id, leases.c.status == _LEASE_ACTIVE)
+                .values(status=_LEASE_RELEASED, released_at=now)
+            ).rowcount
+            if done == 1:
+                closed[proxy_id] += 1
+        for proxy_id in sorted(closed):  # fixed order: no deadlock between writers
+            n = closed[proxy_id]
+            conn.execute(
+                sa.update(proxies)
+                .where(proxies.c.id == proxy_id)
+                .values(
+                    current_leases=sa.case(
+                        (proxies.c.current_leases >= n, proxies.c.current_leases - n),
+                        else_=0,
                     )
                 )
-            return sum(swept.values())
+            )
+        if closed:
+            with self._lock:
+                self._stats.clear()
+        return sum(closed.values())
+
+    @_guarded
+    def renew_leases(self, leases_: Sequence[Lease], duration_seconds: int) -> int:
+        """Extend many active leases to `duration_seconds` from now, in one statement
+        (extension: a lease block's heartbeat).  Returns how many were still active."""
+        if not leases_:
+            return 0
+        expires = _now() + timedelta(seconds=duration_seconds)
+        with self._tx() as conn:
+            return int(
+                conn.execute(
+                    sa.update(leases)
+                    .where(leases.c.id.in_([lease.id for lease in leases_]), leases.c.status == _LEASE_ACTIVE)
+                    .values(expires_at=expires)
+                ).rowcount
+            )
 
     @_guarded
     def purge_released_leases(self, older_than: timedelta = timedelta(days=1)) -> int:

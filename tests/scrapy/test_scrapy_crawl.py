@@ -43,7 +43,9 @@ async def test_crawl_survives_a_banned_and_a_dead_proxy(
     assert sorted(int(item["url"].split("/page/")[1].split("?")[0]) for item in spider.items) == list(range(300))
     assert {item["proxy"] for item in spider.items} == {good.safe_url}
     states = status_by_port(broker)
-    assert states == {banned.port: ProxyStatus.BANNED, good.port: ProxyStatus.ACTIVE, dead.port: ProxyStatus.INACTIVE}
+    # The ban is the site's verdict: the proxy stays active for other sites.
+    assert states == {banned.port: ProxyStatus.ACTIVE, good.port: ProxyStatus.ACTIVE, dead.port: ProxyStatus.INACTIVE}
+    assert broker.health(site=target.url).site_banned == 1
     stats = crawler.stats.get_stats()  # type: ignore[union-attr]
     assert stats["pharox/moved"] >= 2
     assert stats["pharox/moved/ban"] >= 1 and stats["pharox/moved/failure"] >= 1
@@ -318,7 +320,7 @@ async def test_ban_policy_and_spider_hooks(
     stats = crawler.stats.get_stats()  # type: ignore[union-attr]
     assert stats["pharox/verdict/ban/200"] == 2 and stats["pharox/moved/ban"] == 1
     assert stats["pharox/moved/gave_up"] == 1
-    assert sum(1 for p in broker.proxies() if p.status == ProxyStatus.BANNED) == 2
+    assert broker.health(site=target.url).site_banned == 2
     assert_no_leases(broker)
 
     broker2 = LeaseBroker.from_proxies([p.url for p in proxy_trio])

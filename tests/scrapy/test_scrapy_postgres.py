@@ -92,13 +92,15 @@ async def test_crawl_on_a_postgres_pool_stays_off_the_reactor(
     assert stats["pharox/leases/acquired"] == stats["pharox/leases/released"]
     assert stats["pharox/moved/ban"] >= 1 and stats["pharox/moved/failure"] >= 3
     assert "pharox/leases/released_at_close" not in stats
-    # A second process's view of the shared pool: nothing leased, the banned one benched.
+    # A second process's view of the shared pool: nothing leased, the banned one held
+    # off this site (and active for others), the dead one benched.
     with LeaseBroker.from_settings({"PHAROX_STORAGE_URL": postgres_url}) as observer:
         assert_no_leases(observer)
         states = {p.port: ProxyStatus(p.status) for p in observer.proxies()}
-        assert states[banned.port] == ProxyStatus.BANNED
         assert states[dead.port] == ProxyStatus.INACTIVE
-        assert sum(s == ProxyStatus.ACTIVE for s in states.values()) == 2
+        assert sum(s == ProxyStatus.ACTIVE for s in states.values()) == 3
+        held = observer.sites.holds(observer.sites.site_of_name(target.url))
+        assert [p.port for p in observer.proxies() if p.id in held] == [banned.port]
         observer.storage.engine.dispose()  # type: ignore[attr-defined]
     assert_auth_only_to_its_proxy(target, proxy_trio)
     assert_no_secret(debug_logs.text, stats)

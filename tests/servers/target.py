@@ -42,12 +42,13 @@ class SeenRequest:
     headers: dict[str, str]
     tls: bool
     body: bytes = b""  # the request body exactly as received (de-chunked)
+    at: float = 0.0  # time.monotonic() when its head arrived
 
 
 @dataclass
 class _State:
     lock: threading.Lock = field(default_factory=threading.Lock)
-    bans: dict[str, int] = field(default_factory=dict)
+    bans: dict[str, tuple[int, dict[str, str]]] = field(default_factory=dict)
     hits: Counter[str] = field(default_factory=Counter)
     requests: list[SeenRequest] = field(default_factory=list)
 
@@ -59,10 +60,10 @@ class _Server(ThreadingHTTPServer):
     # The default backlog of 5 refuses bursts of 50+ concurrent connections.
     request_queue_size = 512
 
-    def __init__(self, state: _State, ssl_context: ssl.SSLContext | None) -> None:
+    def __init__(self, state: _State, ssl_context: ssl.SSLContext | None, host: str = "127.0.0.1") -> None:
         self.state = state
         self.ssl_context = ssl_context
-        super().__init__(("127.0.0.1", 0), _Handler)
+        super().__init__((host, 0), _Handler)
 
     def finish_request(self, request: Any, client_address: Any) -> None:
         # TLS handshake here, in the per-connection thread, so one stalled
@@ -119,6 +120,7 @@ class _Handler(BaseHTTPRequestHandler):
         return self.rfile.read(length) if length else b""
 
     def _dispatch(self) -> None:
+        arrived = time.monotonic()
         body = self._read_body()
         peer_ip = self.client_address[0]
         state = self.server.state
@@ -129,11 +131,13 @@ class _Handler(BaseHTTPRequestHandler):
         with state.lock:
             state.hits[peer_ip] += 1
             state.requests.append(
-                SeenRequest(peer_ip, self.command, self.path, headers, self.server.ssl_context is not None, body)
+                SeenRequest(
+                    peer_ip, self.command, self.path, headers, self.server.ssl_context is not None, body, arrived
+                )
             )
             banned = state.bans.get(peer_ip)
         if banned is not None:
-            self._send(banned, b"banned\n", "text/plain")
+            self._send(banned[0], b"banned\n", "text/plain", banned[1])
             return
         query = parse_qs(parts.query)
         path = parts.path
@@ -223,16 +227,19 @@ class _Handler(BaseHTTPRequestHandler):
 
 
 class TargetServer:
-    """Threaded HTTP/1.1 (or HTTPS) target on 127.0.0.1 with an ephemeral port.
+    """Threaded HTTP/1.1 (or HTTPS) target on 127.0.0.1 (or `host`, another loopback
+    address: a second site) with an ephemeral port.
 
     Endpoints: ``/status/<code>``, ``/echo``, ``/slow?ms=N``, ``/drop``,
     ``/bytes?n=N&chunk=K[&delay_ms=D]``, ``/page/<i>?n=N``,
     ``/redirect?to=<path>[&code=302]``. Any method works on any endpoint.
     """
 
-    def __init__(self, ssl_context: ssl.SSLContext | None = None, ca_bundle: str | None = None) -> None:
+    def __init__(
+        self, ssl_context: ssl.SSLContext | None = None, ca_bundle: str | None = None, host: str = "127.0.0.1"
+    ) -> None:
         self._state = _State()
-        self._server = _Server(self._state, ssl_context)
+        self._server = _Server(self._state, ssl_context, host)
         self._thread = threading.Thread(
             target=self._server.serve_forever,
             kwargs={"poll_interval": 0.05},
@@ -249,7 +256,7 @@ class TargetServer:
 
     @property
     def host(self) -> str:
-        return "127.0.0.1"
+        return str(self._server.server_address[0])
 
     @property
     def port(self) -> int:
@@ -260,10 +267,11 @@ class TargetServer:
         """Base URL without a trailing slash, e.g. ``http://127.0.0.1:40123``."""
         return f"{self.scheme}://{self.host}:{self.port}"
 
-    def ban(self, ip: str, status: int = 403) -> None:
-        """Answer every request from peer ``ip`` with ``status`` until unbanned."""
+    def ban(self, ip: str, status: int = 403, retry_after: str | None = None) -> None:
+        """Answer every request from peer ``ip`` with ``status`` (and a ``Retry-After``
+        header, when given) until unbanned."""
         with self._state.lock:
-            self._state.bans[ip] = status
+            self._state.bans[ip] = (status, {} if retry_after is None else {"Retry-After": retry_after})
 
     def unban(self, ip: str) -> None:
         with self._state.lock:

@@ -1,0 +1,246 @@
+"""Lease blocks: a process on a shared storage leases proxies a few at a time and hands
+them out to its requests locally, so a crawl does not pay a database round trip per
+request.
+
+A slot is one storage lease, held by this process and lent to one request at a time:
+`max_concurrency` stays exact across processes (each slot counts in the storage), and a
+killed process's slots come back after `lease_seconds` like any lease (the block renews
+them by one statement while the process lives).  What is held is bounded by what the
+process uses:
+
+- a slot idle longer than `idle_seconds` goes back to the storage (no hoarding);
+- a slot older than `max_age` goes back when its request ends, so the block turns over
+  and the storage's selector still rotates the whole pool;
+- while the pool is contended (a lease was refused lately), every slot goes back when
+  its request ends: processes then share a tight pool as fairly as without blocks;
+- a slot whose proxy another process benched goes back within `status_seconds`.
+
+Releases are written in batches (one transaction for many).  `close()` gives back
+everything.  Health is not here: the ledger already writes routine successes at most once
+a minute per proxy, and every status change at once.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Collection
+from typing import Any
+from uuid import UUID
+
+from pharox import Lease, ProxyFilters, SelectorStrategy
+
+from .health import BENCHED
+
+_MAINTAIN_SECONDS = 0.05
+logger = logging.getLogger("pharox_integrations")
+
+
+class Slot:
+    """One storage lease of the block, lent to one request at a time (a `LeaseHandle`)."""
+
+    __slots__ = ("block", "lease", "proxy_id", "taken", "used")
+
+    def __init__(self, lease: Lease, block: LeaseBlock) -> None:
+        self.lease = lease
+        self.proxy_id: UUID = lease.proxy_id
+        self.block = block
+        self.taken = time.monotonic()  # when the storage lease was taken
+        self.used = self.taken  # when it was last given back by a request
+
+    def to_lease(self) -> Lease:
+        return self.lease
+
+
+class LeaseBlock:
+    """The slots of one (pool, filters, selector), for one broker."""
+
+    def __init__(
+        self,
+        storage: Any,
+        consumer: str,
+        lease_seconds: int,
+        pool: str,
+        filters: ProxyFilters | None,
+        selector: SelectorStrategy,
+        benched_now: Callable[[UUID], bool],
+        *,
+        idle_seconds: float = 0.25,
+        max_age: float = 2.0,
+        status_seconds: float = 1.0,
+        spread: int = 8,
+    ) -> None:
+        self.storage = storage
+        self.consumer = consumer
+        self.lease_seconds = lease_seconds
+        self.pool = pool
+        self.filters = filters
+        self.selector = selector
+        self._benched_now = benched_now  # this process's own verdicts, known at once
+        self.idle_seconds = idle_seconds
+        self.max_age = max_age
+        self.status_seconds = status_seconds
+        self.spread = spread  # slots kept in turn even for one request at a time: rotation
+        self._lock = threading.Lock()
+        self._free: deque[Slot] = deque()
+        self._lent: set[Slot] = set()
+        self._to_release: list[Lease] = []
+        self._contended_until = 0.0
+        self._timer: threading.Timer | None = None  # gives idle slots back when requests stop
+        now = time.monotonic()
+        self._next_maintain = now + _MAINTAIN_SECONDS
+        self._next_renew = now + lease_seconds / 3
+        self._next_status = now + status_seconds
+        self.counters = {"slots_taken": 0, "slots_lent": 0, "slots_released": 0, "release_batches": 0}
+
+    # ------------------------------------------------------------------ requests
+
+    def take(self, avoid: Collection[UUID]) -> Slot | None:
+        """A slot for one request: a free one of the block (oldest first, so requests
+        rotate over the block), else a new storage lease; None when the pool has none.
+        Below `spread` slots the block grows first, so even one request at a time
+        rotates over several proxies (the storage's selector picks them)."""
+        self.maintain()
+        with self._lock:
+            grow = len(self._free) + len(self._lent) < self.spread and time.monotonic() >= self._contended_until
+            for _ in range(0 if grow else len(self._free)):
+                slot = self._free.popleft()
+                if slot.proxy_id in avoid:
+                    self._free.append(slot)
+                    continue
+                self._lent.add(slot)
+                self.counters["slots_lent"] += 1
+                return slot
+        for _ in range(4):  # the storage's pick may be one this request avoids: keep it for others
+            lease = self.storage.acquire_lease(
+                self.pool, self.consumer, self.lease_seconds, self.filters, self.selector
+            )
+            if lease is None:
+                self._contended_until = time.monotonic() + self.max_age
+                return self._lend_free(avoid) if grow else None
+            slot = Slot(lease, self)
+            with self._lock:
+                self.counters["slots_taken"] += 1
+                if lease.proxy_id in avoid:
+                    self._free.append(slot)
+                    continue
+                self._lent.add(slot)
+                self.counters["slots_lent"] += 1
+                return slot
+        return None
+
+    def _lend_free(self, avoid: Collection[UUID]) -> Slot | None:
+        with self._lock:
+            for slot in self._free:
+                if slot.proxy_id not in avoid:
+                    self._free.remove(slot)
+                    self._lent.add(slot)
+                    self.counters["slots_lent"] += 1
+                    return slot
+        return None
+
+    def give_back(self, slot: Slot) -> None:
+        """A request is done with its slot: kept for the next one, or released."""
+        now = time.monotonic()
+        with self._lock:
+            self._lent.discard(slot)
+            slot.used = now
+            if now < self._contended_until or now - slot.taken >= self.max_age or self._benched_now(slot.proxy_id):
+                self._to_release.append(slot.lease)
+            else:
+                self._free.append(slot)
+            if self._timer is None:
+                # Requests may stop here: the slot must still go back after `idle_seconds`.
+                self._timer = threading.Timer(self.idle_seconds + _MAINTAIN_SECONDS, self._on_timer)
+                self._timer.daemon = True
+                self._timer.start()
+        self.maintain()
+
+    def _on_timer(self) -> None:
+        with self._lock:
+            self._timer = None
+        try:
+            self.maintain(force=True)
+        except Exception:  # the storage is down: the next request's upkeep tries again
+            logger.exception("lease block of pool %(pool)s: giving back idle slots failed", {"pool": self.pool})
+        with self._lock:
+            again = bool(self._free or self._to_release) and self._timer is None
+            if again:
+                self._timer = threading.Timer(self.idle_seconds + _MAINTAIN_SECONDS, self._on_timer)
+                self._timer.daemon = True
+                self._timer.start()
+
+    # ------------------------------------------------------------------ upkeep
+
+    def maintain(self, *, force: bool = False) -> None:
+        """Idle slots back, releases written, leases renewed, benched proxies dropped:
+        at most every few ms, on the requests' own path (no thread of its own)."""
+        now = time.monotonic()
+        if not force and now < self._next_maintain:
+            return
+        with self._lock:
+            if not force and now < self._next_maintain:
+                return
+            self._next_maintain = now + _MAINTAIN_SECONDS
+            while self._free and (now - self._free[0].used >= self.idle_seconds or now < self._contended_until):
+                self._to_release.append(self._free.popleft().lease)
+            # Slots idle behind a busier one: the deque is in give-back order, so only
+            # the head needs a look, except when a benched proxy must go.
+            releasing, self._to_release = self._to_release, []
+            renew = now >= self._next_renew
+            if renew:
+                self._next_renew = now + self.lease_seconds / 3
+                held = [s.lease for s in (*self._free, *self._lent)]
+            check = now >= self._next_status and bool(self._free)
+            if check:
+                self._next_status = now + self.status_seconds
+        if releasing:
+            self._release(releasing)
+        if renew and held:
+            self.storage.renew_leases(held, self.lease_seconds)
+        if check:
+            self._drop_benched()
+
+    def _release(self, leases: list[Lease]) -> None:
+        self.storage.release_leases(leases)
+        with self._lock:
+            self.counters["slots_released"] += len(leases)
+            self.counters["release_batches"] += 1
+
+    def _drop_benched(self) -> None:
+        """Free slots of proxies another process benched go back (a status change is
+        seen within `status_seconds`)."""
+        benched = {p.id for p in self.storage.list_proxies_by_status(self.pool, BENCHED)}
+        if not benched:
+            return
+        with self._lock:
+            gone = [s for s in self._free if s.proxy_id in benched]
+            for slot in gone:
+                self._free.remove(slot)
+        if gone:
+            self._release([s.lease for s in gone])
+
+    def holds(self) -> int:
+        """Storage leases this block holds (lent or free)."""
+        with self._lock:
+            return len(self._free) + len(self._lent)
+
+    def close(self) -> None:
+        """Give back every free slot and anything pending (lent slots go back when their
+        request ends)."""
+        with self._lock:
+            releasing = self._to_release + [s.lease for s in self._free]
+            self._to_release, self._free = [], deque()
+            if self._timer is not None:
+                self._timer.cancel()
+                self._timer = None
+        if releasing:
+            self._release(releasing)
+
+
+def supports_blocks(storage: object) -> bool:
+    """Storages that can renew and release many leases in one statement (ours, SQL)."""
+    return all(callable(getattr(storage, name, None)) for name in ("renew_leases", "release_leases", "acquire_lease"))
+

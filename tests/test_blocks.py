@@ -1,0 +1,207 @@
+"""Lease blocks (`lease_blocks=True`, PHAROX_LEASE_BLOCKS) on the three SQL databases:
+slots lent locally keep `max_concurrency` exact across processes, go back when idle,
+share a tight pool between processes, drop a proxy another process benched within about
+a second, and come back after `lease_seconds` when their process is killed.  Nothing is
+sent: the proxies are addresses only; the storages are real."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from pharox_integrations import LeaseBroker
+from pharox_integrations.storage import storage_from_url
+
+if __package__:
+    from .sqlhelpers import backend_params, private_database
+else:
+    from sqlhelpers import backend_params, private_database
+
+PROXIES = [f"http://10.66.0.{i}:3128" for i in range(1, 5)]
+
+# A second process: `threads` threads lease and release for `seconds`, each lease held
+# `hold` s; writes one JSON line per lease: [start, end, host].  With "kill", it leases
+# and then waits to be killed.
+_CHILD = """
+import json, sys, threading, time
+from pharox_integrations import LeaseBroker
+url, out, mode = sys.argv[1], sys.argv[2], sys.argv[6]
+threads, seconds, hold = int(sys.argv[3]), float(sys.argv[4]), float(sys.argv[5])
+broker = LeaseBroker.from_proxies(
+    [], storage=url, acquire_timeout=5, lease_blocks=True, lease_seconds=2
+)
+if mode == "kill":
+    with broker.lease() as lease:
+        pass
+    print("holding", flush=True)
+    time.sleep(60)
+rows, lock = [], threading.Lock()
+def work():
+    end = time.time() + seconds
+    while time.time() < end:
+        with broker.lease() as lease:
+            start = time.time(); time.sleep(hold)
+            with lock: rows.append([start, time.time(), lease.host])
+ts = [threading.Thread(target=work) for _ in range(threads)]
+[t.start() for t in ts]; [t.join() for t in ts]
+broker.close()
+with open(out, "w") as f:
+    for r in rows: f.write(json.dumps(r) + "\\n")
+"""
+
+
+@pytest.fixture(params=backend_params())
+def url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    with private_database(request.param, tmp_path) as made:
+        storage_from_url(made, create_schema=True).close()  # type: ignore[attr-defined]
+        yield made
+
+
+def seed(url: str, max_concurrency: int | None = None, n: int = 4) -> None:
+    broker = LeaseBroker.from_proxies(PROXIES[:n], storage=url, max_concurrency=max_concurrency)
+    broker.storage.close()  # type: ignore[attr-defined]
+
+
+def blocked(url: str, **kw: object) -> LeaseBroker:
+    kw.setdefault("acquire_timeout", 5)
+    return LeaseBroker.from_proxies([], storage=url, lease_blocks=True, **kw)  # type: ignore[arg-type]
+
+
+def leased(broker: LeaseBroker) -> int:
+    return sum(p.current_leases for p in broker.proxies())
+
+
+def spawn(url: str, out: Path, threads: int, seconds: float, hold: float, mode: str = "run") -> subprocess.Popen[str]:
+    args = [str(a) for a in (url, out, threads, seconds, hold, mode)]
+    return subprocess.Popen([sys.executable, "-c", _CHILD, *args], stdout=subprocess.PIPE, text=True)
+
+
+def test_slots_are_reused_and_go_back_when_idle(url: str) -> None:
+    seed(url)
+    broker = blocked(url)
+    try:
+        hosts = []
+        for _ in range(40):
+            with broker.lease() as lease:
+                hosts.append(lease.host)
+        block = broker._selection.blocks()[0]
+        assert block.counters["slots_lent"] == 40
+        assert block.counters["slots_taken"] <= block.spread  # a few storage leases served them all
+        assert set(hosts[-8:]) == {p.split("//")[1].split(":")[0] for p in PROXIES}  # still rotating
+        assert broker.held == 0 and leased(broker) >= 1  # kept for the next request...
+        deadline = time.monotonic() + 3
+        while leased(broker) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert leased(broker) == 0  # ...and given back once idle, with no request to trigger it
+    finally:
+        broker.close()
+
+
+def test_close_gives_back_every_slot(url: str) -> None:
+    seed(url)
+    broker = blocked(url)
+    held = [broker.acquire() for _ in range(3)]
+    for lease in held:
+        broker.release(lease)
+    assert leased(broker) == 3
+    broker.close()
+    observer = LeaseBroker.from_proxies([], storage=url)
+    try:
+        assert leased(observer) == 0
+    finally:
+        observer.storage.close()  # type: ignore[attr-defined]
+
+
+def test_max_concurrency_holds_across_processes_and_a_tight_pool_is_shared(url: str, tmp_path: Path) -> None:
+    """Two proxies of max_concurrency 1, two processes of 4 threads each: no proxy is ever
+    lent twice at once, and neither process hoards the pool."""
+    seed(url, max_concurrency=1, n=2)
+    outs = [tmp_path / "a.jsonl", tmp_path / "b.jsonl"]
+    children = [spawn(url, out, threads=4, seconds=3.0, hold=0.02) for out in outs]
+    for child in children:
+        assert child.wait(timeout=60) == 0
+    rows = {out.name: [json.loads(line) for line in out.read_text().splitlines()] for out in outs}
+    every = sorted((start, end, host) for name in rows for start, end, host in rows[name])
+    last_end: dict[str, float] = {}
+    for start, end, host in every:
+        assert start >= last_end.get(host, 0.0) - 0.001, f"{host} lent twice at once"
+        last_end[host] = end
+    counts = [len(r) for r in rows.values()]
+    assert min(counts) >= 0.25 * sum(counts), counts  # shared, not hoarded (measured ~0.5 each)
+
+
+def test_a_proxy_benched_by_another_process_is_dropped_within_a_second(url: str) -> None:
+    seed(url)
+    lender = blocked(url)
+    other = LeaseBroker.from_proxies([], storage=url)
+    try:
+        held = [lender.acquire() for _ in range(4)]  # a free slot on every proxy
+        for lease in held:
+            lender.release(lease)
+        victim = held[0].host
+        with other.lease() as lease:
+            while lease.host != victim:
+                other.release(lease)
+                lease = other.acquire()
+            other.report(lease, status_code=403)  # no site: benched everywhere
+        banned_at = time.monotonic()
+        late: set[str] = set()
+        while time.monotonic() < banned_at + 2.5:
+            with lender.lease() as lease:
+                if time.monotonic() > banned_at + 1.2:
+                    late.add(lease.host)
+            time.sleep(0.01)
+        assert late and victim not in late
+    finally:
+        lender.close()
+        other.storage.close()  # type: ignore[attr-defined]
+
+
+def test_a_killed_processs_slots_come_back_after_lease_seconds(url: str, tmp_path: Path) -> None:
+    seed(url)
+    child = spawn(url, tmp_path / "unused", threads=1, seconds=0, hold=0, mode="kill")
+    assert child.stdout is not None and child.stdout.readline().strip() == "holding"
+    observer = LeaseBroker.from_proxies([], storage=url)
+    try:
+        assert leased(observer) == 1  # the slot it kept for its next request
+        os.kill(child.pid, signal.SIGKILL)
+        child.wait(timeout=10)
+        time.sleep(2.2)  # lease_seconds=2 in the child, and no heartbeat since the kill
+        observer.storage.cleanup_expired_leases(force=True)  # type: ignore[attr-defined]
+        assert leased(observer) == 0
+    finally:
+        observer.storage.close()  # type: ignore[attr-defined]
+
+
+def test_many_threads_lose_no_slot(url: str) -> None:
+    seed(url, max_concurrency=2)
+    broker = blocked(url)
+    errors: list[BaseException] = []
+
+    def work() -> None:
+        try:
+            for _ in range(30):
+                with broker.lease():
+                    time.sleep(0.001)
+        except BaseException as exc:  # collected, asserted below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=work) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    assert errors == []
+    assert broker.held == 0
+    assert all(p.current_leases <= 2 for p in broker.proxies())
+    broker.close()
+    assert leased(broker) == 0

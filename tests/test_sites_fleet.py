@@ -1,0 +1,91 @@
+"""Per-site standing shared by a fleet: a ban recorded by one process keeps another
+process (its own broker, its own connections) off that (proxy, site), within a second,
+on SQLite, PostgreSQL and MariaDB.  Nothing is sent: the proxies are addresses only."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from pharox_integrations import LeaseBroker
+from pharox_integrations.storage import storage_from_url
+
+if __package__:
+    from .sqlhelpers import backend_params, private_database
+else:
+    from sqlhelpers import backend_params, private_database
+
+PROXIES = [f"http://10.77.0.{i}:3128" for i in range(1, 4)]
+SITE_A, SITE_B = "https://shop.example/cart", "https://news.example/today"
+
+# The second process: leases for both sites every 50 ms, writes which proxy each site
+# got and when, until told to stop (its stdin closes).
+_WORKER = """
+import json, sys, threading, time
+from pharox_integrations import LeaseBroker
+url, out = sys.argv[1], sys.argv[2]
+broker = LeaseBroker.from_proxies([], storage=url, acquire_timeout=0.2)
+stop = threading.Event()
+threading.Thread(target=lambda: (sys.stdin.read(), stop.set()), daemon=True).start()
+with open(out, "w") as f:
+    while not stop.is_set():
+        for name, site in (("a", "https://www.shop.example/x"), ("b", "https://news.example/y")):
+            try:
+                with broker.lease(site) as lease:
+                    f.write(json.dumps([time.time(), name, lease.port and lease.host]) + "\\n")
+            except Exception as exc:
+                f.write(json.dumps([time.time(), name, type(exc).__name__]) + "\\n")
+        f.flush()
+        time.sleep(0.05)
+broker.close()
+"""
+
+
+@pytest.fixture(params=backend_params())
+def shared_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    with private_database(request.param, tmp_path) as url:
+        storage = storage_from_url(url, create_schema=True)
+        seeder = LeaseBroker.from_proxies(PROXIES, storage=storage)
+        seeder.close()
+        storage.close()  # type: ignore[attr-defined]
+        yield url
+
+
+def test_a_ban_in_one_process_keeps_another_off_that_pair_within_a_second(shared_url: str, tmp_path: Path) -> None:
+    out = tmp_path / "worker.jsonl"
+    worker = subprocess.Popen(
+        [sys.executable, "-c", _WORKER, shared_url, str(out)], stdin=subprocess.PIPE, text=True
+    )
+    broker = LeaseBroker.from_proxies([], storage=shared_url, acquire_timeout=1)
+    try:
+        deadline = time.time() + 20
+        while (not out.exists() or out.read_text().count("\n") < 10) and time.time() < deadline:
+            time.sleep(0.05)  # the worker's cache of site A's holds is warm: it has leased there
+        with broker.lease(SITE_A) as lease:
+            banned_host = lease.host
+            broker.report(lease, status_code=403)
+        banned_at = time.time()
+        time.sleep(2.0)
+    finally:
+        assert worker.stdin is not None
+        worker.stdin.close()
+        worker.wait(timeout=20)
+        broker.close()
+    assert worker.returncode == 0
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    before = [r for r in rows if r[0] < banned_at]
+    late = [r for r in rows if r[0] > banned_at + 1.0]  # the promise: within a second
+    assert {r[2] for r in before if r[1] == "a"} >= {banned_host}  # it used the proxy for A before
+    assert late and banned_host not in {r[2] for r in late if r[1] == "a"}  # and not after the ban
+    assert banned_host in {r[2] for r in late if r[1] == "b"}  # while it kept using it for B
+    with LeaseBroker.from_proxies([], storage=shared_url) as observer:
+        assert [p.status.value for p in observer.proxies()] == ["active"] * 3
+        health = observer.health(site="shop.example")
+        assert (health.site_banned, health.site_usable) == (1, 2)
+        observer.storage.close()  # type: ignore[attr-defined]
