@@ -26,13 +26,12 @@ from pharox import (
     ProxyManager,
     ProxyProtocol,
     ProxyStatus,
-    ProxyUnavailableError,
     SelectorStrategy,
 )
 
 from . import bridge, building
 from .blocks import Slot
-from .errors import ConfigurationError, NoProxyAvailable
+from .errors import NoProxyAvailable
 from .exchange import CORE_ERRORS, DEFAULT_MAX_MOVES, DoorErrors, Exchange
 from .health import HealthPolicy, Verdict
 from .internals import has_release_listeners, storage_of
@@ -41,7 +40,6 @@ from .ledger import HealthLedger
 from .pools import PoolAdmin
 from .selection import Selection
 from .settings import PharoxSettings, ProxySpec, SettingsSource
-from .sites import SiteBook, store_for
 
 if TYPE_CHECKING:
     from typing_extensions import Unpack
@@ -96,12 +94,7 @@ class LeaseBroker:
         site_bans_to_bench: int = 3,
         lease_blocks: bool = False,
     ) -> None:
-        if lease_seconds <= 0:
-            raise ConfigurationError(f"lease_seconds={lease_seconds!r}: expected an integer > 0")
-        if not isinstance(max_moves, int) or max_moves < 0:
-            raise ConfigurationError(f"max_moves={max_moves!r}: expected an integer >= 0")
-        if acquire_timeout < 0:
-            raise ConfigurationError(f"acquire_timeout={acquire_timeout!r}: expected a number >= 0")
+        building.check(lease_seconds=lease_seconds, max_moves=max_moves, acquire_timeout=acquire_timeout)
         self.lease_manager = manager
         self.storage: IStorage = storage_of(manager)
         self.pool = pool
@@ -125,22 +118,9 @@ class LeaseBroker:
         self._ledger = HealthLedger(
             self.storage, self.policy, self._lock, self.counters, self._pool_record, revive_scan_seconds
         )
-        try:
-            self.sites = SiteBook(
-                store_for(self.storage),
-                self.policy,
-                scope=site_scope,
-                delay=site_delay,
-                bans_to_bench=site_bans_to_bench,
-            )
-        except ValueError as exc:
-            raise ConfigurationError(str(exc)) from None
-        if site_delay > self.acquire_timeout:
-            logger.warning(
-                "site_delay=%(delay)s s is longer than acquire_timeout=%(timeout)s s: a request to a site whose "
-                "proxies all visited it lately gives up at once instead of waiting for the next polite slot",
-                {"delay": site_delay, "timeout": self.acquire_timeout},
-            )
+        self.sites = building.site_book(
+            self.storage, self.policy, site_scope, site_delay, site_bans_to_bench, self.acquire_timeout
+        )
         self._pools = PoolAdmin(self.storage, self._lock, self._ledger, self._endpoints, self._held_in, self.sites)
         self._selection = Selection(
             manager,
@@ -346,19 +326,8 @@ class LeaseBroker:
         """
         if self._closed:
             return None  # the full path says why
-        name = pool or self.pool
-        selection = self._selection
-        effective = selection.effective_filters(filters if filters is not None else self.filters, protocols)
-        self._ledger.revive_due(name)
-        if site is not None:  # the site's holds to pass over, a politeness slot to claim
-            self.sites.maintain()
-            return selection.try_lease(name, effective, None, (), site)
-        selection.ensure_consumer()
-        try:
-            found = selection.take(name, effective)
-        except ProxyUnavailableError:
-            return None
-        return None if found is None else self._wrap(found, name, None, None, site)
+        wanted = filters if filters is not None else self.filters
+        return self._selection.nowait(pool or self.pool, wanted, protocols, site)
 
     def _waits(
         self,
@@ -459,14 +428,17 @@ class LeaseBroker:
         lease.verdict = verdict
         lease.reported = True
         wide = True  # a ban without a site: the proxy's, everywhere (as before sites)
-        if verdict.site_refusal and lease.site is not None:
-            try:
-                wide = self._hold(lease, lease.site, verdict, response)
+        held = verdict.site_refusal and lease.site is not None
+        if held:
+            try:  # the site holds the pair; the proxy goes everywhere only when burned
+                wide = self.sites.refuse(lease.proxy_id, lease.site, verdict, response, lease.safe_url)  # type: ignore[arg-type]
             except BaseException:
                 if release:
                     self.release(lease)
                 raise
         with self._lock:
+            if held:
+                self.counters["site_bans" if verdict is Verdict.BAN else "site_cooldowns"] += 1
             change = self._ledger.record(lease, verdict, latency_ms, wide=wide)
             first = release and self._mark_released(lease)
         try:
@@ -476,24 +448,6 @@ class LeaseBroker:
             if first:
                 self._release_in_storage(lease._handle)
         return verdict
-
-    def _hold(self, lease: ProxyLease, site: str, verdict: Verdict, response: Any) -> bool:
-        """A site refused the proxy: hold the pair.  True when the proxy is now banned by
-        enough sites at once to be benched everywhere (it is probably burned)."""
-        hold, burned = self.sites.refuse(lease.proxy_id, site, verdict, response)
-        with self._lock:
-            self.counters["site_bans" if verdict is Verdict.BAN else "site_cooldowns"] += 1
-        logger.info(
-            "proxy %(proxy)s %(what)s by site %(site)s; back there in %(seconds).1f s%(burned)s",
-            {
-                "proxy": lease.safe_url,
-                "what": "banned" if verdict is Verdict.BAN else "asked to pause",
-                "site": site,
-                "seconds": max(0.0, hold.until - time.time()),
-                "burned": f" (banned by {self.sites.bans_to_bench}+ sites: benched everywhere)" if burned else "",
-            },
-        )
-        return burned
 
     async def report_async(self, lease: ProxyLease, *args: Any, **kwargs: Any) -> Verdict:
         return await bridge.run(self.storage_blocks, lambda: self.report(lease, *args, **kwargs))

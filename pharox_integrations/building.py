@@ -6,6 +6,7 @@ schema itself is `settings.py`.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterable, Mapping
 from importlib import import_module
 from typing import TYPE_CHECKING, Any
@@ -16,6 +17,9 @@ from .errors import ConfigurationError
 from .exchange import mask_credentials
 from .health import HealthPolicy
 from .settings import PharoxSettings, ProxySpec, SettingsSource, parse_proxy
+from .sites import SiteBook, store_for
+
+logger = logging.getLogger("pharox_integrations")
 
 if TYPE_CHECKING:
     from .broker import LeaseBroker
@@ -104,6 +108,33 @@ def ready(obj: Any, path: str | None = None) -> LeaseBroker:
             f"PHAROX_BROKER={shown}: found {type(obj).__name__}; expected a LeaseBroker or a callable returning one"
         )
     return obj
+
+
+def check(*, lease_seconds: int, max_moves: int, acquire_timeout: float) -> None:
+    """`LeaseBroker` arguments a caller may get wrong: one clear line each."""
+    if lease_seconds <= 0:
+        raise ConfigurationError(f"lease_seconds={lease_seconds!r}: expected an integer > 0")
+    if not isinstance(max_moves, int) or max_moves < 0:
+        raise ConfigurationError(f"max_moves={max_moves!r}: expected an integer >= 0")
+    if acquire_timeout < 0:
+        raise ConfigurationError(f"acquire_timeout={acquire_timeout!r}: expected a number >= 0")
+
+
+def site_book(
+    storage: IStorage, policy: HealthPolicy, scope: str, delay: float, bans_to_bench: int, acquire_timeout: float
+) -> SiteBook:
+    """The broker's per-site standing, on the storage's own site store."""
+    try:
+        book = SiteBook(store_for(storage), policy, scope=scope, delay=delay, bans_to_bench=bans_to_bench)
+    except ValueError as exc:
+        raise ConfigurationError(str(exc)) from None
+    if delay > acquire_timeout:
+        logger.warning(
+            "site_delay=%(delay)s s is longer than acquire_timeout=%(timeout)s s: a request to a site whose "
+            "proxies all visited it lately gives up at once instead of waiting for the next polite slot",
+            {"delay": delay, "timeout": acquire_timeout},
+        )
+    return book
 
 
 def storage_blocks(storage: IStorage) -> bool:

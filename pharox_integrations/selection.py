@@ -135,6 +135,27 @@ class Selection:
             delay = min(delay * 2, 0.25)
             yield max(wait, 0.0)
 
+    def nowait(
+        self,
+        pool: str,
+        filters: ProxyFilters | None,
+        protocols: Collection[ProxyProtocol | str] | None,
+        site: str | None,
+    ) -> ProxyLease | None:
+        """The broker's `acquire_nowait`: the first attempt of every common acquire (no
+        session, nothing tried yet), without the waiting generator."""
+        effective = self.effective_filters(filters, protocols)
+        self._ledger.revive_due(pool)
+        if site is not None:  # the site's holds to pass over, a politeness slot to claim
+            self.sites.maintain()
+            return self.try_lease(pool, effective, None, (), site)
+        self.ensure_consumer()
+        try:
+            found = self.take(pool, effective)
+        except ProxyUnavailableError:
+            return None
+        return None if found is None else self._wrap(found, pool, None, None, None)
+
     def try_lease(
         self,
         pool: str,

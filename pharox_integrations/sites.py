@@ -21,6 +21,7 @@ matter (`keep_until`), so the state is bounded by what is in force, not by histo
 from __future__ import annotations
 
 import ipaddress
+import logging
 import re
 import threading
 import time
@@ -38,6 +39,7 @@ from .health import HealthPolicy, Verdict
 SITE_SCOPES = ("domain", "host")
 BAN, COOLDOWN, DELAY = "ban", "cooldown", "delay"
 _PURGE_SECONDS = 60.0
+logger = logging.getLogger("pharox_integrations")
 
 
 class Hold(NamedTuple):
@@ -365,9 +367,12 @@ class SiteBook:
         self._remember(proxy_id, site, Hold(until, DELAY, 0, until))
         return True
 
-    def refuse(self, proxy_id: UUID, site: str, verdict: Verdict, response: Any = None) -> tuple[Hold, bool]:
-        """Hold the pair after a ban or a cool-down answer.  Returns the hold and whether
-        the proxy is now banned by enough sites to be benched everywhere.
+    def refuse(
+        self, proxy_id: UUID, site: str, verdict: Verdict, response: Any = None, proxy: str = "a proxy"
+    ) -> bool:
+        """Hold the pair after a ban or a cool-down answer (`proxy`: its name for the log,
+        without credentials).  Returns whether the proxy is now banned by enough sites at
+        once to be benched everywhere (it is probably burned).
 
         A ban while the pair's ban is still in force (requests that were in flight when
         the first came back) adds no strike; no answer shortens a hold in force, and a
@@ -394,7 +399,17 @@ class SiteBook:
         self.store.put(proxy_id, site, hold)
         self._remember(proxy_id, site, hold)
         burned = kind == BAN and self.store.bans(proxy_id, now) >= self.bans_to_bench
-        return hold, burned
+        logger.info(
+            "proxy %(proxy)s %(what)s by site %(site)s; back there in %(seconds).1f s%(burned)s",
+            {
+                "proxy": proxy,
+                "what": "banned" if verdict is Verdict.BAN else "asked to pause",
+                "site": site,
+                "seconds": until - now,
+                "burned": f" (banned by {self.bans_to_bench}+ sites: benched everywhere)" if burned else "",
+            },
+        )
+        return burned
 
     def _remember(self, proxy_id: UUID, site: str, hold: Hold) -> None:
         if self._mirror is not self.store:
