@@ -2,6 +2,7 @@
 
     python benchmarks/bench_fleet.py            # 1,500 pages per process, median of 3 runs per cell
     python benchmarks/bench_fleet.py --quick    # 300 pages per process, 1 run per cell
+    python benchmarks/bench_fleet.py --blocks   # the SQL rows with PHAROX_LEASE_BLOCKS on
 
 The measurement issue 18 asks for.  Table 1, for K = 1 and 4 crawler processes running
 at once, each crawling `--pages` pages (CONCURRENT_REQUESTS=32 and _PER_DOMAIN=32, no
@@ -167,7 +168,13 @@ def door_child(spec: dict[str, Any]) -> None:
     if spec["storage_url"] == "memory://":
         broker = LeaseBroker.from_proxies(spec["entries"])
     else:
-        broker = LeaseBroker.from_settings({"PHAROX_STORAGE_URL": spec["storage_url"], "PHAROX_POOL": spec["pool"]})
+        broker = LeaseBroker.from_settings(
+            {
+                "PHAROX_STORAGE_URL": spec["storage_url"],
+                "PHAROX_POOL": spec["pool"],
+                "PHAROX_LEASE_BLOCKS": bool(spec.get("blocks")),
+            }
+        )
     url, total = spec["target"] + "/", spec["total"]
     if spec["door"] == "requests":
         from pharox_integrations.requests import pharox_session
@@ -494,7 +501,7 @@ class DoorRun:
 
 def run_door(door: str, storage: str, total: int, target: str, port: int, work: Path, urls: dict[str, str]) -> DoorRun:
     out = Path(tempfile.mkdtemp(dir=work)) / "door.out"
-    spec: dict[str, Any] = {"door": door, "target": target, "total": total}
+    spec: dict[str, Any] = {"door": door, "target": target, "total": total, "blocks": BLOCKS}
     with nullcontext() if storage == "memory" else fresh_pool(urls[storage], port) as pool:
         if storage == "memory":
             spec.update(storage_url="memory://", entries=entries(port, POOL_SIZE))
@@ -538,7 +545,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=None, help="runs per cell (default 3; --quick 1)")
     parser.add_argument("--processes", default="1,4", help="crawler process counts (default 1,4)")
     parser.add_argument("--storages", default=",".join(STORAGES), help="crawl rows (default: all)")
-    parser.add_argument("--blocks", action="store_true", help="crawlers on SQL use PHAROX_LEASE_BLOCKS")
+    parser.add_argument("--blocks", action="store_true", help="the SQL rows (crawls and doors) use PHAROX_LEASE_BLOCKS")
     parser.add_argument("--no-doors", action="store_true", help="leave the requests/httpx table out")
     parser.add_argument("--child", nargs=2, metavar=("KIND", "SPEC"), help=argparse.SUPPRESS)
     args = parser.parse_args()

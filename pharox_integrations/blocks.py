@@ -35,6 +35,8 @@ from pharox import Lease, ProxyFilters, SelectorStrategy
 from .health import BENCHED
 
 _MAINTAIN_SECONDS = 0.05
+_BATCH_SECONDS = 0.25  # releases written together at most this often...
+_BATCH_MAX = 16  # ...unless this many wait
 logger = logging.getLogger("pharox_integrations")
 
 
@@ -68,7 +70,7 @@ class LeaseBlock:
         benched_now: Callable[[UUID], bool],
         *,
         idle_seconds: float = 0.25,
-        max_age: float = 2.0,
+        max_age: float = 5.0,
         status_seconds: float = 1.0,
         spread: int = 8,
     ) -> None:
@@ -91,6 +93,7 @@ class LeaseBlock:
         self._timer: threading.Timer | None = None  # gives idle slots back when requests stop
         now = time.monotonic()
         self._next_maintain = now + _MAINTAIN_SECONDS
+        self._next_batch = now
         self._next_renew = now + lease_seconds / 3
         self._next_status = now + status_seconds
         self.counters = {"slots_taken": 0, "slots_lent": 0, "slots_released": 0, "release_batches": 0}
@@ -186,9 +189,18 @@ class LeaseBlock:
             self._next_maintain = now + _MAINTAIN_SECONDS
             while self._free and (now - self._free[0].used >= self.idle_seconds or now < self._contended_until):
                 self._to_release.append(self._free.popleft().lease)
-            # Slots idle behind a busier one: the deque is in give-back order, so only
-            # the head needs a look, except when a benched proxy must go.
-            releasing, self._to_release = self._to_release, []
+            # The deque is in give-back order: only its head can have been idle longest.
+            # Releases go in batches, at most every `_BATCH_SECONDS` (sooner when many wait
+            # or the pool is contended: another process may be waiting for them).
+            releasing: list[Lease] = []
+            if self._to_release and (
+                force
+                or now >= self._next_batch
+                or len(self._to_release) >= _BATCH_MAX
+                or now < self._contended_until
+            ):
+                releasing, self._to_release = self._to_release, []
+                self._next_batch = now + _BATCH_SECONDS
             renew = now >= self._next_renew
             if renew:
                 self._next_renew = now + self.lease_seconds / 3
