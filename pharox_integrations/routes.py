@@ -108,13 +108,22 @@ class RouteCache(Mapping[K, T]):
                 return None
         return route.value
 
-    def drain(self) -> list[T]:
+    def drain(self, *, spare_in_use: bool = False) -> list[T]:
         """Empty the cache; every cached value, for closing the door.  Routes evicted
-        earlier and still in use come back from their last `checkin` as usual."""
+        earlier and still in use come back from their last `checkin` as usual.
+
+        `spare_in_use`: routes in use now are left out too, and come back from their last
+        `checkin` (as evicted ones do), for a door that stays open after a clear (urllib3's
+        `clear()`): closing a pool under a request in flight would fail that request.
+        """
         with self._lock:
-            values = [route.value for route in self._routes.values()]
+            routes = list(self._routes.values())
             self._routes.clear()
-        return values
+            if spare_in_use:
+                for route in routes:
+                    route.evicted = True
+                routes = [route for route in routes if not route.users]
+        return [route.value for route in routes]
 
     @property
     def in_use(self) -> int:

@@ -7,15 +7,26 @@ Code that holds ``urllib3.ProxyManager("http://proxy:3128")`` switches to
     with PharoxProxyManager(broker, headers={"User-Agent": "shop-bot"}) as http:
         r = http.request("GET", "https://example.com/")
 
-How it is built: while a request is sent, the manager *is* urllib3's `ProxyManager`
-for the proxy leased on this thread (`proxy` names it; a SOCKS proxy makes it a
-`SOCKSProxyManager`).  Each send calls up to `ProxyManager.urlopen` with
-``redirect=False``, so urllib3 itself adds the forwarding headers, picks the absolute
-URL or the tunnel, keys and builds the pools (`connection_from_host`, `_new_pool`);
-the hooks only add the leased proxy's pool arguments (`_proxy`, `_proxy_headers`,
-`_proxy_config` or `_socks_options`).  Every pool lives in this manager's single
-`pools` LRU, so `num_pools` bounds the pools across all proxies; an evicted pool is
-closed once no request uses it (a response still streaming keeps its connection).
+How it is built: each hop of a request is sent as `ProxyManager.urlopen` sends it (the
+absolute URL and `Accept`/`Host` to a forwarding proxy, the path through a tunnel or
+SOCKS), through the pools urllib3's own `_merge_pool_kwargs` and `_new_pool` build with
+the leased proxy's pool arguments (`_proxy`, `_proxy_headers`, `_proxy_config`, or
+`_socks_options` for a SOCKS proxy), and the pool's own `urlopen`.
+
+Pools are kept in a `RouteCache` (routes.py, shared by every door) under this door's
+own key (the proxy's URL, plus the target for a tunnel or SOCKS), not through urllib3's
+`connection_from_host` and its pool key, because that is what rotation pays for on
+every request.  Measured with ``bench_urllib3.py --stub-io`` (no sockets, so the
+client's own CPU shows): urllib3's key normaliser alone costs ~9 µs a request, hit or
+miss (10 entries: 0.80x plain rotation instead of 1.05x); over 10,000 entries every
+request is its proxy's first visit, and the former path through urllib3's lookup (with
+per-proxy argument caches and in-use counts beside it) cost 137 µs a request against
+110 µs now, plain rotation 80-90 µs (what is left over rotation is mostly the lease
+and its report).
+`num_pools` bounds the pools across all proxies; the cache counts the requests using
+each pool, so an evicted pool is closed once no request uses it (closing it between
+"get a pool" and "get a connection" fails that request, urllib3 issue #1252; a
+response still streaming keeps its connection either way).
 
 The request's life cycle is the core's `Exchange`, the same in every door: a ban or a
 proxy failure (refused connection, failed tunnel, 407) moves the request to another
@@ -28,7 +39,8 @@ Redirects follow urllib3's `PoolManager` rules (303 turns into GET without a bod
 unsafe headers dropped across hosts, `Retry` counts them), and every hop leases,
 reports and releases its own proxy.  The door walks the chain itself rather than
 through `PoolManager.urlopen`'s redirect tail: that tail calls `urlopen` again while
-the first hop's proxy is still held and unjudged, and sends the first hop's `Host`
+the first hop's proxy is still held and unjudged (a pool of one proxy would wait for
+itself, and a redirect to a ban page could not move), and sends the first hop's `Host`
 to the next host.
 """
 
@@ -44,6 +56,7 @@ import weakref
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from functools import partial
+from types import SimpleNamespace
 from typing import Any, Literal
 from urllib.parse import urljoin
 
@@ -51,18 +64,20 @@ import urllib3
 from pharox import ProxyFilters, ProxyProtocol
 from urllib3 import HTTPHeaderDict
 from urllib3.connection import ProxyConfig
-from urllib3.connectionpool import HTTPConnectionPool
+from urllib3.connectionpool import HTTPConnectionPool, port_by_scheme
 from urllib3.exceptions import (
     HTTPError,
+    LocationValueError,
     MaxRetryError,
     ProtocolError,
     ProxyError,
     ReadTimeoutError,
     ResponseError,
     SSLError,
+    URLSchemeUnknown,
 )
-from urllib3.poolmanager import PoolKey
 from urllib3.response import BaseHTTPResponse
+from urllib3.util.proxy import connection_requires_http_tunnel
 from urllib3.util.retry import Retry
 from urllib3.util.timeout import Timeout
 from urllib3.util.url import Url, parse_url
@@ -71,37 +86,19 @@ from .broker import HTTP_PROTOCOLS, LeaseBroker, ProxyLease
 from .errors import AllProxiesFailed, NoProxyAvailable, PharoxIntegrationError, ProxyAuthenticationFailed, ReportFailed
 from .exchange import DoorErrors, Exchange, Step, describe_error, moves_keyword
 from .health import Verdict
-from .routes import CLOSER
+from .routes import CLOSER, Route, RouteCache
 
 __all__ = [
-    "AllProxiesFailedError",
-    "LeaseFailedError",
-    "NoProxyAvailableError",
-    "PharoxProxyManager",
-    "PharoxUrllib3Error",
-    "ProxyAuthenticationFailedError",
-    "ProxyNotLeasedError",
-    "ReportFailedError",
+    "AllProxiesFailedError", "LeaseFailedError", "NoProxyAvailableError", "PharoxProxyManager", "PharoxUrllib3Error",
+    "ProxyAuthenticationFailedError", "ProxyNotLeasedError", "ReportFailedError",
 ]
 
 logger = logging.getLogger("pharox_integrations.urllib3")
 
-_SOCKS = frozenset({ProxyProtocol.SOCKS4, ProxyProtocol.SOCKS5})
 _SOCKS_VERSIONS = {ProxyProtocol.SOCKS4: 1, ProxyProtocol.SOCKS5: 2}  # PySocks' PROXY_TYPE_SOCKS4 / 5
-# RFC 9110 15.4.4: a 303 turns the request into a GET without a body, so the headers
-# that describe that body go too (the same list as urllib3's PoolManager).
-_BODY_HEADERS = (
-    "Content-Encoding",
-    "Content-Language",
-    "Content-Location",
-    "Content-Type",
-    "Content-Length",
-    "Digest",
-    "Last-Modified",
-    "Transfer-Encoding",
-)
 # What urllib3 raises from `read()` when the connection under a streamed body breaks.
 _READ_ERRORS = (ProtocolError, ReadTimeoutError)
+_PoolKey = tuple[Any, ...]
 
 
 # ---------------------------------------------------------------------------- errors
@@ -145,7 +142,7 @@ class AllProxiesFailedError(AllProxiesFailed, MaxRetryError):
         self.url: str | None = None
         self.reason: Exception | None = None
 
-    def __reduce__(self) -> tuple[Any, ...]:
+    def __reduce__(self) -> tuple[Any, ...]:  # MaxRetryError's would rebuild it as (pool, url, reason)
         return (type(self), (self.attempts, str(self)), dict(self.__dict__))
 
 
@@ -165,12 +162,10 @@ _ERRORS = DoorErrors(
 def _raised(ex: Exchange, url: str, cause: BaseException | None) -> BaseException:
     """The error the core chose on Step.RAISE, with urllib3's `MaxRetryError` fields set."""
     error = ex.error
-    if error is None:  # pragma: no cover - the core always sets it with Step.RAISE
-        raise RuntimeError("Exchange said RAISE without an error")
+    assert error is not None, "the core sets the error with Step.RAISE"
     if isinstance(error, AllProxiesFailedError):
         reason = cause.reason if isinstance(cause, MaxRetryError) else cause
-        error.url = url
-        error.reason = reason if isinstance(reason, Exception) else None
+        error.url, error.reason = url, reason if isinstance(reason, Exception) else None
         if isinstance(error, ProxyError) and error.reason is not None:
             error.original_error = error.reason
     return error
@@ -186,20 +181,16 @@ def _verdict_for(error: Exception) -> Verdict | None:
       failed TLS handshake with the proxy itself in `ProxyError`.
     """
     reason = error.reason if isinstance(error, MaxRetryError) else error
-    if isinstance(reason, ResponseError):
-        return Verdict.TARGET_ERROR
-    if isinstance(reason, SSLError) and not isinstance(reason, ProxyError):
+    if isinstance(reason, ResponseError) or (isinstance(reason, SSLError) and not isinstance(reason, ProxyError)):
         return Verdict.TARGET_ERROR
     return None
 
 
 def _connect_timeout(timeout: Any) -> float | None:
-    """The connect part of a urllib3 timeout (a `Timeout` or a number), None when not set."""
-    if isinstance(timeout, Timeout):
-        timeout = timeout.connect_timeout
-    if isinstance(timeout, (int, float)) and not isinstance(timeout, bool):
-        return float(timeout)
-    return None
+    """The connect part of a urllib3 timeout (a `Timeout` or a number), None when not set:
+    waiting for a proxy is part of connecting."""
+    value = timeout.connect_timeout if isinstance(timeout, Timeout) else timeout
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
 
 
 # ---------------------------------------------------------------------------- responses
@@ -249,52 +240,42 @@ def _discard(response: BaseHTTPResponse) -> None:
 # ---------------------------------------------------------------------------- hops
 
 
-def _socks_pool_classes() -> dict[str, type]:
-    """Imported on first use so the door imports without PySocks (the `socks` extra)."""
-    from urllib3.contrib.socks import SOCKSProxyManager
-
-    return SOCKSProxyManager.pool_classes_by_scheme
-
-
 class _Hop:
-    """One proxy carrying one hop of a request on this thread, and its pool arguments."""
+    """One proxy carrying a hop of a request (or a `leased()` block) on this thread, and
+    the pools it took: in use, so never closed under it, until the hop ends."""
 
-    __slots__ = ("lease", "pool_kw", "pools", "proxy")
+    __slots__ = ("lease", "manager", "routes")
 
-    def __init__(self, lease: ProxyLease, manager: PharoxProxyManager) -> None:
+    def __init__(self, manager: PharoxProxyManager, lease: ProxyLease) -> None:
+        self.manager = manager
         self.lease = lease
-        self.pools: list[HTTPConnectionPool] = []  # in use until the hop ends
-        # What urllib3's ProxyManager / SOCKSProxyManager give their pools for this proxy,
-        # made once per proxy (a URL parse and a Basic token per request cost ~10 us).
-        made = manager._hop_kw.get(lease.url)
-        if made is None:
-            made = _pool_kw_for(lease, manager)
-            if len(manager._hop_kw) >= _HOP_KW_KEPT:
-                manager._hop_kw.clear()
-            manager._hop_kw[lease.url] = made
-        self.proxy, self.pool_kw = made
+        self.routes: list[Route[_PoolKey, HTTPConnectionPool]] = []
+
+    def __enter__(self) -> _Hop:
+        self.manager._local.hops.append(self)
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.manager._local.hops.remove(self)
+        for route in self.routes:
+            idle = self.manager._routes.checkin(route)
+            if idle is not None:  # evicted while this hop used it
+                CLOSER.put(idle.close)
 
 
-_HOP_KW_KEPT = 100_000  # one per proxy, as the broker keeps its per-proxy state
+class _Pools(RouteCache[_PoolKey, HTTPConnectionPool]):
+    """The door's pools, also shown the way urllib3's `RecentlyUsedContainer` shows them
+    (`_container`, least recently used first): code written for `ProxyManager.pools`,
+    urllib3's own proxy tests included, reads that."""
+
+    @property
+    def _container(self) -> dict[_PoolKey, HTTPConnectionPool]:
+        return dict(self.items())
 
 
-def _pool_kw_for(lease: ProxyLease, manager: PharoxProxyManager) -> tuple[Url | None, dict[str, Any]]:
-    if lease.protocol in _SOCKS:  # what SOCKSProxyManager gives its pools
-        return None, {
-            "_socks_options": {
-                "socks_version": _SOCKS_VERSIONS[lease.protocol],
-                "proxy_host": lease.host,
-                "proxy_port": lease.port,
-                "username": lease.username,
-                "password": lease.password,
-                "rdns": False,
-            }
-        }
-    proxy = parse_url(lease.safe_url)  # what ProxyManager gives its pools
-    proxy_headers = dict(manager.proxy_headers)
-    if lease.proxy_authorization is not None:
-        proxy_headers["Proxy-Authorization"] = lease.proxy_authorization
-    return proxy, {"_proxy": proxy, "_proxy_headers": proxy_headers, "_proxy_config": manager.proxy_config}
+class _Hops(threading.local):
+    def __init__(self) -> None:
+        self.hops: list[_Hop] = []  # innermost last: a request inside a `leased()` block
 
 
 # ---------------------------------------------------------------------------- manager
@@ -306,8 +287,9 @@ class PharoxProxyManager(urllib3.ProxyManager):
     Takes the arguments of `urllib3.ProxyManager`, with `broker` in place of the proxy
     URL, plus:
 
-    - `max_moves`: how many other proxies a request banned (403/429 by default) or
-      failed by its proxy may move to (default: the broker's, `PHAROX_MAX_MOVES`);
+    - `max_moves`: how many other proxies a request the site refuses (a 403 ban, a 429
+      cool-down by default) or its proxy fails may move to (default: the broker's,
+      `PHAROX_MAX_MOVES`);
       `proxy_retries` is its old name.  A body that cannot be sent again (a generator,
       a non-seekable stream) never moves; a seekable one is rewound.
     - `pool`, `filters`, `session`: what to lease (defaults: the broker's).
@@ -348,19 +330,12 @@ class PharoxProxyManager(urllib3.ProxyManager):
                 FutureWarning,
                 stacklevel=2,
             )
-            if proxy_ssl_context is None:
-                self.proxy_ssl_context = connection_pool_kw["ssl_context"]
-        self._local = threading.local()
+            self.proxy_ssl_context = proxy_ssl_context or connection_pool_kw["ssl_context"]
         # Not ProxyManager.__init__: it wants one fixed proxy URL.  The per-proxy
-        # arguments it would store in `connection_pool_kw` come from each hop instead.
+        # arguments it would store in `connection_pool_kw` are added per pool instead.
         urllib3.PoolManager.__init__(self, num_pools, headers, **connection_pool_kw)
-        # Evicted pools are closed, but never under a request still using them (a
-        # pool closed between `connection_from_*` and getting a connection raises
-        # ClosedPoolError, urllib3 issue #1252): pools in use are counted per hop.
-        self.pools.dispose_func = self._dispose
-        self._in_use: dict[HTTPConnectionPool, int] = {}
-        self._evicted: set[HTTPConnectionPool] = set()
-        self._close_inline = False  # clear() closes at once; evictions close on the closer thread
+        self._routes = _Pools(num_pools, setting="num_pools")
+        self.pools = self._routes  # type: ignore[assignment]  # what users count and read
         self.proxy_headers = dict(proxy_headers or {})
         self.proxy_config = ProxyConfig(
             proxy_ssl_context, use_forwarding_for_https, proxy_assert_hostname, proxy_assert_fingerprint
@@ -372,18 +347,15 @@ class PharoxProxyManager(urllib3.ProxyManager):
         self._socks = importlib.util.find_spec("socks") is not None
         # None (no restriction) rather than ALL_PROTOCOLS keeps the storages' fast path.
         self.protocols = None if self._socks else HTTP_PROTOCOLS
+        self._local = _Hops()
         self._lock = threading.Lock()
         # This manager's exchanges not yet closed: True for those a streamed body holds.
         self._open: dict[Exchange, bool] = {}
-        self._hop_kw: dict[str, tuple[Url | None, dict[str, Any]]] = {}  # per proxy URL, see _Hop
-        self._pool_keys: dict[tuple[str, str | None, str | None, int | None], tuple[PoolKey, dict[str, Any]]] = {}
         CLOSER.start()
 
     # ------------------------------------------------------------------ urllib3 surface
 
-    def urlopen(  # type: ignore[override]
-        self, method: str, url: str, redirect: bool = True, **kw: Any
-    ) -> BaseHTTPResponse:
+    def urlopen(self, method: str, url: str, redirect: bool = True, **kw: Any) -> BaseHTTPResponse:  # type: ignore[override]
         """`urllib3.ProxyManager.urlopen` through leased proxies (``url`` must be absolute)."""
         while True:
             response, follow = self._exchange(method, url, redirect, kw)
@@ -394,21 +366,10 @@ class PharoxProxyManager(urllib3.ProxyManager):
     @property
     def proxy(self) -> Url | None:  # type: ignore[override]
         """The HTTP(S) proxy leased on this thread (None outside a request, or for SOCKS)."""
-        stack = self._stack()
-        return stack[-1].proxy if stack else None
-
-    @property
-    def pool_classes_by_scheme(self) -> dict[str, type]:
-        """urllib3's pool classes, or SOCKSProxyManager's while a SOCKS proxy is leased here
-        (`_new_pool` builds a pool with them)."""
-        stack = self._stack()
-        if stack and stack[-1].proxy is None:
-            return _socks_pool_classes()
-        return self._pool_classes
-
-    @pool_classes_by_scheme.setter
-    def pool_classes_by_scheme(self, classes: dict[str, type]) -> None:
-        self._pool_classes = classes
+        hops = self._local.hops
+        if not hops or hops[-1].lease.protocol in _SOCKS_VERSIONS:
+            return None
+        return parse_url(hops[-1].lease.safe_url)
 
     def connection_from_host(
         self,
@@ -417,42 +378,48 @@ class PharoxProxyManager(urllib3.ProxyManager):
         scheme: str | None = "http",
         pool_kwargs: dict[str, Any] | None = None,
     ) -> HTTPConnectionPool:
-        """The pool for `host` through the proxy leased on this thread (see `leased()`)."""
-        hop = self._current_hop()
-        kwargs = {**hop.pool_kw, **pool_kwargs} if pool_kwargs else hop.pool_kw
-        if hop.proxy is None:  # SOCKS: a SOCKSProxyManager is a plain PoolManager
-            return urllib3.PoolManager.connection_from_host(self, host, port, scheme, pool_kwargs=kwargs)
-        return super().connection_from_host(host, port, scheme, pool_kwargs=kwargs)
+        """The pool for `host` through the proxy leased on this thread (see `leased()`).
 
-    def connection_from_context(self, request_context: dict[str, Any]) -> HTTPConnectionPool:
-        """Like `connection_from_host`, from urllib3's request-context dict."""
-        if "_proxy" in request_context or "_socks_options" in request_context:  # from connection_from_host
-            return super().connection_from_context(request_context)
-        context = dict(request_context)  # a caller's own context: route it through the proxy
+        Picked as `ProxyManager` picks it: a target reached through the proxy's own
+        connection (plain HTTP through an HTTP(S) proxy) shares the proxy's pool.
+        """
+        if not self._local.hops:
+            raise ProxyNotLeasedError(
+                "no proxy is leased on this thread: use request()/urlopen(), or call connection_from_* inside "
+                "`with manager.leased():`"
+            )
+        hop = self._local.hops[-1]
+        if not host:
+            raise LocationValueError("No host specified.")
+        scheme = (scheme or "http").lower()
+        if scheme not in port_by_scheme:
+            raise URLSchemeUnknown(scheme)
+        lease = hop.lease
+        key: _PoolKey = (lease.url,)  # forwarded: the pool connects to the proxy itself
+        if scheme == "https" or lease.protocol in _SOCKS_VERSIONS:
+            key = (lease.url, scheme, host.lower(), port or port_by_scheme[scheme])
+        if pool_kwargs:
+            key += (repr(sorted(pool_kwargs.items())),)
+        route, stale = self._routes.checkout(key, partial(self._new_proxy_pool, lease, scheme, host, port, pool_kwargs))
+        for evicted in stale:
+            CLOSER.put(evicted.close)  # off the request path: closing a socket waits for the proxy
+        hop.routes.append(route)
+        return route.value
+
+    def connection_from_pool_key(self, pool_key: Any, request_context: dict[str, Any]) -> HTTPConnectionPool:
+        """Where urllib3's `connection_from_context` ends: pools are keyed by proxy and target
+        here, so `pool_key` is not used; the context says which pool."""
+        context = dict(request_context)
         host, port, scheme = context.pop("host", None), context.pop("port", None), context.pop("scheme", "http")
         return self.connection_from_host(host, port, scheme, pool_kwargs=context)
-
-    def connection_from_pool_key(self, pool_key: PoolKey, request_context: dict[str, Any]) -> HTTPConnectionPool:
-        """urllib3's pool for `pool_key`, counted in use until this thread's hop ends."""
-        hop = self._current_hop()
-        self._local.keyed = (pool_key, dict(request_context))  # for `_pool` (urllib3 pops from the context)
-        with self.pools.lock:  # also serialises eviction (`_dispose`) and the in-use counts
-            pool = super().connection_from_pool_key(pool_key, request_context)
-            self._in_use[pool] = self._in_use.get(pool, 0) + 1
-        hop.pools.append(pool)
-        return pool
 
     def clear(self) -> None:
         """Close every pool and release the leases streamed responses still hold.
 
         Requests in flight on other threads keep their pools until they finish.
         """
-        with self.pools.lock:  # holding it keeps other threads' evictions out of the inline mode
-            self._close_inline = True
-            try:
-                super().clear()
-            finally:
-                self._close_inline = False
+        for pool in self._routes.drain(spare_in_use=True):
+            pool.close()
         with self._lock:
             streams = [ex for ex, streaming in self._open.items() if streaming]
         for ex in streams:  # requests in flight release their own leases
@@ -474,26 +441,21 @@ class PharoxProxyManager(urllib3.ProxyManager):
         ex = self._open_exchange(url, None, None)
         try:
             lease = self._lease(ex)
-            hop = _Hop(lease, self)
-            stack = self._stack()
-            stack.append(hop)
-            try:
-                yield lease
-            except Exception as exc:
-                if not lease.reported:
-                    self.broker.report(lease, error=exc)
-                raise
-            finally:
-                stack.remove(hop)
-                self._done_with(hop)
+            with _Hop(self, lease):
+                try:
+                    yield lease
+                except Exception as exc:
+                    if not lease.reported:
+                        self.broker.report(lease, error=exc)
+                    raise
         finally:
             self._end(ex)
 
     @property
     def current_lease(self) -> ProxyLease | None:
         """The lease carrying this thread's request in progress (or `leased()` block)."""
-        stack = self._stack()
-        return stack[-1].lease if stack else None
+        hops = self._local.hops
+        return hops[-1].lease if hops else None
 
     @property
     def held(self) -> int:
@@ -524,59 +486,44 @@ class PharoxProxyManager(urllib3.ProxyManager):
                     # Judged outside the `except`: a report failing there would carry the
                     # send's error as its context and be described as that error.
                     step = ex.failed(failure, verdict=_verdict_for(failure))
-                    if step is Step.RESEND:
-                        continue
-                    if step is Step.MOVE:
-                        lease = self._lease(ex)
-                        continue
-                    error = _raised(ex, url, failure)
-                    if error is failure:
-                        raise failure
-                    raise error from failure
-                try:
-                    follow, too_many = None, None
-                    if redirect and response.get_redirect_location():
-                        try:
-                            follow = self._redirect(pool, method, url, response, kw)
-                        except MaxRetryError as exc:  # out of redirects: raised once this hop is judged
-                            too_many = exc
-                    last = follow is None and too_many is None
-                    streaming = last and not kw.get("preload_content", True) and response.connection is not None
-                    step = ex.answered(response.status, response, streaming=streaming)
-                except BaseException:
+                    if step is Step.RAISE:
+                        error = _raised(ex, url, failure)
+                        if error is failure:
+                            raise failure
+                        raise error from failure
+                else:
+                    try:
+                        follow = self._redirect(pool, method, url, response, kw) if redirect else None
+                        streaming = not (follow or kw.get("preload_content", True)) and response.connection is not None
+                        step = ex.answered(response.status, response, streaming=streaming)
+                    except BaseException:
+                        _discard(response)
+                        raise
+                    if step is Step.RETURN:
+                        if follow is not None:
+                            response.drain_conn()
+                            if isinstance(follow, MaxRetryError):  # out of redirects, raised once judged
+                                raise follow
+                        elif streaming:
+                            _bind_lease(response, partial(self._end, ex))
+                            with self._lock:
+                                self._open[ex] = True
+                            streamed = True
+                        return response, follow
                     _discard(response)
-                    raise
-                if step is not Step.RETURN:
-                    _discard(response)
-                    if step is Step.MOVE:
-                        lease = self._lease(ex)
-                        continue
-                    raise _raised(ex, url, None)
-                if not last:
-                    response.drain_conn()
-                    if too_many is not None:
-                        raise too_many
-                elif streaming:
-                    _bind_lease(response, lambda error: self._end(ex, error))
-                    with self._lock:
-                        self._open[ex] = True
-                    streamed = True
-                return response, follow
+                    if step is Step.RAISE:
+                        raise _raised(ex, url, None)
+                if step is Step.MOVE:
+                    lease = self._lease(ex)
+                # Step.RESEND: the same lease again, on a fresh connection
         finally:
             if not streamed:
                 self._end(ex)
 
     def _open_exchange(self, url: str | None, body: Any, timeout: Any) -> Exchange:
         ex = self.broker.exchange(
-            url,
-            pool=self.lease_pool,
-            filters=self.lease_filters,
-            session=self.lease_session,
-            protocols=self.protocols,
-            max_moves=self.max_moves,
-            body=body,
-            timeout=_connect_timeout(timeout),
-            errors=_ERRORS,
+            url, pool=self.lease_pool, filters=self.lease_filters, session=self.lease_session, protocols=self.protocols,
+            max_moves=self.max_moves, body=body, timeout=_connect_timeout(timeout), errors=_ERRORS,
         )
         with self._lock:
             self._open[ex] = False
@@ -593,89 +540,73 @@ class PharoxProxyManager(urllib3.ProxyManager):
         try:
             return ex.lease()
         except NoProxyAvailableError as exc:
-            if self._socks or not exc.counts.get("wrong_protocol"):
-                raise
-            raise NoProxyAvailableError(
-                f"{exc}; SOCKS proxies need the socks extra: pip install 'pharox-integrations[socks]'",
-                pool=exc.pool,
-                filters=exc.filters,
-                counts=exc.counts,
-                next_revival_in=exc.next_revival_in,
-            ) from None
-        except HTTPError:
+            if not self._socks and exc.counts.get("wrong_protocol"):
+                exc.args = (f"{exc}; SOCKS proxies need the socks extra: pip install 'pharox-integrations[socks]'",)
             raise
-        except Exception as exc:
+        except Exception as exc:  # the storage failed, the broker is closed: still an HTTPError
             pool = self.lease_pool or self.broker.pool
             raise LeaseFailedError(f"could not lease a proxy from pool {pool!r}: {describe_error(exc)}") from exc
 
     def _send(
         self, lease: ProxyLease, method: str, url: str, kw: dict[str, Any]
     ) -> tuple[HTTPConnectionPool, BaseHTTPResponse]:
-        """One hop through `lease`, as `ProxyManager.urlopen` and `PoolManager.urlopen`
-        send it (redirects left to us), through their hooks: `connection_from_host` picks
-        the pool, `_proxy_requires_url_absolute_form` the form of the URL.
-
-        Written out rather than calling up to `urlopen`: the two urlopens and
-        `_set_proxy_headers` parse the URL three more times per request, which measured
-        +45 us CPU per request (0.82x plain rotation instead of 0.99x, bench_urllib3)."""
-        hop = _Hop(lease, self)
-        stack = self._stack()
-        stack.append(hop)
-        try:
-            target = parse_url(url)
-            if target.scheme is None:
-                warnings.warn(
-                    "URLs without a scheme are deprecated in urllib3 and will raise an error in urllib3 v3.0; "
-                    "start the URL with 'http://' or 'https://'",
-                    FutureWarning,
-                    stacklevel=4,
-                )
-            pool = self._pool(hop, target)
+        """One hop through `lease`, as `ProxyManager.urlopen` sends it, redirects left to us."""
+        target = parse_url(url)
+        if target.scheme is None:  # as urllib3 warns, pointing at the caller of urlopen()
+            message = "URLs without a scheme are deprecated in urllib3 and will raise an error in urllib3 v3.0"
+            warnings.warn(f"{message}; start the URL with 'http://' or 'https://'", FutureWarning, stacklevel=4)
+        with _Hop(self, lease):
+            pool = self.connection_from_host(target.host, target.port, target.scheme)
             send = dict(kw, assert_same_host=False, redirect=False)
-            headers = kw.get("headers", self.headers)
-            if self._proxy_requires_url_absolute_form(target):
-                # The proxy gets the absolute URL (no fragment) and the headers
-                # `ProxyManager._set_proxy_headers` adds; the pool adds the proxy's own.
-                send["headers"] = {"Accept": "*/*", **({"Host": target.netloc} if target.netloc else {}), **headers}
-                return pool, pool.urlopen(method, target._replace(fragment=None).url, **send)
-            send["headers"] = headers
-            return pool, pool.urlopen(method, target.request_uri, **send)
-        finally:
-            stack.pop()
-            self._done_with(hop)
+            send["headers"] = kw.get("headers", self.headers)
+            if pool.proxy is None or connection_requires_http_tunnel(pool.proxy, pool.proxy_config, target.scheme):
+                return pool, pool.urlopen(method, target.request_uri, **send)
+            # Forwarded: the proxy gets the absolute URL (no fragment) and the headers
+            # `ProxyManager._set_proxy_headers` adds, written out because that hook parses
+            # the URL once more (~4 us a request); the pool adds the proxy's own headers.
+            send["headers"] = {"Accept": "*/*", **({"Host": target.netloc} if target.netloc else {}), **send["headers"]}
+            return pool, pool.urlopen(method, target._replace(fragment=None).url, **send)
 
-    def _pool(self, hop: _Hop, target: Url) -> HTTPConnectionPool:
-        """`connection_from_host` for this hop's target, with urllib3's pool key built once
-        per (proxy, scheme, host, port): its key normalizer cost ~10 us a request."""
-        memo = (hop.lease.url, target.scheme, target.host, target.port)
-        keyed = self._pool_keys.get(memo)
-        if keyed is not None:
-            return self.connection_from_pool_key(keyed[0], dict(keyed[1]))
-        self._local.keyed = None
-        pool = self.connection_from_host(target.host, port=target.port, scheme=target.scheme)
-        if self._local.keyed is not None:
-            if len(self._pool_keys) >= _HOP_KW_KEPT:
-                self._pool_keys.clear()
-            self._pool_keys[memo] = self._local.keyed
-        return pool
+    def _new_proxy_pool(
+        self, lease: ProxyLease, scheme: str, host: str, port: int | None, pool_kwargs: dict[str, Any] | None
+    ) -> HTTPConnectionPool:
+        """A pool through `lease`'s proxy, with the arguments `ProxyManager` (or
+        `SOCKSProxyManager`) gives its pools, built by urllib3's `_new_pool`."""
+        context = self._merge_pool_kwargs(pool_kwargs)
+        port = port or port_by_scheme[scheme]
+        if lease.protocol in _SOCKS_VERSIONS:
+            context["_socks_options"] = dict(
+                socks_version=_SOCKS_VERSIONS[lease.protocol], proxy_host=lease.host, proxy_port=lease.port,
+                username=lease.username, password=lease.password, rdns=False,
+            )
+            return urllib3.PoolManager._new_pool(_socks_pools(), scheme, host, port, context)  # type: ignore[arg-type]
+        proxy = parse_url(lease.safe_url)
+        context["_proxy"] = proxy
+        context["_proxy_headers"] = dict(self.proxy_headers)
+        if lease.proxy_authorization is not None:
+            context["_proxy_headers"]["Proxy-Authorization"] = lease.proxy_authorization
+        context["_proxy_config"] = self.proxy_config
+        if scheme != "https":  # forwarded: to the proxy, as ProxyManager.connection_from_host does
+            scheme, host, port = proxy.scheme or "http", proxy.host or host, proxy.port or port
+        return self._new_pool(scheme, host, port, context)
 
     def _redirect(
         self, pool: HTTPConnectionPool, method: str, url: str, response: BaseHTTPResponse, kw: dict[str, Any]
-    ) -> tuple[str, str, dict[str, Any]] | None:
+    ) -> tuple[str, str, dict[str, Any]] | MaxRetryError | None:
         """Where urllib3's `PoolManager.urlopen` would go next: (method, URL, arguments), or
-        None to return `response` (redirects exhausted without raising).  Raises urllib3's
-        `MaxRetryError` when `Retry` says so.  Reads nothing: the caller drains."""
-        location = urljoin(url, response.get_redirect_location() or "")
+        None to return `response` (not a redirect, or redirects exhausted without raising),
+        or the `MaxRetryError` to raise once the hop is judged.  Reads nothing: the caller
+        drains."""
+        location = response.get_redirect_location()
+        if not location:
+            return None
+        location = urljoin(url, location)
         kw = dict(kw)
         headers = kw.get("headers", self.headers)
-        if response.status == 303:
+        if response.status == 303:  # RFC 9110 15.4.4: a GET, without the body or what describes it
             method = "GET"
-            kw["body"] = None
-            kw["chunked"] = False
-            kw["body_pos"] = None
-            headers = HTTPHeaderDict(headers)
-            for name in _BODY_HEADERS:
-                headers.discard(name)
+            kw.update(body=None, chunked=False, body_pos=None)
+            headers = HTTPHeaderDict(headers)._prepare_for_method_change()
         retries = kw.get("retries", response.retries)
         if not isinstance(retries, Retry):
             retries = Retry.from_int(retries, redirect=True)
@@ -687,49 +618,15 @@ class PharoxProxyManager(urllib3.ProxyManager):
             headers = kept
         try:
             retries = retries.increment(method, url, response=response, _pool=pool)
-        except MaxRetryError:
-            if retries.raise_on_redirect:
-                raise
-            return None
-        kw["retries"] = retries
-        kw["headers"] = headers
+        except MaxRetryError as exc:
+            return exc if retries.raise_on_redirect else None
+        kw.update(retries=retries, headers=headers)
         return method, location, kw
 
-    # ------------------------------------------------------------------ pools in use
 
-    def _stack(self) -> list[_Hop]:
-        stack: list[_Hop] | None = getattr(self._local, "hops", None)
-        if stack is None:
-            stack = self._local.hops = []
-        return stack
+def _socks_pools() -> SimpleNamespace:
+    """What `PoolManager._new_pool` reads of `SOCKSProxyManager`: its pool classes.
+    Imported on first use, so the door imports without PySocks (the `socks` extra)."""
+    from urllib3.contrib.socks import SOCKSProxyManager
 
-    def _current_hop(self) -> _Hop:
-        stack = self._stack()
-        if not stack:
-            raise ProxyNotLeasedError(
-                "no proxy is leased on this thread: use request()/urlopen(), or call "
-                "connection_from_* inside `with manager.leased():`"
-            )
-        return stack[-1]
-
-    def _dispose(self, pool: HTTPConnectionPool) -> None:
-        """LRU eviction or `clear()`: close the pool, or once its last request ends."""
-        with self.pools.lock:
-            if self._in_use.get(pool):
-                self._evicted.add(pool)
-            elif self._close_inline:
-                pool.close()
-            else:
-                CLOSER.put(pool.close)
-
-    def _done_with(self, hop: _Hop) -> None:
-        """The hop's pools are one user less; an evicted one left idle goes to the closer."""
-        with self.pools.lock:
-            for pool in hop.pools:
-                left = self._in_use.pop(pool) - 1
-                if left:
-                    self._in_use[pool] = left
-                elif pool in self._evicted:
-                    self._evicted.discard(pool)
-                    CLOSER.put(pool.close)
-            hop.pools.clear()
+    return SimpleNamespace(pool_classes_by_scheme=SOCKSProxyManager.pool_classes_by_scheme)

@@ -205,7 +205,7 @@ def test_redirect_hops_lease_and_report_each(
     with PharoxProxyManager(broker, timeout=TIMEOUT) as pm:
         r = pm.request("GET", f"{target.url}/redirect?to=/redirect%3Fto%3D/echo")
         body = echo(r)
-        assert [h.status for h in r.retries.history] == [302, 302]
+        assert r.retries is not None and [h.status for h in r.retries.history] == [302, 302]
         hops = target.requests
         assert [h.path.split("?")[0] for h in hops] == ["/redirect", "/redirect", "/echo"]
         # Round robin: each hop went through the next proxy, and was reported against it.
@@ -340,7 +340,7 @@ def test_pools_bounded_across_proxies_and_eviction_spares_a_stream(
     n = 200_000
     with PharoxProxyManager(broker, num_pools=3, timeout=TIMEOUT) as pm:
         stream = pm.request("GET", f"{target.url}/bytes?n={n}", preload_content=False)
-        first_pool = stream._pool
+        first_pool = stream._pool  # type: ignore[attr-defined]
         head = stream.read(100)
         for _ in range(12):
             assert pm.request("GET", f"{target.url}/echo", headers=CLOSE).status == 200
@@ -372,6 +372,33 @@ def test_an_evicted_pool_in_use_is_closed_only_after_its_request(
         while pool.pool is not None and time.monotonic() < deadline:
             time.sleep(0.01)
         assert pool.pool is None  # closed once the lease let go of it
+
+
+def test_clear_spares_a_pool_in_use_until_its_request_ends(
+    make_broker: MakeBroker, http_proxy: KitProxy, target: TargetServer
+) -> None:
+    """`clear()` from another thread (a shutdown) while a request holds a pool it has
+    not yet taken a connection from: the pool stays open for that request and is
+    closed once it ends, as an evicted one is."""
+    broker = make_broker([http_proxy])
+    with PharoxProxyManager(broker, timeout=TIMEOUT) as pm:
+        assert pm.request("GET", f"{target.url}/status/204").status == 204
+        with pm.leased() as lease:
+            pool = pm.connection_from_url(f"{target.url}/echo")  # the cached one, now in use
+            assert len(pm.pools) == 1
+            clearing = threading.Thread(target=pm.clear)
+            clearing.start()
+            clearing.join()
+            assert len(pm.pools) == 0 and pool.pool is not None  # dropped, but still ours
+            r = pool.urlopen("GET", f"{target.url}/echo", assert_same_host=False, headers=CLOSE)
+            broker.report(lease, status_code=r.status)
+            assert echo(r)["peer_ip"] == http_proxy.outbound_ip
+        deadline = time.monotonic() + 5
+        while pool.pool is not None and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert pool.pool is None  # closed once the lease let go of it
+        assert pm.request("GET", f"{target.url}/status/204").status == 204  # a fresh pool
+        assert pm.pools[next(iter(pm.pools))] is not pool
 
 
 def test_eviction_never_closes_a_pool_a_thread_is_using(
@@ -508,6 +535,9 @@ def test_connection_from_url_needs_a_lease(
             assert pm.current_lease is lease and broker.held == 1
             pool = pm.connection_from_url(f"{target.url}/echo")
             assert pm.connection_from_host(target.host, target.port) is pool
+            context = {"scheme": "http", "host": target.host, "port": target.port}
+            assert pm.connection_from_context(context) is pool  # urllib3's path, through its pool key
+            assert list(pm.pools._container.values())[-1] is pool  # as urllib3's container shows it
             r = pool.urlopen("GET", f"{target.url}/echo", headers=CLOSE, assert_same_host=False)
             assert echo(r)["peer_ip"] == next(p.outbound_ip for p in proxy_trio if p.port == lease.port)
             broker.report(lease, status_code=r.status)
@@ -539,10 +569,10 @@ def test_socks_proxies_without_the_socks_extra(
     make_broker: MakeBroker, socks5_proxy: KitProxy, target: TargetServer, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # Fault injection: PySocks is installed here, so pretend it is not.
-    import pharox_integrations.urllib3 as door
+    import importlib.util  # the door asks it whether PySocks is there
 
-    real = door.importlib.util.find_spec
-    monkeypatch.setattr(door.importlib.util, "find_spec", lambda name, *a: None if name == "socks" else real(name, *a))
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "socks" else real(name, *a))
     broker = make_broker([socks5_proxy], acquire_timeout=0.1)
     with PharoxProxyManager(broker) as pm, pytest.raises(NoProxyAvailableError) as raised:
         pm.request("GET", f"{target.url}/echo")
@@ -571,7 +601,7 @@ def test_no_secret_in_logs_errors_or_reprs(
         texts.append(repr(pm))
         for site in (target, tls_target, target, tls_target):
             r = pm.request("GET", f"{site.url}/echo", headers=CLOSE)
-            texts += [r.data.decode(), repr(r), repr(r._pool)]
+            texts += [r.data.decode(), repr(r), repr(r._pool)]  # type: ignore[attr-defined]
         with pm.leased() as lease:
             texts += [repr(lease), str(lease)]
         with pytest.raises(HTTPError) as raised:
@@ -734,7 +764,7 @@ def test_a_failure_the_storage_cannot_record_gives_everything_back(
     broker = make_broker([dead], policy=HealthPolicy(max_failures=1))
 
     with PharoxProxyManager(broker, retries=False) as pm:
-        broker.storage.apply_health_check_result = storage_unavailable  # type: ignore[method-assign]
+        broker.storage.apply_health_check_result = storage_unavailable  # type: ignore[method-assign,assignment]
         try:
             with pytest.raises(ReportFailedError, match="RuntimeError: storage unavailable") as raised:
                 pm.request("GET", f"{target.url}/echo")
