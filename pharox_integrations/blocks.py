@@ -11,8 +11,10 @@ process uses:
 - a slot idle longer than `idle_seconds` goes back to the storage (no hoarding);
 - a slot older than `max_age` goes back when its request ends, so the block turns over
   and the storage's selector still rotates the whole pool;
-- while the pool is contended (a lease was refused lately), every slot goes back when
-  its request ends: processes then share a tight pool as fairly as without blocks;
+- a slot of a proxy with a `max_concurrency` goes back as soon as its request ends (kept
+  free, it would keep another process off that proxy), and so does every slot while the
+  pool is contended (a lease was refused lately): processes share a tight pool as they
+  do without blocks;
 - a slot whose proxy another process benched goes back within `status_seconds`.
 
 Releases are written in batches (one transaction for many).  `close()` gives back
@@ -88,6 +90,9 @@ class LeaseBlock:
         self._lock = threading.Lock()
         self._free: deque[Slot] = deque()
         self._lent: set[Slot] = set()
+        # Proxies with a max_concurrency: a free slot of one would keep another process
+        # off it, so such slots go back as soon as their request ends (read once a proxy).
+        self._limited: dict[UUID, bool] = {}
         self._to_release: list[Lease] = []
         self._contended_until = 0.0
         self._timer: threading.Timer | None = None  # gives idle slots back when requests stop
@@ -150,8 +155,19 @@ class LeaseBlock:
         with self._lock:
             self._lent.discard(slot)
             slot.used = now
-            if now < self._contended_until or now - slot.taken >= self.max_age or self._benched_now(slot.proxy_id):
+            limited = self._limited.get(slot.proxy_id)
+        if limited is None:
+            limited = self._limited[slot.proxy_id] = self._is_limited(slot.proxy_id)
+        with self._lock:
+            if (
+                limited
+                or now < self._contended_until
+                or now - slot.taken >= self.max_age
+                or self._benched_now(slot.proxy_id)
+            ):
                 self._to_release.append(slot.lease)
+                if limited:
+                    self._next_batch = now  # another process may be waiting for this one
             else:
                 self._free.append(slot)
             if self._timer is None:
@@ -159,7 +175,13 @@ class LeaseBlock:
                 self._timer = threading.Timer(self.idle_seconds + _MAINTAIN_SECONDS, self._on_timer)
                 self._timer.daemon = True
                 self._timer.start()
-        self.maintain()
+        self.maintain(force=limited)
+
+    def _is_limited(self, proxy_id: UUID) -> bool:
+        try:
+            return self.storage.get_proxy(str(proxy_id)).max_concurrency is not None
+        except Exception:  # gone or unreadable: give its slots back at once
+            return True
 
     def _on_timer(self) -> None:
         with self._lock:

@@ -29,7 +29,7 @@ else:
 PROXIES = [f"http://10.66.0.{i}:3128" for i in range(1, 5)]
 
 # A second process: `threads` threads lease and release for `seconds`, each lease held
-# `hold` s; writes one JSON line per lease: [start, end, host].  With "kill", it leases
+# `hold` s and then `hold` s of other work; writes one JSON line per lease: [start, end, host].  With "kill", it leases
 # and then waits to be killed.
 _CHILD = """
 import json, sys, threading, time
@@ -51,6 +51,7 @@ def work():
         with broker.lease() as lease:
             start = time.time(); time.sleep(hold)
             with lock: rows.append([start, time.time(), lease.host])
+        time.sleep(hold)  # the thread's own work between requests: the proxy is not in use
 ts = [threading.Thread(target=work) for _ in range(threads)]
 [t.start() for t in ts]; [t.join() for t in ts]
 broker.close()
