@@ -447,6 +447,8 @@ class LeaseBroker:
         finally:
             if first:
                 self._release_in_storage(lease._handle)
+                if lease.polite:
+                    self.sites.visited(lease.proxy_id, lease.site)  # type: ignore[arg-type]
         return verdict
 
     async def report_async(self, lease: ProxyLease, *args: Any, **kwargs: Any) -> Verdict:
@@ -462,6 +464,8 @@ class LeaseBroker:
             first = self._mark_released(lease)
         if first:
             self._release_in_storage(lease._handle)
+            if lease.polite:
+                self.sites.visited(lease.proxy_id, lease.site)  # type: ignore[arg-type]
         return first
 
     async def release_async(self, lease: ProxyLease) -> bool:

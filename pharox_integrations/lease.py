@@ -62,6 +62,7 @@ class ProxyLease:
         "_handle",
         "_lease",
         "_state",
+        "polite",
         "pool",
         "proxy_id",
         "released",
@@ -87,6 +88,7 @@ class ProxyLease:
         self.pool = pool
         self.session = session
         self.site = site  # the request's site: a ban or cool-down holds the pair (proxy, site)
+        self.polite = False  # it claimed the pair's visit slot (site_delay)
         self.started = time.monotonic()
         self.released = False
         self.reported = False

@@ -20,7 +20,7 @@ from .filters import ProtocolFilter
 from .lease import PoolHealth, ProxyView, _Endpoint
 from .ledger import HealthLedger
 from .settings import ProxySpec, describe_filters, parse_proxy
-from .sites import BAN, SiteBook
+from .sites import BAN, DELAY, SiteBook
 
 _LABELS = {
     "banned": "banned",
@@ -218,7 +218,9 @@ class PoolAdmin:
                 key = "filtered_out"
             elif hold is not None:
                 key = "site_banned" if hold.kind == BAN else "site_cooling"
-                back[key] = min(back.get(key, hold.until), hold.until)
+                # A politeness hold lasts while its request is in flight, then site_delay.
+                until = min(hold.until, time.time() + self.sites.delay) if hold.kind == DELAY else hold.until
+                back[key] = min(back.get(key, until), until)
             elif p.max_concurrency is not None and p.current_leases >= p.max_concurrency:
                 key = "leased"
             else:

@@ -177,9 +177,11 @@ class Selection:
                         return None  # sticky: wait for its proxy's next polite visit
                 avoid = {*avoid, *held} if avoid else held
         lease = self._try_lease(pool, filters, session, avoid, site)
-        if lease is not None and site is not None and self.sites.delay and not self.sites.claim(lease.proxy_id, site):
-            self._release_held(lease)  # another request took this pair's visit slot first
-            return None
+        if lease is not None and site is not None and self.sites.delay:
+            if not self.sites.claim(lease.proxy_id, site, self.lease_seconds):
+                self._release_held(lease)  # another request took this pair's visit slot first
+                return None
+            lease.polite = True  # its release starts the pair's next `site_delay`
         return lease
 
     def _try_lease(
@@ -391,7 +393,8 @@ class Selection:
         back_by = time.time() + (deadline - time.monotonic())
         held = self.sites.holds(site) if site is not None else {}
         candidates = self._candidates(pool, filters, avoid)
-        if any(p.id not in held or held[p.id].until <= back_by for p in candidates):
+        # A politeness hold ends when its request does (`visited`): always worth waiting for.
+        if any(p.id not in held or held[p.id].until <= back_by or held[p.id].kind == DELAY for p in candidates):
             return True
         return any(
             back_at <= back_by

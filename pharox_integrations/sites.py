@@ -355,10 +355,17 @@ class SiteBook:
 
     # ------------------------------------------------------------------ writing
 
-    def claim(self, proxy_id: UUID, site: str) -> bool:
-        """Politeness: take the pair's next visit slot (False: another request has it)."""
+    def claim(self, proxy_id: UUID, site: str, in_flight: float) -> bool:
+        """Politeness: take the pair's next visit slot (False: another request has it).
+
+        The pair stays held while the request is in flight (at most `in_flight` seconds,
+        the lease's own length, should its process die), and `visited` then holds it
+        `delay` more from the end of the request.  So the gap is measured from the end
+        of one visit to the start of the next: a client that leases early and sends later
+        (Scrapy queues a request in its download slot after the middleware) cannot bring
+        two visits closer than `delay`."""
         now = time.time()
-        until = now + self.delay
+        until = now + max(self.delay, in_flight)
         if not self.store.claim(proxy_id, site, until, now):
             held = self.store.get(proxy_id, site)  # another process's claim: cache it, skip the pair
             if held is not None:
@@ -366,6 +373,20 @@ class SiteBook:
             return False
         self._remember(proxy_id, site, Hold(until, DELAY, 0, until))
         return True
+
+    def visited(self, proxy_id: UUID, site: str) -> None:
+        """The request that claimed the pair is over: the next visit in `delay` seconds
+        (unless the site has since banned or paused the pair: that hold stays)."""
+        now = time.time()
+        old = self.store.get(proxy_id, site)
+        if old is not None and old.kind != DELAY:
+            return
+        until = now + self.delay
+        strikes = 0 if old is None else old.strikes
+        keep = until if old is None or not strikes else max(old.keep_until, until)
+        hold = Hold(until, DELAY, strikes, keep)
+        self.store.put(proxy_id, site, hold)
+        self._remember(proxy_id, site, hold)
 
     def refuse(
         self, proxy_id: UUID, site: str, verdict: Verdict, response: Any = None, proxy: str = "a proxy"
