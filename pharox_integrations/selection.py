@@ -176,7 +176,13 @@ class Selection:
                     if hold is not None and hold.kind == DELAY:
                         return None  # sticky: wait for its proxy's next polite visit
                 avoid = {*avoid, *held} if avoid else held
-        lease = self._try_lease(pool, filters, session, avoid, site)
+        if session is not None and (pool, session) not in self.sessions:
+            # A session's first lease, one at a time: requests of a new session racing
+            # here would each pick a proxy, and the session would not stick to one.
+            with self._lock:
+                lease = self._try_lease(pool, filters, session, avoid, site)
+        else:
+            lease = self._try_lease(pool, filters, session, avoid, site)
         if lease is not None and site is not None and self.sites.delay:
             if not self.sites.claim(lease.proxy_id, site, self.lease_seconds):
                 self._release_held(lease)  # another request took this pair's visit slot first
