@@ -446,9 +446,7 @@ class LeaseBroker:
                 self._ledger.apply(lease, change, status_code, error, latency_ms)
         finally:
             if first:
-                self._release_in_storage(lease._handle)
-                if lease.polite:
-                    self.sites.visited(lease.proxy_id, lease.site)  # type: ignore[arg-type]
+                self._release_handed_out(lease)
         return verdict
 
     async def report_async(self, lease: ProxyLease, *args: Any, **kwargs: Any) -> Verdict:
@@ -463,9 +461,7 @@ class LeaseBroker:
         with self._lock:
             first = self._mark_released(lease)
         if first:
-            self._release_in_storage(lease._handle)
-            if lease.polite:
-                self.sites.visited(lease.proxy_id, lease.site)  # type: ignore[arg-type]
+            self._release_handed_out(lease)
         return first
 
     async def release_async(self, lease: ProxyLease) -> bool:
@@ -479,6 +475,13 @@ class LeaseBroker:
         self._held.discard(lease)
         self.counters["released"] += 1
         return True
+
+    def _release_handed_out(self, lease: ProxyLease) -> None:
+        """The storage's half of releasing a lease a request used; a visit that claimed
+        its pair's politeness slot starts the pair's `site_delay` now that it is over."""
+        self._release_in_storage(lease._handle)
+        if lease.polite:
+            self.sites.visited(lease.proxy_id, lease.site)  # type: ignore[arg-type]
 
     def _release_in_storage(self, handle: Lease | LeaseHandle) -> None:
         """The storage's half of a release (the lease may never have been handed out)."""

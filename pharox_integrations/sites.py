@@ -26,7 +26,7 @@ import re
 import threading
 import time
 import weakref
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from datetime import datetime, timezone
 from email.utils import parsedate_to_datetime
 from functools import lru_cache
@@ -96,6 +96,18 @@ class MemorySiteStore:
         self._live: dict[str, dict[UUID, Hold]] = {}  # in force as of the site's last sweep
         self._ends: dict[str, float] = {}  # when the first of a site's live holds ends
         self._over: dict[str, dict[UUID, Hold]] = {}  # over, kept for their strikes
+
+    @classmethod
+    def of(cls, holds: Iterable[tuple[UUID, str, Hold]]) -> MemorySiteStore:
+        """A store holding `holds`, each site's dict made once (`put` copies it per hold:
+        quadratic for a site with thousands of holds)."""
+        by_site: dict[str, dict[UUID, Hold]] = {}
+        for proxy_id, site, hold in holds:
+            by_site.setdefault(site, {})[proxy_id] = hold
+        store = cls()
+        for site, live in by_site.items():
+            store._publish(site, live)
+        return store
 
     def holds(self, site: str, now: float) -> Mapping[UUID, Hold]:
         pairs = self._live.get(site)
@@ -348,10 +360,7 @@ class SiteBook:
 
     def _refresh(self) -> None:
         self._next_refresh = time.monotonic() + self.refresh  # first: one refresh at a time
-        mirror = MemorySiteStore()
-        for proxy_id, site, hold in self.store.in_force(time.time()):
-            mirror.put(proxy_id, site, hold)
-        self._mirror = mirror
+        self._mirror = MemorySiteStore.of(self.store.in_force(time.time()))
 
     # ------------------------------------------------------------------ writing
 
