@@ -16,17 +16,14 @@ the leased proxy's pool arguments (`_proxy`, `_proxy_headers`, `_proxy_config`, 
 Pools are kept in a `RouteCache` (routes.py, shared by every door) under this door's
 own key (the proxy's URL, plus the target for a tunnel or SOCKS), not through urllib3's
 `connection_from_host` and its pool key, because that is what rotation pays for on
-every request.  Measured with ``bench_urllib3.py --stub-io`` (no sockets, so the
-client's own CPU shows): urllib3's key normaliser alone costs ~9 µs a request, hit or
-miss (10 entries: 0.80x plain rotation instead of 1.05x); over 10,000 entries every
-request is its proxy's first visit, and the former path through urllib3's lookup (with
-per-proxy argument caches and in-use counts beside it) cost 137 µs a request against
-110 µs now, plain rotation 80-90 µs (what is left over rotation is mostly the lease
-and its report).
+every request: urllib3's key normaliser alone costs ~9 µs a request, hit or miss
+(``bench_urllib3.py --stub-io``, where no socket hides the client's own CPU).
 `num_pools` bounds the pools across all proxies; the cache counts the requests using
 each pool, so an evicted pool is closed once no request uses it (closing it between
 "get a pool" and "get a connection" fails that request, urllib3 issue #1252; a
-response still streaming keeps its connection either way).
+response still streaming keeps its connection either way).  Closing evicted pools is
+about half of what rotating over 10,000 proxies costs here beyond the plain rotation
+of ``bench_urllib3.py``, which never closes any.
 
 The request's life cycle is the core's `Exchange`, the same in every door: a ban or a
 proxy failure (refused connection, failed tunnel, 407) moves the request to another
@@ -56,31 +53,17 @@ import weakref
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from functools import partial
-from types import SimpleNamespace
-from typing import Any, Literal
+from typing import Any, Literal, NoReturn
 from urllib.parse import urljoin
 
 import urllib3
 from pharox import ProxyFilters, ProxyProtocol
-from urllib3 import HTTPHeaderDict
+from urllib3 import BaseHTTPResponse, HTTPConnectionPool, HTTPHeaderDict, Retry, Timeout
 from urllib3.connection import ProxyConfig
-from urllib3.connectionpool import HTTPConnectionPool, port_by_scheme
-from urllib3.exceptions import (
-    HTTPError,
-    LocationValueError,
-    MaxRetryError,
-    ProtocolError,
-    ProxyError,
-    ReadTimeoutError,
-    ResponseError,
-    SSLError,
-    URLSchemeUnknown,
-)
-from urllib3.response import BaseHTTPResponse
+from urllib3.connectionpool import port_by_scheme
+from urllib3.exceptions import HTTPError, LocationValueError, MaxRetryError, ProxyError, URLSchemeUnknown
+from urllib3.util import Url, parse_url
 from urllib3.util.proxy import connection_requires_http_tunnel
-from urllib3.util.retry import Retry
-from urllib3.util.timeout import Timeout
-from urllib3.util.url import Url, parse_url
 
 from .broker import HTTP_PROTOCOLS, LeaseBroker, ProxyLease
 from .errors import AllProxiesFailed, NoProxyAvailable, PharoxIntegrationError, ProxyAuthenticationFailed, ReportFailed
@@ -97,7 +80,7 @@ logger = logging.getLogger("pharox_integrations.urllib3")
 
 _SOCKS_VERSIONS = {ProxyProtocol.SOCKS4: 1, ProxyProtocol.SOCKS5: 2}  # PySocks' PROXY_TYPE_SOCKS4 / 5
 # What urllib3 raises from `read()` when the connection under a streamed body breaks.
-_READ_ERRORS = (ProtocolError, ReadTimeoutError)
+_READ_ERRORS = (urllib3.exceptions.ProtocolError, urllib3.exceptions.ReadTimeoutError)
 _PoolKey = tuple[Any, ...]
 
 
@@ -138,9 +121,7 @@ class AllProxiesFailedError(AllProxiesFailed, MaxRetryError):
         # constructor (pool, url, reason) is skipped: it formats its own message.
         self.attempts = list(attempts)
         Exception.__init__(self, str(AllProxiesFailed(self.attempts)) if message is None else message)
-        self.pool = None  # type: ignore[assignment]
-        self.url: str | None = None
-        self.reason: Exception | None = None
+        self.pool, self.url, self.reason = None, None, None  # type: ignore[assignment]
 
     def __reduce__(self) -> tuple[Any, ...]:  # MaxRetryError's would rebuild it as (pool, url, reason)
         return (type(self), (self.attempts, str(self)), dict(self.__dict__))
@@ -152,15 +133,14 @@ class ProxyAuthenticationFailedError(AllProxiesFailedError, ProxyAuthenticationF
 
 
 _ERRORS = DoorErrors(
-    no_proxy=NoProxyAvailableError,
-    all_failed=AllProxiesFailedError,
-    auth_failed=ProxyAuthenticationFailedError,
-    report_failed=ReportFailedError,
+    no_proxy=NoProxyAvailableError, all_failed=AllProxiesFailedError,
+    auth_failed=ProxyAuthenticationFailedError, report_failed=ReportFailedError,
 )
 
 
-def _raised(ex: Exchange, url: str, cause: BaseException | None) -> BaseException:
-    """The error the core chose on Step.RAISE, with urllib3's `MaxRetryError` fields set."""
+def _raise(ex: Exchange, url: str, cause: BaseException | None) -> NoReturn:
+    """Raise the error the core chose on Step.RAISE, with urllib3's `MaxRetryError` fields
+    set (`cause`: the send's error, None when the last proxy answered)."""
     error = ex.error
     assert error is not None, "the core sets the error with Step.RAISE"
     if isinstance(error, AllProxiesFailedError):
@@ -168,7 +148,9 @@ def _raised(ex: Exchange, url: str, cause: BaseException | None) -> BaseExceptio
         error.url, error.reason = url, reason if isinstance(reason, Exception) else None
         if isinstance(error, ProxyError) and error.reason is not None:
             error.original_error = error.reason
-    return error
+    if cause is None or error is cause:  # `cause` itself: the caller's or the site's doing
+        raise error
+    raise error from cause
 
 
 def _verdict_for(error: Exception) -> Verdict | None:
@@ -181,9 +163,8 @@ def _verdict_for(error: Exception) -> Verdict | None:
       failed TLS handshake with the proxy itself in `ProxyError`.
     """
     reason = error.reason if isinstance(error, MaxRetryError) else error
-    if isinstance(reason, ResponseError) or (isinstance(reason, SSLError) and not isinstance(reason, ProxyError)):
-        return Verdict.TARGET_ERROR
-    return None
+    target_tls = isinstance(reason, urllib3.exceptions.SSLError) and not isinstance(reason, ProxyError)
+    return Verdict.TARGET_ERROR if target_tls or isinstance(reason, urllib3.exceptions.ResponseError) else None
 
 
 def _connect_timeout(timeout: Any) -> float | None:
@@ -191,6 +172,17 @@ def _connect_timeout(timeout: Any) -> float | None:
     waiting for a proxy is part of connecting."""
     value = timeout.connect_timeout if isinstance(timeout, Timeout) else timeout
     return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+
+
+def _request_form(pool: HTTPConnectionPool, target: Url, send: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+    """(URL, `urlopen` arguments) of a request as `ProxyManager.urlopen` sends it: to a
+    forwarding proxy the absolute URL (no fragment) with the `Accept` and `Host` its
+    `_set_proxy_headers` adds (written out: that hook parses the URL again, ~4 us a
+    request); through a tunnel or SOCKS the path."""
+    if pool.proxy is None or connection_requires_http_tunnel(pool.proxy, pool.proxy_config, target.scheme):
+        return target.request_uri, send
+    headers = {"Accept": "*/*", **({"Host": target.netloc} if target.netloc else {}), **send["headers"]}
+    return target._replace(fragment=None).url, {**send, "headers": headers}
 
 
 # ---------------------------------------------------------------------------- responses
@@ -206,27 +198,20 @@ def _bind_lease(response: BaseHTTPResponse, end: Callable[[BaseException | None]
     response weakly, so it stays free of cycles.
     """
     ref = weakref.ref(response)
-    cls = type(response)
 
-    def release_conn() -> None:
-        failed = sys.exc_info()[1]
-        target = ref()
-        try:
-            if target is not None:
-                cls.release_conn(target)
-        finally:
-            end(failed if isinstance(failed, _READ_ERRORS) else None)
+    def then_end(method: Callable[[Any], object], reads: bool) -> Callable[[], None]:
+        def wrapper() -> None:
+            failed = sys.exc_info()[1] if reads else None
+            try:
+                if (target := ref()) is not None:
+                    method(target)
+            finally:
+                end(failed if isinstance(failed, _READ_ERRORS) else None)
 
-    def close() -> None:
-        target = ref()
-        try:
-            if target is not None:
-                cls.close(target)
-        finally:
-            end(None)
+        return wrapper
 
-    response.release_conn = release_conn  # type: ignore[method-assign]
-    response.close = close  # type: ignore[method-assign]
+    response.release_conn = then_end(type(response).release_conn, reads=True)  # type: ignore[method-assign]
+    response.close = then_end(type(response).close, reads=False)  # type: ignore[method-assign]
     weakref.finalize(response, CLOSER.put, partial(end, None))
 
 
@@ -247,8 +232,7 @@ class _Hop:
     __slots__ = ("lease", "manager", "routes")
 
     def __init__(self, manager: PharoxProxyManager, lease: ProxyLease) -> None:
-        self.manager = manager
-        self.lease = lease
+        self.manager, self.lease = manager, lease
         self.routes: list[Route[_PoolKey, HTTPConnectionPool]] = []
 
     def __enter__(self) -> _Hop:
@@ -301,22 +285,13 @@ class PharoxProxyManager(urllib3.ProxyManager):
     thread while a request (or a `leased()` block) is in progress, None otherwise.
     """
 
-    def __init__(
-        self,
-        broker: LeaseBroker,
-        num_pools: int = 10,
-        headers: Mapping[str, str] | None = None,
-        proxy_headers: Mapping[str, str] | None = None,
-        proxy_ssl_context: ssl.SSLContext | None = None,
-        use_forwarding_for_https: bool = False,
-        proxy_assert_hostname: str | Literal[False] | None = None,
+    def __init__(  # ProxyManager's arguments, `broker` in place of `proxy_url`
+        self, broker: LeaseBroker, num_pools: int = 10, headers: Mapping[str, str] | None = None,
+        proxy_headers: Mapping[str, str] | None = None, proxy_ssl_context: ssl.SSLContext | None = None,
+        use_forwarding_for_https: bool = False, proxy_assert_hostname: str | Literal[False] | None = None,
         proxy_assert_fingerprint: str | None = None,
-        *,
-        max_moves: int | None = None,
-        proxy_retries: int | None = None,
-        pool: str | None = None,
-        filters: ProxyFilters | None = None,
-        session: str | None = None,
+        *, max_moves: int | None = None, proxy_retries: int | None = None,  # what to lease, and how often to move
+        pool: str | None = None, filters: ProxyFilters | None = None, session: str | None = None,
         **connection_pool_kw: Any,
     ) -> None:
         self.max_moves = moves_keyword(max_moves, proxy_retries=proxy_retries)
@@ -324,32 +299,26 @@ class PharoxProxyManager(urllib3.ProxyManager):
         self.proxy_ssl_context = proxy_ssl_context
         if use_forwarding_for_https and connection_pool_kw.get("ssl_context") is not None:
             warnings.warn(
-                "Passing ssl_context when use_forwarding_for_https=True is deprecated "
-                "and will raise an error in urllib3 v3.0. "
-                "Use proxy_ssl_context to configure the TLS connection to the proxy.",
-                FutureWarning,
-                stacklevel=2,
+                "Passing ssl_context when use_forwarding_for_https=True is deprecated and will raise an error in "
+                "urllib3 v3.0. Use proxy_ssl_context to configure the TLS connection to the proxy.",
+                FutureWarning, stacklevel=2,
             )
             self.proxy_ssl_context = proxy_ssl_context or connection_pool_kw["ssl_context"]
         # Not ProxyManager.__init__: it wants one fixed proxy URL.  The per-proxy
         # arguments it would store in `connection_pool_kw` are added per pool instead.
         urllib3.PoolManager.__init__(self, num_pools, headers, **connection_pool_kw)
-        self._routes = _Pools(num_pools, setting="num_pools")
-        self.pools = self._routes  # type: ignore[assignment]  # what users count and read
+        self.pools = self._routes = _Pools(num_pools, setting="num_pools")  # type: ignore[assignment]
         self.proxy_headers = dict(proxy_headers or {})
         self.proxy_config = ProxyConfig(
             proxy_ssl_context, use_forwarding_for_https, proxy_assert_hostname, proxy_assert_fingerprint
         )
-        self.broker = broker
-        self.lease_pool = pool
-        self.lease_filters = filters
-        self.lease_session = session
+        self.broker, self.lease_pool, self.lease_filters, self.lease_session = broker, pool, filters, session
         self._socks = importlib.util.find_spec("socks") is not None
         # None (no restriction) rather than ALL_PROTOCOLS keeps the storages' fast path.
         self.protocols = None if self._socks else HTTP_PROTOCOLS
         self._local = _Hops()
-        self._lock = threading.Lock()
         # This manager's exchanges not yet closed: True for those a streamed body holds.
+        # Used only through single dict operations (atomic), so without a lock.
         self._open: dict[Exchange, bool] = {}
         CLOSER.start()
 
@@ -357,25 +326,19 @@ class PharoxProxyManager(urllib3.ProxyManager):
 
     def urlopen(self, method: str, url: str, redirect: bool = True, **kw: Any) -> BaseHTTPResponse:  # type: ignore[override]
         """`urllib3.ProxyManager.urlopen` through leased proxies (``url`` must be absolute)."""
-        while True:
-            response, follow = self._exchange(method, url, redirect, kw)
-            if follow is None:
-                return response
-            method, url, kw = follow
+        hop: tuple[str, str, dict[str, Any]] | None = (method, url, kw)
+        while hop is not None:
+            response, hop = self._exchange(*hop, redirect=redirect)
+        return response
 
     @property
     def proxy(self) -> Url | None:  # type: ignore[override]
         """The HTTP(S) proxy leased on this thread (None outside a request, or for SOCKS)."""
-        hops = self._local.hops
-        if not hops or hops[-1].lease.protocol in _SOCKS_VERSIONS:
-            return None
-        return parse_url(hops[-1].lease.safe_url)
+        lease = self.current_lease
+        return None if lease is None or lease.protocol in _SOCKS_VERSIONS else parse_url(lease.safe_url)
 
     def connection_from_host(
-        self,
-        host: str | None,
-        port: int | None = None,
-        scheme: str | None = "http",
+        self, host: str | None, port: int | None = None, scheme: str | None = "http",
         pool_kwargs: dict[str, Any] | None = None,
     ) -> HTTPConnectionPool:
         """The pool for `host` through the proxy leased on this thread (see `leased()`).
@@ -420,9 +383,7 @@ class PharoxProxyManager(urllib3.ProxyManager):
         """
         for pool in self._routes.drain(spare_in_use=True):
             pool.close()
-        with self._lock:
-            streams = [ex for ex, streaming in self._open.items() if streaming]
-        for ex in streams:  # requests in flight release their own leases
+        for ex in [ex for ex, streaming in self._open.copy().items() if streaming]:  # in flight: they release theirs
             try:
                 self._end(ex)
             except ReportFailedError:  # released all the same; the others must be too
@@ -460,8 +421,7 @@ class PharoxProxyManager(urllib3.ProxyManager):
     @property
     def held(self) -> int:
         """Requests of this manager holding a lease now (in flight, or a streamed body)."""
-        with self._lock:
-            return len(self._open)
+        return len(self._open)
 
     def __repr__(self) -> str:
         return f"<PharoxProxyManager pool={self.lease_pool or self.broker.pool!r} pools={len(self.pools)}>"
@@ -469,55 +429,53 @@ class PharoxProxyManager(urllib3.ProxyManager):
     # ------------------------------------------------------------------ one hop
 
     def _exchange(
-        self, method: str, url: str, redirect: bool, kw: dict[str, Any]
+        self, method: str, url: str, kw: dict[str, Any], redirect: bool
     ) -> tuple[BaseHTTPResponse, tuple[str, str, dict[str, Any]] | None]:
         """Send one hop, moving between proxies as the core says: (answer, next hop or None)."""
+        target = parse_url(url)
+        if target.scheme is None:  # as urllib3 warns, pointing at the caller of urlopen()
+            message = "URLs without a scheme are deprecated in urllib3 and will raise an error in urllib3 v3.0"
+            warnings.warn(f"{message}; start the URL with 'http://' or 'https://'", FutureWarning, stacklevel=3)
+        send = dict(kw, assert_same_host=False, redirect=False, headers=kw.get("headers", self.headers))
         ex = self._open_exchange(url, kw.get("body"), kw.get("timeout", self.connection_pool_kw.get("timeout")))
-        streamed = False
         try:
             lease = self._lease(ex)
             while True:
                 failure: Exception | None = None
                 try:
-                    pool, response = self._send(lease, method, url, kw)
+                    with _Hop(self, lease):
+                        pool = self.connection_from_host(target.host, target.port, target.scheme)
+                        path, options = _request_form(pool, target, send)
+                        response = pool.urlopen(method, path, **options)
                 except (HTTPError, OSError) as exc:
                     failure = exc
                 if failure is not None:
                     # Judged outside the `except`: a report failing there would carry the
                     # send's error as its context and be described as that error.
-                    step = ex.failed(failure, verdict=_verdict_for(failure))
-                    if step is Step.RAISE:
-                        error = _raised(ex, url, failure)
-                        if error is failure:
-                            raise failure
-                        raise error from failure
+                    if (step := ex.failed(failure, verdict=_verdict_for(failure))) is Step.RAISE:
+                        _raise(ex, url, failure)
                 else:
                     try:
-                        follow = self._redirect(pool, method, url, response, kw) if redirect else None
-                        streaming = not (follow or kw.get("preload_content", True)) and response.connection is not None
+                        streaming = not kw.get("preload_content", True) and response.connection is not None
                         step = ex.answered(response.status, response, streaming=streaming)
                     except BaseException:
                         _discard(response)
                         raise
                     if step is Step.RETURN:
-                        if follow is not None:
-                            response.drain_conn()
-                            if isinstance(follow, MaxRetryError):  # out of redirects, raised once judged
-                                raise follow
-                        elif streaming:
+                        # Judged first: a redirect followed (or refused) ends the hop here.
+                        follow = self._redirect(pool, method, url, response, kw) if redirect else None
+                        if follow is None and streaming:
                             _bind_lease(response, partial(self._end, ex))
-                            with self._lock:
-                                self._open[ex] = True
-                            streamed = True
+                            self._open[ex] = True
                         return response, follow
                     _discard(response)
                     if step is Step.RAISE:
-                        raise _raised(ex, url, None)
+                        _raise(ex, url, None)
                 if step is Step.MOVE:
                     lease = self._lease(ex)
                 # Step.RESEND: the same lease again, on a fresh connection
         finally:
-            if not streamed:
+            if not self._open.get(ex):  # False: in flight; True: a streamed body holds it
                 self._end(ex)
 
     def _open_exchange(self, url: str | None, body: Any, timeout: Any) -> Exchange:
@@ -525,16 +483,13 @@ class PharoxProxyManager(urllib3.ProxyManager):
             url, pool=self.lease_pool, filters=self.lease_filters, session=self.lease_session, protocols=self.protocols,
             max_moves=self.max_moves, body=body, timeout=_connect_timeout(timeout), errors=_ERRORS,
         )
-        with self._lock:
-            self._open[ex] = False
+        self._open[ex] = False
         return ex
 
     def _end(self, ex: Exchange, error: BaseException | None = None) -> None:
         """The exchange is over (idempotent): every lease it holds goes back."""
-        with self._lock:
-            if self._open.pop(ex, None) is None:
-                return
-        ex.close(error)
+        if self._open.pop(ex, None) is not None:
+            ex.close(error)
 
     def _lease(self, ex: Exchange) -> ProxyLease:
         try:
@@ -547,26 +502,6 @@ class PharoxProxyManager(urllib3.ProxyManager):
             pool = self.lease_pool or self.broker.pool
             raise LeaseFailedError(f"could not lease a proxy from pool {pool!r}: {describe_error(exc)}") from exc
 
-    def _send(
-        self, lease: ProxyLease, method: str, url: str, kw: dict[str, Any]
-    ) -> tuple[HTTPConnectionPool, BaseHTTPResponse]:
-        """One hop through `lease`, as `ProxyManager.urlopen` sends it, redirects left to us."""
-        target = parse_url(url)
-        if target.scheme is None:  # as urllib3 warns, pointing at the caller of urlopen()
-            message = "URLs without a scheme are deprecated in urllib3 and will raise an error in urllib3 v3.0"
-            warnings.warn(f"{message}; start the URL with 'http://' or 'https://'", FutureWarning, stacklevel=4)
-        with _Hop(self, lease):
-            pool = self.connection_from_host(target.host, target.port, target.scheme)
-            send = dict(kw, assert_same_host=False, redirect=False)
-            send["headers"] = kw.get("headers", self.headers)
-            if pool.proxy is None or connection_requires_http_tunnel(pool.proxy, pool.proxy_config, target.scheme):
-                return pool, pool.urlopen(method, target.request_uri, **send)
-            # Forwarded: the proxy gets the absolute URL (no fragment) and the headers
-            # `ProxyManager._set_proxy_headers` adds, written out because that hook parses
-            # the URL once more (~4 us a request); the pool adds the proxy's own headers.
-            send["headers"] = {"Accept": "*/*", **({"Host": target.netloc} if target.netloc else {}), **send["headers"]}
-            return pool, pool.urlopen(method, target._replace(fragment=None).url, **send)
-
     def _new_proxy_pool(
         self, lease: ProxyLease, scheme: str, host: str, port: int | None, pool_kwargs: dict[str, Any] | None
     ) -> HTTPConnectionPool:
@@ -575,58 +510,49 @@ class PharoxProxyManager(urllib3.ProxyManager):
         context = self._merge_pool_kwargs(pool_kwargs)
         port = port or port_by_scheme[scheme]
         if lease.protocol in _SOCKS_VERSIONS:
-            context["_socks_options"] = dict(
-                socks_version=_SOCKS_VERSIONS[lease.protocol], proxy_host=lease.host, proxy_port=lease.port,
-                username=lease.username, password=lease.password, rdns=False,
-            )
-            return urllib3.PoolManager._new_pool(_socks_pools(), scheme, host, port, context)  # type: ignore[arg-type]
+            context["_socks_options"] = {
+                "socks_version": _SOCKS_VERSIONS[lease.protocol], "proxy_host": lease.host, "proxy_port": lease.port,
+                "username": lease.username, "password": lease.password, "rdns": False,
+            }
+            from urllib3.contrib.socks import SOCKSProxyManager  # the socks extra: imported on first use
+
+            # `_new_pool` reads only `pool_classes_by_scheme` of its manager: a class attribute.
+            return urllib3.PoolManager._new_pool(SOCKSProxyManager, scheme, host, port, context)  # type: ignore[arg-type]
         proxy = parse_url(lease.safe_url)
-        context["_proxy"] = proxy
-        context["_proxy_headers"] = dict(self.proxy_headers)
-        if lease.proxy_authorization is not None:
-            context["_proxy_headers"]["Proxy-Authorization"] = lease.proxy_authorization
-        context["_proxy_config"] = self.proxy_config
+        headers = dict(self.proxy_headers)
+        if (authorization := lease.proxy_authorization) is not None:
+            headers["Proxy-Authorization"] = authorization
+        context.update(_proxy=proxy, _proxy_headers=headers, _proxy_config=self.proxy_config)
         if scheme != "https":  # forwarded: to the proxy, as ProxyManager.connection_from_host does
             scheme, host, port = proxy.scheme or "http", proxy.host or host, proxy.port or port
         return self._new_pool(scheme, host, port, context)
 
     def _redirect(
         self, pool: HTTPConnectionPool, method: str, url: str, response: BaseHTTPResponse, kw: dict[str, Any]
-    ) -> tuple[str, str, dict[str, Any]] | MaxRetryError | None:
-        """Where urllib3's `PoolManager.urlopen` would go next: (method, URL, arguments), or
-        None to return `response` (not a redirect, or redirects exhausted without raising),
-        or the `MaxRetryError` to raise once the hop is judged.  Reads nothing: the caller
-        drains."""
+    ) -> tuple[str, str, dict[str, Any]] | None:
+        """Where urllib3's `PoolManager.urlopen` would go next: (method, URL, arguments), the
+        answer drained, or None to return it (not a redirect, or redirects exhausted without
+        raising); out of redirects with `raise_on_redirect`, its `MaxRetryError`."""
         location = response.get_redirect_location()
         if not location:
             return None
-        location = urljoin(url, location)
-        kw = dict(kw)
-        headers = kw.get("headers", self.headers)
+        location, kw, headers = urljoin(url, location), dict(kw), kw.get("headers", self.headers)
         if response.status == 303:  # RFC 9110 15.4.4: a GET, without the body or what describes it
-            method = "GET"
+            method, headers = "GET", HTTPHeaderDict(headers)._prepare_for_method_change()
             kw.update(body=None, chunked=False, body_pos=None)
-            headers = HTTPHeaderDict(headers)._prepare_for_method_change()
-        retries = kw.get("retries", response.retries)
-        if not isinstance(retries, Retry):
-            retries = Retry.from_int(retries, redirect=True)
+        retries = Retry.from_int(kw.get("retries", response.retries), redirect=True)
         if retries.remove_headers_on_redirect and not pool.is_same_host(location):
-            kept = headers.copy()
-            for name in headers:
-                if name.lower() in retries.remove_headers_on_redirect:
-                    kept.pop(name, None)
-            headers = kept
+            headers = headers.copy()
+            for name in [name for name in headers if name.lower() in retries.remove_headers_on_redirect]:
+                headers.pop(name, None)
         try:
             retries = retries.increment(method, url, response=response, _pool=pool)
-        except MaxRetryError as exc:
-            return exc if retries.raise_on_redirect else None
+        except MaxRetryError:
+            if retries.raise_on_redirect:
+                response.drain_conn()
+                raise
+            return None
+        response.drain_conn()
         kw.update(retries=retries, headers=headers)
         return method, location, kw
 
-
-def _socks_pools() -> SimpleNamespace:
-    """What `PoolManager._new_pool` reads of `SOCKSProxyManager`: its pool classes.
-    Imported on first use, so the door imports without PySocks (the `socks` extra)."""
-    from urllib3.contrib.socks import SOCKSProxyManager
-
-    return SimpleNamespace(pool_classes_by_scheme=SOCKSProxyManager.pool_classes_by_scheme)

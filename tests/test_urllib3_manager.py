@@ -241,6 +241,25 @@ def test_redirects_rewrite_requests_like_urllib3(
     assert "Authorization" not in seen[1]["headers"] and seen[1]["headers"]["X-Keep"] == "1"
     assert ("Content-Type" in seen[1]["headers"]) is (code == 307)
 
+def test_streamed_redirects_hold_only_the_last_hops_lease(
+    make_broker: MakeBroker, proxy_trio: list[KitProxy], target: TargetServer
+) -> None:
+    """With ``preload_content=False`` a redirect followed gives its lease back at once (its
+    outcome recorded); the answer returned holds its own until read, a 302 returned
+    unfollowed (out of redirects, `raise_on_redirect=False`) included."""
+    broker = make_broker(proxy_trio)
+    with PharoxProxyManager(broker, timeout=TIMEOUT) as pm:
+        r = pm.request("GET", f"{target.url}/redirect?to=/echo", preload_content=False)
+        assert r.status == 200 and broker.held == 1 and broker.counters["acquired"] == 2
+        assert echo(r)["path"] == "/echo" and broker.held == 0
+        chain = f"{target.url}/redirect?to=" + quote("/redirect?to=/echo", safe="")
+        r = pm.request("GET", chain, preload_content=False, retries=Retry(redirect=0, raise_on_redirect=False))
+        assert r.status == 302 and broker.held == 1
+        r.drain_conn()
+        assert broker.held == 0
+    assert sum(broker.proxy_stats(p.id)["requests"] for p in broker.proxies()) == 3
+
+
 
 def test_too_many_redirects_is_not_the_proxys_fault(
     make_broker: MakeBroker, http_proxy: KitProxy, target: TargetServer
