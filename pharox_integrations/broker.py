@@ -1,9 +1,10 @@
 """The leasing core's facade: acquire → (send) → report → release, shared by every door.
 
 `LeaseBroker` holds the configuration and the leases handed out, and delegates each
-idea to its own module: `selection` (which proxy), `ledger` (health and revival),
-`pools` (administration and explanations), `exchange` (one request's life cycle),
-`bridge` (waiting off an event loop), `internals` (what we use of pharox's insides).
+idea to its own module: `selection` (which proxy), `leases` (the leases handed out:
+reported, released), `ledger` (health and revival), `pools` (administration and
+explanations), `exchange` (one request's life cycle), `bridge` (waiting off an event
+loop), `internals` (what we use of pharox's insides).
 """
 
 from __future__ import annotations
@@ -14,13 +15,11 @@ import threading
 import time
 from collections.abc import AsyncIterator, Collection, Generator, Iterable, Iterator, Mapping
 from contextlib import asynccontextmanager, contextmanager
-from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any, TypedDict
 from uuid import UUID
 
 from pharox import (
     IStorage,
-    Lease,
     Proxy,
     ProxyFilters,
     ProxyManager,
@@ -30,12 +29,12 @@ from pharox import (
 )
 
 from . import bridge, building
-from .blocks import Slot
 from .errors import NoProxyAvailable
 from .exchange import CORE_ERRORS, DEFAULT_MAX_MOVES, DoorErrors, Exchange
 from .health import HealthPolicy, Verdict
-from .internals import has_release_listeners, storage_of
-from .lease import LeaseHandle, PoolHealth, ProxyLease, ProxyView, _Endpoint
+from .internals import storage_of
+from .lease import PoolHealth, ProxyLease, ProxyView, _Endpoint
+from .leases import HeldLeases
 from .ledger import HealthLedger
 from .pools import PoolAdmin
 from .selection import Selection
@@ -110,10 +109,8 @@ class LeaseBroker:
             ),
             0,
         )
-        self.peak_held = 0  # most leases handed out at once
         self._lock = threading.RLock()
-        self._held: set[ProxyLease] = set()
-        self._endpoints: dict[UUID, _Endpoint] = {}  # of proxies added here, until first leased
+        endpoints: dict[UUID, _Endpoint] = {}  # of proxies added here, until first leased
         self._closed = False
         self._ledger = HealthLedger(
             self.storage, self.policy, self._lock, self.counters, self._pool_record, revive_scan_seconds
@@ -121,7 +118,13 @@ class LeaseBroker:
         self.sites = building.site_book(
             self.storage, self.policy, site_scope, site_delay, site_bans_to_bench, self.acquire_timeout
         )
-        self._pools = PoolAdmin(self.storage, self._lock, self._ledger, self._endpoints, self._held_in, self.sites)
+        self._leases = leases = HeldLeases(
+            manager, self.storage, self.policy, self._ledger, self.sites, self._lock, self.counters, endpoints
+        )
+        # Bound once: `report`, `finish` and `release` are on every request's path.
+        self._report = leases.report
+        self._release = leases.release
+        self._pools = PoolAdmin(self.storage, self._lock, self._ledger, endpoints, leases.count, self.sites)
         self._selection = Selection(
             manager,
             self.storage,
@@ -129,15 +132,16 @@ class LeaseBroker:
             self._ledger,
             self.sites,
             self._lock,
-            self._wrap,
-            self._release_in_storage,
-            self.release,
+            leases.wrap,
+            leases.release_in_storage,
+            leases.release,
             consumer=consumer,
             selector=SelectorStrategy(selector) if selector else SelectorStrategy.ROUND_ROBIN,
             lease_seconds=int(lease_seconds),
             # Opt-in: lent slots of a few storage leases on a shared storage (blocks.py).
             lease_blocks=lease_blocks,
         )
+        leases.remember = self._selection.remember
 
     @property
     def consumer(self) -> str | None:
@@ -175,10 +179,6 @@ class LeaseBroker:
 
     def _pool_record(self, name: str) -> Any:
         return self._pools.record(name)
-
-    def _held_in(self, pool: str) -> int:
-        with self._lock:
-            return sum(1 for lease in self._held if lease.pool == pool)
 
     def pools(self) -> list[str]:
         return self._pools.names()
@@ -345,33 +345,6 @@ class LeaseBroker:
         deadline = time.monotonic() + (self.acquire_timeout if timeout is None else timeout)
         return self._selection.waits(pool or self.pool, wanted, protocols, session, avoid, deadline, site)
 
-    def _wrap(
-        self, lease: Lease | LeaseHandle, pool: str, session: str | None, proxy: Proxy | None, site: str | None
-    ) -> ProxyLease:
-        pid = lease.proxy_id
-        # The proxy's health record carries its endpoint: one lookup (of a UUID, hashed
-        # in Python) per lease.  Read without the lock: a dict read is atomic.
-        state = self._ledger.states.get(pid)
-        endpoint = None if state is None else state.endpoint
-        if endpoint is None:
-            endpoint = self._endpoints.pop(pid, None)  # made when the proxy was added here
-            if endpoint is None:
-                # Only the endpoint is kept, not the proxy: a storage that can show its
-                # stored proxy without a copy (memory) spares one model copy per proxy.
-                peek = getattr(self.storage, "peek_proxy", None)
-                found = proxy or (peek(pid) if peek is not None else None) or self.storage.get_proxy(str(pid))
-                endpoint = _Endpoint.of(found)
-        held = ProxyLease(lease, endpoint, pool, session, site)
-        with self._lock:
-            self._held.add(held)
-            self.counters["acquired"] += 1
-            if len(self._held) > self.peak_held:
-                self.peak_held = len(self._held)
-            held._state = self._ledger.adopt(held, state)  # what `report` updates, without a lookup
-            if session is not None:
-                self._selection.remember(pool, session, pid)
-        return held
-
     # ------------------------------------------------------------------ report
 
     def report(
@@ -389,7 +362,7 @@ class LeaseBroker:
         Status changes reach the storage at once; routine successes only update this
         process's counters and are written at most every `policy.flush_seconds`.
         """
-        return self._report(lease, status_code, error, latency_ms, response, verdict, release=False)
+        return self._report(lease, status_code, error, latency_ms, response, verdict, False)
 
     def finish(
         self,
@@ -403,51 +376,7 @@ class LeaseBroker:
     ) -> Verdict:
         """`report` then `release`, as a request ends, in one trip through the broker's
         lock.  The proxy is released even when the report fails."""
-        return self._report(lease, status_code, error, latency_ms, response, verdict, release=True)
-
-    def _report(
-        self,
-        lease: ProxyLease,
-        status_code: int | None,
-        error: BaseException | None,
-        latency_ms: float | None,
-        response: Any,
-        verdict: Verdict | None,
-        *,
-        release: bool,
-    ) -> Verdict:
-        try:
-            if latency_ms is None:
-                latency_ms = lease.elapsed_ms()
-            if verdict is None:
-                verdict = self.policy.judge(status_code, error, response)  # a ban detector may raise
-        except BaseException:
-            if release:
-                self.release(lease)
-            raise
-        lease.verdict = verdict
-        lease.reported = True
-        wide = True  # a ban without a site: the proxy's, everywhere (as before sites)
-        held = verdict.site_refusal and lease.site is not None
-        if held:
-            try:  # the site holds the pair; the proxy goes everywhere only when burned
-                wide = self.sites.refuse(lease.proxy_id, lease.site, verdict, response, lease.safe_url)  # type: ignore[arg-type]
-            except BaseException:
-                if release:
-                    self.release(lease)
-                raise
-        with self._lock:
-            if held:
-                self.counters["site_bans" if verdict is Verdict.BAN else "site_cooldowns"] += 1
-            change = self._ledger.record(lease, verdict, latency_ms, wide=wide)
-            first = release and self._mark_released(lease)
-        try:
-            if change is not None:
-                self._ledger.apply(lease, change, status_code, error, latency_ms)
-        finally:
-            if first:
-                self._release_handed_out(lease)
-        return verdict
+        return self._report(lease, status_code, error, latency_ms, response, verdict, True)
 
     async def report_async(self, lease: ProxyLease, *args: Any, **kwargs: Any) -> Verdict:
         return await bridge.run(self.storage_blocks, lambda: self.report(lease, *args, **kwargs))
@@ -456,45 +385,10 @@ class LeaseBroker:
 
     def release(self, lease: ProxyLease) -> bool:
         """Return the proxy to the pool.  Idempotent: True only the first time."""
-        if lease.released:  # only ever goes from False to True: no lock needed to see it
-            return False
-        with self._lock:
-            first = self._mark_released(lease)
-        if first:
-            self._release_handed_out(lease)
-        return first
+        return self._release(lease)
 
     async def release_async(self, lease: ProxyLease) -> bool:
         return await bridge.run(self.storage_blocks, self.release, lease)
-
-    def _mark_released(self, lease: ProxyLease) -> bool:
-        """Mark `lease` released (caller holds the lock); False when it already was."""
-        if lease.released:
-            return False
-        lease.released = True
-        self._held.discard(lease)
-        self.counters["released"] += 1
-        return True
-
-    def _release_handed_out(self, lease: ProxyLease) -> None:
-        """The storage's half of releasing a lease a request used; a visit that claimed
-        its pair's politeness slot starts the pair's `site_delay` now that it is over."""
-        self._release_in_storage(lease._handle)
-        if lease.polite:
-            self.sites.visited(lease.proxy_id, lease.site)  # type: ignore[arg-type]
-
-    def _release_in_storage(self, handle: Lease | LeaseHandle) -> None:
-        """The storage's half of a release (the lease may never have been handed out)."""
-        if isinstance(handle, Slot):
-            handle.block.give_back(handle)  # kept for the next request, or released in a batch
-            return
-        if has_release_listeners(self.lease_manager):
-            self.lease_manager.release_proxy(handle if isinstance(handle, Lease) else handle.to_lease())
-            return
-        # The manager's steps without the event payload nobody listens to.
-        if isinstance(handle, Lease):
-            handle.released_at = handle.released_at or datetime.now(timezone.utc)
-        self.storage.release_lease(handle)  # type: ignore[arg-type]  # or the storage's own record
 
     @contextmanager
     def lease(self, url: str | None = None, **options: Unpack[LeaseOptions]) -> Iterator[ProxyLease]:
@@ -530,24 +424,20 @@ class LeaseBroker:
     @property
     def held(self) -> int:
         """Leases acquired through this broker and not yet released."""
-        with self._lock:
-            return len(self._held)
+        return self._leases.count()
+
+    @property
+    def peak_held(self) -> int:
+        """Most leases handed out at once."""
+        return self._leases.peak
 
     def held_leases(self) -> list[ProxyLease]:
-        with self._lock:
-            return list(self._held)
+        return self._leases.leases()
 
     def close(self) -> int:
         """Release every lease still held; returns how many.  Safe to call twice."""
         self._closed = True
-        released = 0
-        for held in self.held_leases():
-            try:
-                released += self.release(held)
-            except Exception:  # keep releasing the others; the storage logged it
-                logger.exception("could not release a lease of %(proxy)s", {"proxy": held.safe_url})
-        if released:
-            logger.info("released %(n)d lease(s) still held at close", {"n": released})
+        released = self._leases.release_all()
         for block in self._selection.blocks():
             try:
                 block.close()  # the slots kept for the next requests go back to the storage
