@@ -104,6 +104,7 @@ def crawl_child(spec: dict[str, Any]) -> None:
                     raise SystemExit("no go")
                 await asyncio.sleep(0.002)
             marks["go_seen"] = time.time()
+            marks["cpu_go"] = time.process_time()
             meta = {"proxy": spec["static"]} if spec.get("static") else {}
             for i in range(pages):
                 yield Request(f"{target}/page/{i}", meta=dict(meta), dont_filter=True)
@@ -138,11 +139,19 @@ def crawl_child(spec: dict[str, Any]) -> None:
 
     def stopped() -> None:
         marks["stopped"] = time.time()
+        marks["cpu_stopped"] = time.process_time()
 
     crawler.signals.connect(opened, signal=signals.spider_opened)
     crawler.signals.connect(stopped, signal=signals.engine_stopped)
+    calls = _count_storage_calls() if os.environ.get("PXI_BENCH_COUNT") else None
     process.crawl(crawler)
-    process.start()
+    profile_to = os.environ.get("PXI_BENCH_PROFILE")  # a directory: one cProfile dump per crawler
+    if profile_to:
+        import cProfile
+
+        cProfile.runctx("process.start()", globals(), {"process": process}, f"{profile_to}/{os.getpid()}.prof")
+    else:
+        process.start()
     assert crawler.stats is not None
     stats = crawler.stats.get_stats()
     print(
@@ -151,11 +160,34 @@ def crawl_child(spec: dict[str, Any]) -> None:
                 "pages": Fleet.seen,
                 "errors": stats.get("log_count/ERROR", 0),
                 "exceptions": stats.get("downloader/exception_count", 0),
+                **({"storage_calls": calls} if calls is not None else {}),
                 **marks,
             }
         ),
         flush=True,
     )
+
+
+def _count_storage_calls() -> dict[str, int]:
+    """Debug aid (PXI_BENCH_COUNT=1): count the SQL storages' and site stores' calls by
+    method, in every thread, into the dict returned (printed in the child's JSON line)."""
+    import functools
+
+    from pharox_integrations.storage.sql import SqlStorage
+    from pharox_integrations.storage.sql_sites import SqlSiteStore
+
+    calls: dict[str, int] = {}
+    for cls in (SqlStorage, SqlSiteStore):
+        for name, fn in list(vars(cls).items()):
+            if name.startswith("_") or not callable(fn):
+                continue
+
+            def counted(*args: Any, _fn: Any = fn, _key: str = f"{cls.__name__}.{name}", **kwargs: Any) -> Any:
+                calls[_key] = calls.get(_key, 0) + 1
+                return _fn(*args, **kwargs)
+
+            setattr(cls, name, functools.wraps(fn)(counted))
+    return calls
 
 
 def door_child(spec: dict[str, Any]) -> None:
@@ -422,6 +454,7 @@ class Crawl:
     tx: float | None = None  # transactions per page
     stmts: float | None = None  # statements per page (MariaDB)
     busy_db: bool = False  # another client was busy on the database meanwhile
+    cpu_ms: float | None = None  # the crawler processes' CPU time per page (all threads)
     failed: str = ""
 
 
@@ -469,6 +502,9 @@ def run_crawl(storage: str, k: int, pages: int, target: str, port: int, work: Pa
                 bad = next(i for i, (c, r) in enumerate(zip(codes, results, strict=True)) if c != 0 or r is None)
                 return Crawl(failed=f"child exit {codes[bad]}: {_why(outs[bad])}")
             done = [r for r in results if r is not None]
+            for r in done:
+                if "storage_calls" in r:
+                    print(f"    storage calls of one crawler: {r['storage_calls']}", flush=True)
             scraped = sum(int(r["pages"]) for r in done)
             end = max(float(r.get("stopped", r.get("last_page", go_at))) for r in done)
             crawl = Crawl(
@@ -476,6 +512,9 @@ def run_crawl(storage: str, k: int, pages: int, target: str, port: int, work: Pa
                 lost=pages * k - scraped,
                 errors=sum(int(r["errors"]) + int(r["exceptions"]) for r in done),
             )
+            if scraped and all("cpu_stopped" in r and "cpu_go" in r for r in done):
+                cpu = sum(float(r["cpu_stopped"]) - float(r["cpu_go"]) for r in done)
+                crawl.cpu_ms = cpu * 1000 / scraped
             if before_pg is not None and scraped:
                 crawl.tx = (pg_settled_counters() - before_pg) / scraped
                 crawl.busy_db = bool(watch and watch.others)
@@ -529,8 +568,13 @@ class Cells:
         self.runs.setdefault(key, []).append(value)
 
 
-def _crawl_row(k: int, storage: str, rate: str, ratio: str, tx: str, stmts: str, lost: object, errors: object) -> str:
-    return f"| {k} | {storage:<10} | {rate:>7} | {ratio:>9} | {tx:>10} | {stmts:>10} | {lost:>4} | {errors:>6} |"
+def _crawl_row(
+    k: int, storage: str, rate: str, ratio: str, cpu: str, tx: str, stmts: str, lost: object, errors: object
+) -> str:
+    return (
+        f"| {k} | {storage:<10} | {rate:>7} | {ratio:>9} | {cpu:>11} | {tx:>10} | {stmts:>10} "
+        f"| {lost:>4} | {errors:>6} |"
+    )
 
 
 def _median(values: list[float]) -> float | None:
@@ -596,6 +640,7 @@ def main() -> None:
                             print(f"  run {repeat + 1}: K={k} {storage:<10} FAILED: {got.failed}", flush=True)
                             continue
                         extra = f", {got.tx:.2f} tx/page" if got.tx is not None else ""
+                        extra += f", {got.cpu_ms:.2f} CPU ms/page" if got.cpu_ms is not None else ""
                         print(
                             f"  run {repeat + 1}: K={k} {storage:<10} {got.rate:5.0f} pages/s{extra}"
                             f" (lost {got.lost}, errors {got.errors}; {time.perf_counter() - t0:.0f} s)",
@@ -630,8 +675,8 @@ def main() -> None:
         f"process, K processes at once; median of {repeats} (load average {load0:.1f} -> "
         f"{os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs)\n"
     )
-    print("| K | storage    | pages/s | vs memory | db tx/page | stmts/page | lost | errors |")
-    print("|--:|------------|--------:|----------:|-----------:|-----------:|-----:|-------:|")
+    print("| K | storage    | pages/s | vs memory | CPU ms/page | db tx/page | stmts/page | lost | errors |")
+    print("|--:|------------|--------:|----------:|------------:|-----------:|-----------:|-----:|-------:|")
     odd: list[str] = []
     for k in ks:
         ok = {s: [c for c in crawls.runs.get((k, s), []) if not c.failed] for s in storages}
@@ -643,7 +688,7 @@ def main() -> None:
                 odd.append(f"K={k} {storage}: {failed} of {len(runs)} runs failed")
             rate = _median([c.rate for c in got_runs])
             if rate is None:
-                print(_crawl_row(k, storage, "failed", "-", "-", "-", "-", "-"))
+                print(_crawl_row(k, storage, "failed", "-", "-", "-", "-", "-", "-"))
                 continue
             ratio = f"{rate / memory:.2f}x" if memory else "-"
             tx = _median([c.tx for c in got_runs if c.tx is not None])
@@ -652,10 +697,13 @@ def main() -> None:
             stmts = _median([c.stmts for c in got_runs if c.stmts is not None])
             stmts_s = f"{stmts:.2f}" if stmts is not None else "-"
             lost, errors = sum(c.lost for c in got_runs), sum(c.errors for c in got_runs)
-            print(_crawl_row(k, storage, f"{rate:.0f}", ratio, tx_s, stmts_s, lost, errors))
+            cpu = _median([c.cpu_ms for c in got_runs if c.cpu_ms is not None])
+            cpu_s = f"{cpu:.2f}" if cpu is not None else "-"
+            print(_crawl_row(k, storage, f"{rate:.0f}", ratio, cpu_s, tx_s, stmts_s, lost, errors))
     print(
         "\nmemory with K processes = K independent in-memory pools (one per process); sqlite/postgresql/mariadb = "
         "the K processes share one pool.\npages/s = all K processes' pages / (go -> last engine stopped).  "
+        "CPU ms/page: the crawlers' own CPU time (all threads) from go to engine stopped, per page.\n"
         "db tx/page: PostgreSQL pg_stat_database xact_commit+xact_rollback of the database;\nMariaDB SHOW GLOBAL "
         "STATUS Com_commit (stmts = Questions), server-wide.  lost/errors: summed over the runs.\n"
         "* = another client was busy on the database during the run: the figure includes its transactions."

@@ -45,12 +45,13 @@ logger = logging.getLogger("pharox_integrations")
 class Slot:
     """One storage lease of the block, lent to one request at a time (a `LeaseHandle`)."""
 
-    __slots__ = ("block", "lease", "proxy_id", "taken", "used")
+    __slots__ = ("block", "lease", "limited", "proxy_id", "taken", "used")
 
-    def __init__(self, lease: Lease, block: LeaseBlock) -> None:
+    def __init__(self, lease: Lease, block: LeaseBlock, limited: bool) -> None:
         self.lease = lease
         self.proxy_id: UUID = lease.proxy_id
         self.block = block
+        self.limited = limited  # its proxy has a max_concurrency: goes back when its request ends
         self.taken = time.monotonic()  # when the storage lease was taken
         self.used = self.taken  # when it was last given back by a request
 
@@ -101,9 +102,36 @@ class LeaseBlock:
         self._next_batch = now
         self._next_renew = now + lease_seconds / 3
         self._next_status = now + status_seconds
-        self.counters = {"slots_taken": 0, "slots_lent": 0, "slots_released": 0, "release_batches": 0}
+        self.counters = dict.fromkeys(
+            ("slots_taken", "slots_lent", "slots_lent_inline", "slots_released", "release_batches"), 0
+        )
 
     # ------------------------------------------------------------------ requests
+
+    def lend(self, avoid: Collection[UUID]) -> Slot | None:
+        """A free slot without any I/O (an event loop may call this inline), or None
+        when the block would rather grow or has none free: then `take`, off the loop."""
+        with self._lock:
+            if len(self._free) + len(self._lent) < self.spread and time.monotonic() >= self._contended_until:
+                return None
+            for _ in range(len(self._free)):
+                slot = self._free.popleft()
+                if slot.proxy_id in avoid:
+                    self._free.append(slot)
+                    continue
+                self._lent.add(slot)
+                self.counters["slots_lent"] += 1
+                self.counters["slots_lent_inline"] += 1
+                return slot
+        return None
+
+    def unlend(self, slot: Slot) -> None:
+        """A slot `lend` gave out that its request could not use: first in line again."""
+        with self._lock:
+            self._lent.discard(slot)
+            self._free.appendleft(slot)
+            self.counters["slots_lent"] -= 1
+            self.counters["slots_lent_inline"] -= 1
 
     def take(self, avoid: Collection[UUID]) -> Slot | None:
         """A slot for one request: a free one of the block (oldest first, so requests
@@ -128,7 +156,10 @@ class LeaseBlock:
             if lease is None:
                 self._contended_until = time.monotonic() + self.max_age
                 return self._lend_free(avoid) if grow else None
-            slot = Slot(lease, self)
+            limited = self._limited.get(lease.proxy_id)
+            if limited is None:
+                limited = self._limited[lease.proxy_id] = self._is_limited(lease.proxy_id)
+            slot = Slot(lease, self, limited)
             with self._lock:
                 self.counters["slots_taken"] += 1
                 if lease.proxy_id in avoid:
@@ -150,24 +181,20 @@ class LeaseBlock:
         return None
 
     def give_back(self, slot: Slot) -> None:
-        """A request is done with its slot: kept for the next one, or released."""
+        """A request is done with its slot: kept for the next one, or released.  No I/O
+        unless the slot's proxy has a `max_concurrency` (its slot is released at once):
+        the upkeep runs on the next `take` or on the block's timer."""
         now = time.monotonic()
+        urgent = not self.quiet(slot)  # another process may be waiting for this proxy
         with self._lock:
             self._lent.discard(slot)
             slot.used = now
-            limited = self._limited.get(slot.proxy_id)
-        if limited is None:
-            limited = self._limited[slot.proxy_id] = self._is_limited(slot.proxy_id)
-        with self._lock:
             if (
-                limited
-                or now < self._contended_until
+                urgent
                 or now - slot.taken >= self.max_age
                 or self._benched_now(slot.proxy_id)
             ):
                 self._to_release.append(slot.lease)
-                if limited:
-                    self._next_batch = now  # another process may be waiting for this one
             else:
                 self._free.append(slot)
             if self._timer is None:
@@ -175,7 +202,13 @@ class LeaseBlock:
                 self._timer = threading.Timer(self.idle_seconds + _MAINTAIN_SECONDS, self._on_timer)
                 self._timer.daemon = True
                 self._timer.start()
-        self.maintain(force=limited)
+        if urgent:
+            self.maintain(force=True)
+
+    def quiet(self, slot: Slot) -> bool:
+        """Whether giving `slot` back does no I/O: not when its proxy has a
+        `max_concurrency` or the pool is contended (then it is released at once)."""
+        return not slot.limited and time.monotonic() >= self._contended_until
 
     def _is_limited(self, proxy_id: UUID) -> bool:
         try:

@@ -295,8 +295,8 @@ class LeaseBroker:
         """`acquire` for asyncio: waits with `asyncio.sleep`, blocking storages off the loop."""
         if site is None and url is not None:
             site = self.sites.site_of(url)
-        if session is None and not avoid and not self.storage_blocks:
-            fast = self.acquire_nowait(pool=pool, filters=filters, protocols=protocols, site=site)
+        if session is None and not avoid:
+            fast = self.acquire_nowait(pool=pool, filters=filters, protocols=protocols, site=site, inline=True)
             if fast is not None:
                 return fast
         steps = self._waits(pool, filters, session, protocols, timeout, avoid, site)
@@ -316,17 +316,21 @@ class LeaseBroker:
         filters: ProxyFilters | None = None,
         protocols: Collection[ProxyProtocol | str] | None = None,
         site: str | None = None,
+        inline: bool = False,
     ) -> ProxyLease | None:
         """One attempt without waiting: a lease, or None when no proxy is free right now
         (or the broker is closed: `acquire` says why).  `site`: see `acquire`.
 
-        It calls the storage on this thread: an event loop should use it only when
-        `storage_blocks` is false.  The first attempt of every common acquire (no
-        session, nothing to avoid), without the waiting generator.
+        The first attempt of every common acquire (no session, nothing to avoid),
+        without the waiting generator.  It calls the storage on this thread; `inline`
+        (an event loop's first try) never calls a storage that blocks: there only a slot
+        of this process's lease block is lent, without I/O, or None.
         """
         if self._closed:
             return None  # the full path says why
         wanted = filters if filters is not None else self.filters
+        if inline and self.storage_blocks:
+            return self._selection.local(pool or self.pool, wanted, protocols, site)
         return self._selection.nowait(pool or self.pool, wanted, protocols, site)
 
     def _waits(
@@ -377,6 +381,11 @@ class LeaseBroker:
         """`report` then `release`, as a request ends, in one trip through the broker's
         lock.  The proxy is released even when the report fails."""
         return self._report(lease, status_code, error, latency_ms, response, verdict, True)
+
+    def quiet(self, lease: ProxyLease, verdict: Verdict) -> bool:
+        """Whether `finish(lease, verdict=verdict)` does no I/O, so an event loop may
+        call it inline on a storage that blocks (a routine answer on a lease-block slot)."""
+        return self._leases.quiet(lease, verdict)
 
     async def report_async(self, lease: ProxyLease, *args: Any, **kwargs: Any) -> Verdict:
         return await bridge.run(self.storage_blocks, lambda: self.report(lease, *args, **kwargs))

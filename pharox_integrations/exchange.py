@@ -178,13 +178,14 @@ class Exchange:
 
     def try_lease(self) -> ProxyLease | None:
         """A lease without waiting (the prepared one, or a free proxy right now), or None:
-        for event loops that may call a memory storage inline but must not wait."""
+        for event loops, which must not wait, nor call a storage that blocks (there only
+        a slot of the lease block is lent inline)."""
         if self._next is not None:
             return self.lease()
-        if self.session is not None or self.broker.storage_blocks:
+        if self.session is not None:
             return None
         self.current = self.broker.acquire_nowait(
-            pool=self.pool, filters=self.filters, protocols=self.protocols, site=self.site
+            pool=self.pool, filters=self.filters, protocols=self.protocols, site=self.site, inline=True
         )
         return self.current
 
@@ -311,8 +312,18 @@ class Exchange:
         `verdict` None: a failure, not yet judged.  An answer that does not move and
         whose body is still to be read writes nothing yet (see `close`)."""
         if verdict is not None and not verdict.moves_request:
-            return self.broker.storage_blocks and not streaming
+            return self.broker.storage_blocks and not streaming and not self.broker.quiet(self._held(), verdict)
         return self.broker.storage_blocks or (self.moves_left > 0 and self.replayable)
+
+    def close_may_block(self, error: BaseException | None = None) -> bool:
+        """Whether `close(error)` may block (see `may_block`): a streamed routine answer
+        on a lease-block slot is settled inline."""
+        if not self.broker.storage_blocks:
+            return False
+        lease, deferred = self.current, self._deferred
+        if lease is None or lease.released:
+            return self._next is not None
+        return error is not None or deferred is None or not self.broker.quiet(lease, deferred[1])
 
     async def failed_async(self, error: BaseException, **kwargs: Any) -> Step:
         """`failed` without blocking the loop (a failure may move, and a move may wait)."""

@@ -492,7 +492,7 @@ class AsyncPharoxTransport(_Door[httpx.AsyncHTTPTransport], httpx.AsyncBaseTrans
         return ex.answered_async(response.status_code, response, streaming=True)
 
     async def _close(self, ex: Exchange, error: BaseException | None) -> None:
-        if self.broker.storage_blocks:  # in a worker thread it completes even if this task is cancelled
+        if ex.close_may_block(error):  # in a worker thread it completes even if this task is cancelled
             await asyncio.to_thread(ex.close, error)
         else:
             ex.close(error)

@@ -139,6 +139,17 @@ class HeldLeases:
                 self._release_handed_out(lease)
         return verdict
 
+    def quiet(self, lease: ProxyLease, verdict: Verdict) -> bool:
+        """`LeaseBroker.quiet`: a slot that goes back to its block without I/O, no
+        politeness to restart, no site hold and nothing the ledger must write."""
+        handle = lease._handle
+        return (
+            isinstance(handle, Slot)
+            and not lease.polite
+            and handle.block.quiet(handle)
+            and self._ledger.quiet(lease, verdict)
+        )
+
     # ------------------------------------------------------------------ released
 
     def release(self, lease: ProxyLease) -> bool:

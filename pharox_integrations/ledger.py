@@ -188,6 +188,19 @@ class HealthLedger:
             state.clear_latencies()
         return new_status
 
+    def quiet(self, lease: ProxyLease, verdict: Verdict) -> bool:
+        """Whether `record` of this verdict will write nothing (an event loop may then
+        report inline): an answer the proxy delivered, on a proxy this process knows,
+        not benched or just revived, with slowness not watched and its periodic flush
+        more than a second away.  Called without the lock: the state only moves toward
+        a write through `record`, which this request's own report is next to call."""
+        if verdict is not Verdict.OK and verdict is not Verdict.TARGET_ERROR:
+            return False
+        state: ProxyState | None = lease._state
+        if state is None or state.benched or state.revived or self.policy.slow_ms is not None:
+            return False
+        return time.monotonic() - state.last_flush < self.policy.flush_seconds - 1.0
+
     def apply(
         self,
         lease: ProxyLease,
@@ -247,6 +260,16 @@ class HealthLedger:
 
     # ------------------------------------------------------------------ revival
 
+    def due(self, pool: str) -> bool:
+        """Whether `revive_due(pool)` would do more than look (a revival or a scan is
+        due); an event loop leases off the loop then.  Decided without the lock (reads of
+        a list and a dict are atomic in CPython; a stale answer only delays a revival to
+        the next call), and without a wall-clock read while nothing is benched."""
+        if self._revivals and self._revivals[0][0] <= time.time():
+            return True
+        last = self._last_scan.get(pool)
+        return last is None or time.monotonic() - last >= self.revive_scan_seconds
+
     def revive_due(self, pool: str, *, scan: bool = False) -> None:
         """Bring back proxies whose cool-down is over.
 
@@ -254,13 +277,8 @@ class HealthLedger:
         benched by another process sharing the storage are found by a rate-limited scan
         of the benched ones, their return time derived from the storage's records.
         """
-        if not scan and not (self._revivals and self._revivals[0][0] <= time.time()):
-            # The common case (every acquire), decided without the lock (reads of a list
-            # and a dict are atomic in CPython; a stale answer only delays a revival to
-            # the next call), and without a wall-clock read while nothing is benched.
-            last = self._last_scan.get(pool)
-            if last is not None and time.monotonic() - last < self.revive_scan_seconds:
-                return
+        if not scan and not self.due(pool):
+            return  # the common case (every acquire)
         now = time.time()
         mono = time.monotonic()
         due: list[UUID] = []

@@ -156,6 +156,38 @@ class Selection:
             return None
         return None if found is None else self._wrap(found, pool, None, None, None)
 
+    def local(
+        self,
+        pool: str,
+        filters: ProxyFilters | None,
+        protocols: Collection[ProxyProtocol | str] | None,
+        site: str | None,
+    ) -> ProxyLease | None:
+        """A lease lent from this process's lease block without any I/O, or None when
+        that is not possible right now (no block yet, the block would grow, a revival or
+        a site refresh is due, a politeness claim is needed, the proxy's endpoint is not
+        known yet).  An event loop on a shared storage calls this inline and goes off the
+        loop only on None: with blocks, most requests never leave the loop."""
+        blocks = self._blocks
+        if not blocks:
+            return None
+        block = blocks.get((pool, id(filters := self.effective_filters(filters, protocols)), self.selector))
+        if block is None or block.filters is not filters or self._ledger.due(pool):
+            return None
+        avoid: Collection[UUID] = ()
+        if site is not None:
+            if not self.sites.quiet():
+                return None
+            avoid = self.sites.holds(site)
+        slot = block.lend(avoid)
+        if slot is None:
+            return None
+        state = self._ledger.states.get(slot.proxy_id)
+        if state is None or state.endpoint is None:
+            block.unlend(slot)  # its first lease here reads the proxy: off the loop
+            return None
+        return self._wrap(slot, pool, None, None, site)
+
     def try_lease(
         self,
         pool: str,

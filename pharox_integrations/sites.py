@@ -358,6 +358,12 @@ class SiteBook:
             self._refresh()
         return self._mirror.holds(site, time.time())
 
+    def quiet(self) -> bool:
+        """Whether leasing for a site now needs no I/O here, so an event loop may do it
+        inline: no politeness claim to write, no refresh or purge of the store due."""
+        now = time.monotonic()
+        return not self.delay and now < self._next_purge and (not self.refresh or now < self._next_refresh)
+
     def _refresh(self) -> None:
         self._next_refresh = time.monotonic() + self.refresh  # first: one refresh at a time
         self._mirror = MemorySiteStore.of(self.store.in_force(time.time()))

@@ -1,11 +1,13 @@
 """Lease blocks (`lease_blocks=True`, PHAROX_LEASE_BLOCKS) on the three SQL databases:
 slots lent locally keep `max_concurrency` exact across processes, go back when idle,
 share a tight pool between processes, drop a proxy another process benched within about
-a second, and come back after `lease_seconds` when their process is killed.  Nothing is
-sent: the proxies are addresses only; the storages are real."""
+a second, and come back after `lease_seconds` when their process is killed; an event
+loop is lent slots inline.  The storages are real; the last test sends real requests
+through a real proxy, the others lease addresses only."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import signal
@@ -14,16 +16,22 @@ import sys
 import threading
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
+import httpx
 import pytest
 
 from pharox_integrations import LeaseBroker
+from pharox_integrations.httpx import AsyncPharoxTransport
 from pharox_integrations.storage import storage_from_url
 
 if __package__:
+    from .servers import KitProxy, TargetServer
     from .sqlhelpers import backend_params, private_database
 else:
+    from servers import KitProxy, TargetServer
     from sqlhelpers import backend_params, private_database
 
 PROXIES = [f"http://10.66.0.{i}:3128" for i in range(1, 5)]
@@ -209,4 +217,56 @@ def test_many_threads_lose_no_slot(url: str) -> None:
     assert broker.held == 0
     assert all(p.current_leases <= 2 for p in broker.proxies())
     broker.close()
+    assert leased(broker) == 0
+
+
+class _CountingExecutor(ThreadPoolExecutor):
+    """The loop's default executor (where `asyncio.to_thread` runs), counting its jobs."""
+
+    jobs = 0
+
+    def submit(self, *args: Any, **kwargs: Any) -> Any:
+        type(self).jobs += 1
+        return super().submit(*args, **kwargs)
+
+
+def test_an_event_loop_is_lent_slots_and_gives_them_back_inline(
+    url: str, http_proxy: KitProxy, target: TargetServer
+) -> None:
+    """httpx's async transport on a shared storage with blocks: once the block has grown,
+    a request is lent a slot and gives it back on the loop itself, without a worker
+    thread (the storage is not called); nothing is lost and every request arrives."""
+    host_port = http_proxy.url.split("://", 1)[1]
+    entries = [f"http://u{i}:p{i}@{host_port}" for i in range(6)]
+    LeaseBroker.from_proxies(entries, storage=url).storage.close()  # type: ignore[attr-defined]
+    broker = blocked(url)
+    target.reset()
+    requests_sent = 200
+    _CountingExecutor.jobs = 0
+
+    async def crawl() -> list[int]:
+        asyncio.get_running_loop().set_default_executor(_CountingExecutor(max_workers=4))
+        transport = AsyncPharoxTransport(broker)
+        async with httpx.AsyncClient(transport=transport, timeout=30) as client:
+            todo = iter(range(requests_sent))
+
+            async def worker() -> list[int]:
+                return [(await client.get(f"{target.url}/page/{i}?n={requests_sent}")).status_code for i in todo]
+
+            done = await asyncio.gather(*(worker() for _ in range(8)))
+        return [code for codes in done for code in codes]
+
+    try:
+        codes = asyncio.run(crawl())
+        assert codes == [200] * requests_sent
+        arrived = sorted(r.path for r in target.requests)
+        assert arrived == sorted(f"/page/{i}?n={requests_sent}" for i in range(requests_sent))  # each once
+        lent_inline = sum(b.counters["slots_lent_inline"] for b in broker._selection.blocks())
+        # The block grows to its spread off the loop first (8 slots: a few requests);
+        # a site refresh or revival scan sends one more off the loop now and then.
+        assert lent_inline >= requests_sent * 0.8, lent_inline
+        assert _CountingExecutor.jobs <= requests_sent * 0.2, _CountingExecutor.jobs
+        assert broker.held == 0
+    finally:
+        broker.close()
     assert leased(broker) == 0
