@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 
 class PharoxIntegrationError(Exception):
@@ -67,14 +68,26 @@ class ProxyAttempt:
 
 
 class AllProxiesFailed(PharoxIntegrationError):
-    """Every proxy tried for one request failed; names each proxy once with its outcome."""
+    """Every proxy tried for one request failed; names each proxy once with its outcome.
+
+    A door's subclass is also an error of its client's family; one whose constructor does
+    not take a message (urllib3's `MaxRetryError`) overrides `_init_base`.
+    """
 
     def __init__(self, attempts: Sequence[ProxyAttempt], message: str | None = None) -> None:
         self.attempts = list(attempts)
         if message is None:
             tried = "; ".join(str(a) for a in self.attempts) or "no attempt"
             message = f"all {len(self.attempts)} proxies tried failed: {tried}"
+        self._init_base(message)
+
+    def _init_base(self, message: str) -> None:
         super().__init__(message)
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        # Rebuilt as it was built, whatever the client's family would pass (its args, or
+        # urllib3's (pool, url, reason)); the attributes come back from `__dict__`.
+        return (type(self), (self.attempts, str(self)), dict(self.__dict__))
 
 
 class ProxyAuthenticationFailed(AllProxiesFailed):

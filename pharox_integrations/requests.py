@@ -48,7 +48,6 @@ import re
 import ssl
 import sys
 import threading
-import weakref
 from collections.abc import Mapping
 from types import SimpleNamespace
 from typing import Any
@@ -61,20 +60,12 @@ from requests.models import PreparedRequest, Response
 from requests.utils import get_environ_proxies, select_proxy, should_bypass_proxies
 from urllib3.util.retry import Retry
 
-from .broker import HTTP_PROTOCOLS, LeaseBroker
+from .broker import LeaseBroker
 from .errors import AllProxiesFailed, NoProxyAvailable, ProxyAuthenticationFailed, ReportFailed
-from .exchange import DoorErrors, Exchange, Step, causes, moves_keyword
+from .exchange import DoorErrors, Step, causes, moves_keyword
 from .health import Verdict
 from .routes import CLOSER, Route, RouteCache
-
-try:  # the `socks` extra: without PySocks only HTTP(S) proxies are leased
-    import socks as _socks
-
-    _SOCKS_AUTH_ERRORS: tuple[type[BaseException], ...] = (_socks.SOCKS5AuthError,)
-    _PROTOCOLS = None  # every protocol
-except ImportError:  # pragma: no cover - PySocks is installed with the socks extra
-    _SOCKS_AUTH_ERRORS = ()
-    _PROTOCOLS = HTTP_PROTOCOLS
+from .urllib3_support import OpenExchanges, connect_timeout, leased_protocols, socks_hint
 
 __all__ = [
     "AllProxiesFailedError",
@@ -158,8 +149,8 @@ class PharoxAdapter(HTTPAdapter):
         self.session = session
         self.max_moves = moves_keyword(max_moves, proxy_retries=proxy_retries)
         self.trust_env = trust_env
-        self._lock = threading.Lock()
-        self._streams: dict[Exchange, weakref.finalize[Any, Any]] = {}  # streamed bodies still open
+        self._protocols = leased_protocols()
+        self._exchanges = OpenExchanges(defer_close=True)
         self._local = threading.local()
         super().__init__(pool_connections, pool_maxsize, max_retries, pool_block)
         CLOSER.start()
@@ -170,8 +161,7 @@ class PharoxAdapter(HTTPAdapter):
     @property
     def held(self) -> int:
         """Leases this adapter holds right now (in-flight requests and open streams)."""
-        with self._lock:
-            return len(self._streams)
+        return len(self._exchanges)
 
     # ------------------------------------------------------------------ connection pools
 
@@ -277,22 +267,24 @@ class PharoxAdapter(HTTPAdapter):
             # redirects): through a tunnel or SOCKS it would reach the target.
             request = request.copy()
             del request.headers["Proxy-Authorization"]
-        exchange = self.broker.exchange(
-            url,
-            pool=self.pool,
-            filters=self.filters,
-            session=self.session,
-            protocols=_PROTOCOLS,
-            max_moves=self.max_moves,
-            body=request.body,
-            timeout=_connect_timeout(kwargs.get("timeout")),
-            errors=_ERRORS,
+        exchange = self._exchanges.add(
+            self.broker.exchange(
+                url,
+                pool=self.pool,
+                filters=self.filters,
+                session=self.session,
+                protocols=self._protocols,
+                max_moves=self.max_moves,
+                body=request.body,
+                timeout=connect_timeout(kwargs.get("timeout")),
+                errors=_ERRORS,
+            )
         )
         try:
             try:
                 lease = exchange.lease()
             except NoProxyAvailable as exc:
-                raise _for_request(exc, request) from None
+                raise _for_request(socks_hint(exc, self._protocols), request) from None
             while True:
                 response: Response | None = None
                 try:
@@ -317,61 +309,16 @@ class PharoxAdapter(HTTPAdapter):
                     response.close()  # its connection goes back to the pool too
                     raise
                 if step is Step.RETURN:
-                    if stream:
-                        self._hold_until_closed(exchange, response)
+                    if stream and response.raw is not None:
+                        # Released when the body is read to the end or the response closed.
+                        self._exchanges.stream(exchange, response.raw)
                     return response
                 response.close()
                 if step is Step.RAISE:
                     raise _for_request(exchange.error, request)
                 lease = exchange.lease()
-        except BaseException:
-            exchange.close()  # nothing stays leased, whatever the way out
-            raise
-
-    def _release(self, exchange: Exchange) -> None:
-        """The streamed body is done: the exchange reports and releases (idempotent)."""
-        with self._lock:
-            finalizer = self._streams.pop(exchange, None)
-        if finalizer is not None:
-            finalizer.detach()
-        exchange.close()
-
-    def _hold_until_closed(self, exchange: Exchange, response: Response) -> None:
-        """Tie the lease to the streamed body: released at its end, on close, or on GC.
-
-        urllib3 calls `release_conn` when the body has been read to the end, and
-        `Response.close()` calls it too; `raw.close()` and garbage collection go
-        through the closer because they may run inside a finalizer.
-        """
-        raw = response.raw
-        if raw is None:
-            exchange.close()
-            return
-        raw_ref = weakref.ref(raw)  # the wrappers live on raw: no reference cycle
-        release = self._release
-
-        def release_conn() -> None:
-            try:
-                target = raw_ref()
-                if target is not None:
-                    type(target).release_conn(target)
-            finally:
-                release(exchange)
-
-        def close() -> None:
-            try:
-                target = raw_ref()
-                if target is not None:
-                    type(target).close(target)
-            finally:
-                CLOSER.put(lambda: release(exchange))
-
-        raw.release_conn = release_conn  # type: ignore[method-assign]
-        raw.close = close  # type: ignore[method-assign]
-        finalizer = weakref.finalize(raw, CLOSER.put, lambda: release(exchange))
-        finalizer.atexit = False  # at exit the broker's own close() releases what is left
-        with self._lock:
-            self._streams[exchange] = finalizer
+        finally:
+            self._exchanges.end_unless_streaming(exchange)  # nothing else stays leased, whatever the way out
 
     # ------------------------------------------------------------------ close
 
@@ -380,31 +327,14 @@ class PharoxAdapter(HTTPAdapter):
 
         Safe to call twice (`Session.close()` calls it once per mounted prefix).
         """
-        with self._lock:
-            streams = list(self._streams)
-        for exchange in streams:
-            try:
-                self._release(exchange)
-            except Exception:  # keep releasing the others; the broker logged it
-                logger.exception("could not release a lease at adapter close")
-        if streams:
-            logger.info("released %(n)d lease(s) still held at adapter close", {"n": len(streams)})
+        if streams := self._exchanges.end_streams():
+            logger.info("released %(n)d lease(s) still held at adapter close", {"n": streams})
         self.poolmanager.clear()
         for manager in self._managers.drain():
             manager.clear()
 
 
 # ---------------------------------------------------------------------- helpers
-
-
-def _connect_timeout(timeout: Any) -> float | None:
-    """The connect part of a requests timeout (a number, a (connect, read) pair or a
-    urllib3 `Timeout`): waiting for a proxy is part of connecting."""
-    if isinstance(timeout, tuple):
-        timeout = timeout[0]
-    elif timeout is not None and not isinstance(timeout, (int, float)):
-        timeout = getattr(timeout, "connect_timeout", None)
-    return float(timeout) if isinstance(timeout, (int, float)) else None
 
 
 def _door_verdict(exc: BaseException) -> tuple[Verdict | None, int | None]:

@@ -43,14 +43,10 @@ to the next host.
 
 from __future__ import annotations
 
-import importlib.util
-import logging
 import ssl
-import sys
 import threading
 import warnings
-import weakref
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from functools import partial
 from typing import Any, Literal, NoReturn
@@ -58,29 +54,26 @@ from urllib.parse import urljoin
 
 import urllib3
 from pharox import ProxyFilters, ProxyProtocol
-from urllib3 import BaseHTTPResponse, HTTPConnectionPool, HTTPHeaderDict, Retry, Timeout
+from urllib3 import BaseHTTPResponse, HTTPConnectionPool, HTTPHeaderDict, Retry
 from urllib3.connection import ProxyConfig
 from urllib3.connectionpool import port_by_scheme
 from urllib3.exceptions import HTTPError, LocationValueError, MaxRetryError, ProxyError, URLSchemeUnknown
 from urllib3.util import Url, parse_url
 from urllib3.util.proxy import connection_requires_http_tunnel
 
-from .broker import HTTP_PROTOCOLS, LeaseBroker, ProxyLease
+from .broker import LeaseBroker, ProxyLease
 from .errors import AllProxiesFailed, NoProxyAvailable, PharoxIntegrationError, ProxyAuthenticationFailed, ReportFailed
 from .exchange import DoorErrors, Exchange, Step, describe_error, moves_keyword
 from .health import Verdict
 from .routes import CLOSER, Route, RouteCache
+from .urllib3_support import OpenExchanges, connect_timeout, leased_protocols, socks_hint
 
 __all__ = [
     "AllProxiesFailedError", "LeaseFailedError", "NoProxyAvailableError", "PharoxProxyManager", "PharoxUrllib3Error",
     "ProxyAuthenticationFailedError", "ProxyNotLeasedError", "ReportFailedError",
 ]
 
-logger = logging.getLogger("pharox_integrations.urllib3")
-
 _SOCKS_VERSIONS = {ProxyProtocol.SOCKS4: 1, ProxyProtocol.SOCKS5: 2}  # PySocks' PROXY_TYPE_SOCKS4 / 5
-# What urllib3 raises from `read()` when the connection under a streamed body breaks.
-_READ_ERRORS = (urllib3.exceptions.ProtocolError, urllib3.exceptions.ReadTimeoutError)
 _PoolKey = tuple[Any, ...]
 
 
@@ -116,15 +109,9 @@ class AllProxiesFailedError(AllProxiesFailed, MaxRetryError):
     the last underlying error (None when the last proxy answered, such as a 407).
     """
 
-    def __init__(self, attempts: Any, message: str | None = None) -> None:
-        # Built as the core builds it, `cls(attempts, message)`; MaxRetryError's own
-        # constructor (pool, url, reason) is skipped: it formats its own message.
-        self.attempts = list(attempts)
-        Exception.__init__(self, str(AllProxiesFailed(self.attempts)) if message is None else message)
+    def _init_base(self, message: str) -> None:  # not MaxRetryError's (pool, url, reason): set by `_raise`
+        Exception.__init__(self, message)
         self.pool, self.url, self.reason = None, None, None  # type: ignore[assignment]
-
-    def __reduce__(self) -> tuple[Any, ...]:  # MaxRetryError's would rebuild it as (pool, url, reason)
-        return (type(self), (self.attempts, str(self)), dict(self.__dict__))
 
 
 class ProxyAuthenticationFailedError(AllProxiesFailedError, ProxyAuthenticationFailed, ProxyError):
@@ -167,13 +154,6 @@ def _verdict_for(error: Exception) -> Verdict | None:
     return Verdict.TARGET_ERROR if target_tls or isinstance(reason, urllib3.exceptions.ResponseError) else None
 
 
-def _connect_timeout(timeout: Any) -> float | None:
-    """The connect part of a urllib3 timeout (a `Timeout` or a number), None when not set:
-    waiting for a proxy is part of connecting."""
-    value = timeout.connect_timeout if isinstance(timeout, Timeout) else timeout
-    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
-
-
 def _request_form(pool: HTTPConnectionPool, target: Url, send: dict[str, Any]) -> tuple[str, dict[str, Any]]:
     """(URL, `urlopen` arguments) of a request as `ProxyManager.urlopen` sends it: to a
     forwarding proxy the absolute URL (no fragment) with the `Accept` and `Host` its
@@ -186,33 +166,6 @@ def _request_form(pool: HTTPConnectionPool, target: Url, send: dict[str, Any]) -
 
 
 # ---------------------------------------------------------------------------- responses
-
-
-def _bind_lease(response: BaseHTTPResponse, end: Callable[[BaseException | None], None]) -> None:
-    """Call `end` once the response lets go of its connection.
-
-    urllib3 calls `release_conn()` when the body is read to the end (and from
-    `drain_conn()`, and while a failed read unwinds: `end` then gets that error);
-    users call `release_conn()` or `close()`; a response dropped unread is covered by a
-    finalizer, which only queues `end` for the closer thread.  The wrappers hold the
-    response weakly, so it stays free of cycles.
-    """
-    ref = weakref.ref(response)
-
-    def then_end(method: Callable[[Any], object], reads: bool) -> Callable[[], None]:
-        def wrapper() -> None:
-            failed = sys.exc_info()[1] if reads else None
-            try:
-                if (target := ref()) is not None:
-                    method(target)
-            finally:
-                end(failed if isinstance(failed, _READ_ERRORS) else None)
-
-        return wrapper
-
-    response.release_conn = then_end(type(response).release_conn, reads=True)  # type: ignore[method-assign]
-    response.close = then_end(type(response).close, reads=False)  # type: ignore[method-assign]
-    weakref.finalize(response, CLOSER.put, partial(end, None))
 
 
 def _discard(response: BaseHTTPResponse) -> None:
@@ -313,13 +266,9 @@ class PharoxProxyManager(urllib3.ProxyManager):
             proxy_ssl_context, use_forwarding_for_https, proxy_assert_hostname, proxy_assert_fingerprint
         )
         self.broker, self.lease_pool, self.lease_filters, self.lease_session = broker, pool, filters, session
-        self._socks = importlib.util.find_spec("socks") is not None
-        # None (no restriction) rather than ALL_PROTOCOLS keeps the storages' fast path.
-        self.protocols = None if self._socks else HTTP_PROTOCOLS
+        self.protocols = leased_protocols()
         self._local = _Hops()
-        # This manager's exchanges not yet closed: True for those a streamed body holds.
-        # Used only through single dict operations (atomic), so without a lock.
-        self._open: dict[Exchange, bool] = {}
+        self._exchanges = OpenExchanges(defer_close=False)
         CLOSER.start()
 
     # ------------------------------------------------------------------ urllib3 surface
@@ -383,11 +332,7 @@ class PharoxProxyManager(urllib3.ProxyManager):
         """
         for pool in self._routes.drain(spare_in_use=True):
             pool.close()
-        for ex in [ex for ex, streaming in self._open.copy().items() if streaming]:  # in flight: they release theirs
-            try:
-                self._end(ex)
-            except ReportFailedError:  # released all the same; the others must be too
-                logger.warning("recording a streamed answer's outcome failed", exc_info=True)
+        self._exchanges.end_streams()
 
     # ------------------------------------------------------------------ explicit leases
 
@@ -399,7 +344,7 @@ class PharoxProxyManager(urllib3.ProxyManager):
         outcomes yourself with ``broker.report(lease, ...)``; the lease is released on
         exit (an escaping exception is reported against the proxy first).
         """
-        ex = self._open_exchange(url, None, None)
+        ex = self._open(url, None, None)
         try:
             lease = self._lease(ex)
             with _Hop(self, lease):
@@ -410,7 +355,7 @@ class PharoxProxyManager(urllib3.ProxyManager):
                         self.broker.report(lease, error=exc)
                     raise
         finally:
-            self._end(ex)
+            self._exchanges.end(ex)
 
     @property
     def current_lease(self) -> ProxyLease | None:
@@ -421,7 +366,7 @@ class PharoxProxyManager(urllib3.ProxyManager):
     @property
     def held(self) -> int:
         """Requests of this manager holding a lease now (in flight, or a streamed body)."""
-        return len(self._open)
+        return len(self._exchanges)
 
     def __repr__(self) -> str:
         return f"<PharoxProxyManager pool={self.lease_pool or self.broker.pool!r} pools={len(self.pools)}>"
@@ -437,7 +382,7 @@ class PharoxProxyManager(urllib3.ProxyManager):
             message = "URLs without a scheme are deprecated in urllib3 and will raise an error in urllib3 v3.0"
             warnings.warn(f"{message}; start the URL with 'http://' or 'https://'", FutureWarning, stacklevel=3)
         send = dict(kw, assert_same_host=False, redirect=False, headers=kw.get("headers", self.headers))
-        ex = self._open_exchange(url, kw.get("body"), kw.get("timeout", self.connection_pool_kw.get("timeout")))
+        ex = self._open(url, kw.get("body"), kw.get("timeout", self.connection_pool_kw.get("timeout")))
         try:
             lease = self._lease(ex)
             while True:
@@ -465,8 +410,7 @@ class PharoxProxyManager(urllib3.ProxyManager):
                         # Judged first: a redirect followed (or refused) ends the hop here.
                         follow = self._redirect(pool, method, url, response, kw) if redirect else None
                         if follow is None and streaming:
-                            _bind_lease(response, partial(self._end, ex))
-                            self._open[ex] = True
+                            self._exchanges.stream(ex, response)
                         return response, follow
                     _discard(response)
                     if step is Step.RAISE:
@@ -475,28 +419,19 @@ class PharoxProxyManager(urllib3.ProxyManager):
                     lease = self._lease(ex)
                 # Step.RESEND: the same lease again, on a fresh connection
         finally:
-            if not self._open.get(ex):  # False: in flight; True: a streamed body holds it
-                self._end(ex)
+            self._exchanges.end_unless_streaming(ex)
 
-    def _open_exchange(self, url: str | None, body: Any, timeout: Any) -> Exchange:
-        ex = self.broker.exchange(
+    def _open(self, url: str | None, body: Any, timeout: Any) -> Exchange:
+        return self._exchanges.add(self.broker.exchange(
             url, pool=self.lease_pool, filters=self.lease_filters, session=self.lease_session, protocols=self.protocols,
-            max_moves=self.max_moves, body=body, timeout=_connect_timeout(timeout), errors=_ERRORS,
-        )
-        self._open[ex] = False
-        return ex
-
-    def _end(self, ex: Exchange, error: BaseException | None = None) -> None:
-        """The exchange is over (idempotent): every lease it holds goes back."""
-        if self._open.pop(ex, None) is not None:
-            ex.close(error)
+            max_moves=self.max_moves, body=body, timeout=connect_timeout(timeout), errors=_ERRORS,
+        ))
 
     def _lease(self, ex: Exchange) -> ProxyLease:
         try:
             return ex.lease()
         except NoProxyAvailableError as exc:
-            if not self._socks and exc.counts.get("wrong_protocol"):
-                exc.args = (f"{exc}; SOCKS proxies need the socks extra: pip install 'pharox-integrations[socks]'",)
+            socks_hint(exc, self.protocols)
             raise
         except Exception as exc:  # the storage failed, the broker is closed: still an HTTPError
             pool = self.lease_pool or self.broker.pool

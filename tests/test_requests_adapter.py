@@ -182,6 +182,20 @@ def test_socks4(door: Door, target: Any, socks4_proxy: Any) -> None:
     assert session.get(f"{target.url}/echo").json()["peer_ip"] == socks4_proxy.outbound_ip
 
 
+def test_socks_proxies_without_the_socks_extra(
+    door: Door, monkeypatch: pytest.MonkeyPatch, target: Any, socks5_proxy: Any
+) -> None:
+    # Fault injection: PySocks is installed here, so pretend it is not.
+    import importlib.util  # the adapter asks it whether PySocks is there
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "socks" else real(name, *a))
+    session = door.session(door.broker([socks5_proxy], acquire_timeout=0.1))
+    with pytest.raises(NoProxyAvailableError) as raised:
+        session.get(f"{target.url}/echo")
+    assert "pharox-integrations[socks]" in str(raised.value) and target.hits.total() == 0
+
+
 def test_rotation_over_the_pool(door: Door, target: Any, proxy_trio: Any) -> None:
     session = door.session(door.broker(proxy_trio))
     for _ in range(6):
@@ -238,6 +252,21 @@ def test_stream_abandoned_and_garbage_collected(door: Door, target: Any, http_pr
         read_a_bit_and_fail()  # the traceback (and the response in its frame) dies after this
     gc.collect()
     assert wait_for(lambda: broker.held == 0)
+
+
+def test_a_proxy_crashing_mid_stream_counts_against_it(door: Door, target: Any, proxy_kit: Any) -> None:
+    doomed = proxy_kit.http()
+    broker = door.broker([doomed])
+    session = door.session(broker)
+    r = session.get(f"{target.url}/bytes?n=400000&chunk=4096&delay_ms=20", stream=True)
+    assert len(r.raw.read(4096)) == 4096 and broker.held == 1
+    doomed.kill()
+    with pytest.raises(requests.RequestException):
+        for _ in r.iter_content(65536):
+            pass
+    assert broker.held == 0  # urllib3 gave the connection up, and the lease with it
+    (crashed,) = broker.proxies()
+    assert broker.proxy_stats(crashed.id)["failures"] == 1  # the broken body is the proxy's failure
 
 
 def test_stream_raw_close_releases(door: Door, target: Any, http_proxy: Any) -> None:
