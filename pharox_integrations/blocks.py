@@ -32,26 +32,28 @@ from collections.abc import Callable, Collection
 from typing import Any
 from uuid import UUID
 
-from pharox import Lease, ProxyFilters, SelectorStrategy
+from pharox import Lease, Proxy, ProxyFilters, SelectorStrategy
 
 from .health import BENCHED
 
 _MAINTAIN_SECONDS = 0.05
 _BATCH_SECONDS = 0.25  # releases written together at most this often...
 _BATCH_MAX = 16  # ...unless this many wait
+_CONTENDED_SECONDS = 5.0  # after a refused lease, slots go back as their requests end
 logger = logging.getLogger("pharox_integrations")
 
 
 class Slot:
     """One storage lease of the block, lent to one request at a time (a `LeaseHandle`)."""
 
-    __slots__ = ("block", "lease", "limited", "proxy_id", "taken", "used")
+    __slots__ = ("block", "lease", "limited", "proxy", "proxy_id", "taken", "used")
 
-    def __init__(self, lease: Lease, block: LeaseBlock, limited: bool) -> None:
+    def __init__(self, lease: Lease, block: LeaseBlock, limited: bool, proxy: Proxy | None) -> None:
         self.lease = lease
         self.proxy_id: UUID = lease.proxy_id
         self.block = block
         self.limited = limited  # its proxy has a max_concurrency: goes back when its request ends
+        self.proxy = proxy  # as read when first leased here: its first `ProxyLease` needs no read
         self.taken = time.monotonic()  # when the storage lease was taken
         self.used = self.taken  # when it was last given back by a request
 
@@ -73,7 +75,7 @@ class LeaseBlock:
         benched_now: Callable[[UUID], bool],
         *,
         idle_seconds: float = 0.25,
-        max_age: float = 5.0,
+        max_age: float = 15.0,
         status_seconds: float = 1.0,
         spread: int = 8,
     ) -> None:
@@ -154,12 +156,13 @@ class LeaseBlock:
                 self.pool, self.consumer, self.lease_seconds, self.filters, self.selector
             )
             if lease is None:
-                self._contended_until = time.monotonic() + self.max_age
+                self._contended_until = time.monotonic() + _CONTENDED_SECONDS
                 return self._lend_free(avoid) if grow else None
-            limited = self._limited.get(lease.proxy_id)
-            if limited is None:
-                limited = self._limited[lease.proxy_id] = self._is_limited(lease.proxy_id)
-            slot = Slot(lease, self, limited)
+            limited, proxy = self._limited.get(lease.proxy_id), None
+            if limited is None:  # a proxy new here: read once, for its limit and its endpoint
+                proxy = self._read(lease.proxy_id)
+                limited = self._limited[lease.proxy_id] = proxy is None or proxy.max_concurrency is not None
+            slot = Slot(lease, self, limited, proxy)
             with self._lock:
                 self.counters["slots_taken"] += 1
                 if lease.proxy_id in avoid:
@@ -210,11 +213,12 @@ class LeaseBlock:
         `max_concurrency` or the pool is contended (then it is released at once)."""
         return not slot.limited and time.monotonic() >= self._contended_until
 
-    def _is_limited(self, proxy_id: UUID) -> bool:
+    def _read(self, proxy_id: UUID) -> Proxy | None:
         try:
-            return self.storage.get_proxy(str(proxy_id)).max_concurrency is not None
-        except Exception:  # gone or unreadable: give its slots back at once
-            return True
+            proxy: Proxy = self.storage.get_proxy(str(proxy_id))
+        except Exception:  # gone or unreadable: its slots go back at once (counted as limited)
+            return None
+        return proxy
 
     def _on_timer(self) -> None:
         with self._lock:

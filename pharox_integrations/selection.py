@@ -33,7 +33,7 @@ from pharox import (
     SelectorStrategy,
 )
 
-from .blocks import LeaseBlock, supports_blocks
+from .blocks import LeaseBlock, Slot, supports_blocks
 from .filters import with_protocols
 from .internals import DEFAULT_CONSUMER, has_acquire_listeners, has_release_listeners, notify_acquire
 from .lease import LeaseHandle, ProxyLease
@@ -154,7 +154,7 @@ class Selection:
             found = self.take(pool, effective)
         except ProxyUnavailableError:
             return None
-        return None if found is None else self._wrap(found, pool, None, None, None)
+        return None if found is None else self._wrap(found, pool, None, _read_with(found), None)
 
     def local(
         self,
@@ -244,7 +244,7 @@ class Selection:
             if lease is None:
                 return None
             if lease.proxy_id not in avoid:
-                return self._wrap(lease, pool, session, None, site)
+                return self._wrap(lease, pool, session, _read_with(lease), site)
             # The selector picked a proxy this request already tried or the site holds
             # off (first_available and least_used pick the same one every time): give
             # it back, and choose among the others.
@@ -453,3 +453,12 @@ class Selection:
 
 def _full(proxy: Proxy) -> bool:
     return proxy.max_concurrency is not None and proxy.current_leases >= proxy.max_concurrency
+
+
+def _read_with(lease: Lease | LeaseHandle) -> Proxy | None:
+    """The proxy a lease block read when it first leased it here: its first `ProxyLease`
+    is made from it, without another read (then dropped: the endpoint is kept instead)."""
+    if isinstance(lease, Slot):
+        proxy, lease.proxy = lease.proxy, None
+        return proxy
+    return None
