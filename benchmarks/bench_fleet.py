@@ -2,7 +2,7 @@
 
     python benchmarks/bench_fleet.py            # 1,500 pages per process, median of 3 runs per cell
     python benchmarks/bench_fleet.py --quick    # 300 pages per process, 1 run per cell
-    python benchmarks/bench_fleet.py --blocks   # the SQL rows with PHAROX_LEASE_BLOCKS on
+    python benchmarks/bench_fleet.py --per-request  # the SQL rows with PHAROX_LEASE_BLOCKS off
 
 The measurement issue 18 asks for.  Table 1, for K = 1 and 4 crawler processes running
 at once, each crawling `--pages` pages (CONCURRENT_REQUESTS=32 and _PER_DOMAIN=32, no
@@ -80,7 +80,7 @@ PAGE = b"<!DOCTYPE html><html><head><title>page</title></head><body><h1>page</h1
 # ============================================================================ children
 
 
-BLOCKS = False  # --blocks
+BLOCKS = True  # PHAROX_LEASE_BLOCKS (the default); --per-request turns it off
 
 
 def crawl_child(spec: dict[str, Any]) -> None:
@@ -589,12 +589,16 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=None, help="runs per cell (default 3; --quick 1)")
     parser.add_argument("--processes", default="1,4", help="crawler process counts (default 1,4)")
     parser.add_argument("--storages", default=",".join(STORAGES), help="crawl rows (default: all)")
-    parser.add_argument("--blocks", action="store_true", help="the SQL rows (crawls and doors) use PHAROX_LEASE_BLOCKS")
+    parser.add_argument(
+        "--per-request",
+        action="store_true",
+        help="the SQL rows (crawls and doors) without lease blocks: one lease and one release per request",
+    )
     parser.add_argument("--no-doors", action="store_true", help="leave the requests/httpx table out")
     parser.add_argument("--child", nargs=2, metavar=("KIND", "SPEC"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     global BLOCKS
-    BLOCKS = args.blocks
+    BLOCKS = not args.per_request
     if args.child:
         kind, spec = args.child
         (crawl_child if kind == "crawl" else door_child)(json.loads(spec))
@@ -672,7 +676,8 @@ def main() -> None:
     elapsed = time.perf_counter() - began
     print(
         f"\nCrawl: Scrapy, CONCURRENT_REQUESTS=32, {POOL_SIZE}-entry pool on one local pproxy, {pages} pages per "
-        f"process, K processes at once; median of {repeats} (load average {load0:.1f} -> "
+        f"process, K processes at once; SQL rows {'with lease blocks' if BLOCKS else 'per request (no blocks)'}; "
+        f"median of {repeats} (load average {load0:.1f} -> "
         f"{os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs)\n"
     )
     print("| K | storage    | pages/s | vs memory | CPU ms/page | db tx/page | stmts/page | lost | errors |")

@@ -91,7 +91,7 @@ class LeaseBroker:
         site_scope: str = "domain",
         site_delay: float = 0.0,
         site_bans_to_bench: int = 3,
-        lease_blocks: bool = False,
+        lease_blocks: bool = True,
     ) -> None:
         building.check(lease_seconds=lease_seconds, max_moves=max_moves, acquire_timeout=acquire_timeout)
         self.lease_manager = manager
@@ -138,7 +138,7 @@ class LeaseBroker:
             consumer=consumer,
             selector=SelectorStrategy(selector) if selector else SelectorStrategy.ROUND_ROBIN,
             lease_seconds=int(lease_seconds),
-            # Opt-in: lent slots of a few storage leases on a shared storage (blocks.py).
+            # On a shared storage: slots of a few storage leases, lent locally (blocks.py).
             lease_blocks=lease_blocks,
         )
         leases.remember = self._selection.remember

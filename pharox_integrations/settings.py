@@ -274,7 +274,7 @@ SETTINGS_DOC: dict[str, str] = {
     "PHAROX_SITE_SCOPE": "what a site is (for bans, cool-downs, spacing): domain (registrable, default) or host",
     "PHAROX_SITE_DELAY": "seconds between two requests through one proxy to one site, across processes (default 0)",
     "PHAROX_SITE_BANS_TO_BENCH": "how many sites banning a proxy at once bench it everywhere (default 3)",
-    "PHAROX_LEASE_BLOCKS": "shared storages: lease a few proxies at a time and lend them locally (default false)",
+    "PHAROX_LEASE_BLOCKS": "shared storages: lease a few proxies at a time and lend them locally (default true)",
     "PHAROX_BROKER": "import path of a ready LeaseBroker (or a callable returning one); excludes the keys above",
     "PHAROX_MAX_MOVES": "how many other proxies a banned or failed request may move to, in every door (default 3)",
     "PHAROX_RETRY_TIMES": "deprecated name of PHAROX_MAX_MOVES",
@@ -302,7 +302,7 @@ class PharoxSettings:
     site_scope: str = "domain"
     site_delay: float = 0.0
     site_bans_to_bench: int = 3
-    lease_blocks: bool = False
+    lease_blocks: bool = True
     max_failures: int = 3
     slow_ms: int | None = None
     backoff_base: float = 30.0
@@ -366,7 +366,7 @@ class PharoxSettings:
             site_scope=site_scope,
             site_delay=reader.number("PHAROX_SITE_DELAY", 0.0, minimum=0.0),
             site_bans_to_bench=int(reader.number("PHAROX_SITE_BANS_TO_BENCH", 3, minimum=1, integer=True)),
-            lease_blocks=reader.boolean("PHAROX_LEASE_BLOCKS", False),
+            lease_blocks=reader.boolean("PHAROX_LEASE_BLOCKS", True),
             max_failures=int(reader.number("PHAROX_MAX_FAILURES", 3, minimum=1, integer=True)),
             slow_ms=reader.optional_int("PHAROX_SLOW_MS"),
             backoff_base=base,

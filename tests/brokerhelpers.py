@@ -26,3 +26,10 @@ def banned_there(broker: LeaseBroker, site: str) -> set[int]:
     not the proxy's status."""
     held = broker.sites.holds(broker.sites.site_of_name(site))
     return {p.port for p in broker.proxies() if p.id in held and held[p.id].kind == "ban"}
+
+
+def give_back_kept_slots(broker: LeaseBroker) -> None:
+    """Give back the slots a lease block keeps for the next request (on a shared
+    storage), so the storage's counts show only leases still in use or lost."""
+    for block in broker._selection.blocks():
+        block.close()

@@ -176,6 +176,9 @@ def run(config: dict[str, Any]) -> dict[str, Any]:
     report["seconds"] = round(time.monotonic() - started, 2)
     report["held"] = broker.held
     report["counters"] = dict(broker.counters)
+    # Closed first: the lease block gives back the slots kept for the next request, so
+    # the storage's counts below are what a finished worker leaves behind.
+    report["released_at_close"] = broker.close()
     report["proxies"] = [
         {
             "url": str(_safe(proxy)),
@@ -186,7 +189,6 @@ def run(config: dict[str, Any]) -> dict[str, Any]:
         for proxy in broker.proxies(pool)
     ]
     report["sites"] = _standing(broker, pool, sites)
-    report["released_at_close"] = broker.close()
     return report
 
 

@@ -87,7 +87,7 @@ async def test_crawl_on_a_postgres_pool_stays_off_the_reactor(
     assert spider.errors == []
     assert len({item["url"] for item in spider.items}) == 60
     assert queries.on_reactor == []
-    assert queries.off_reactor > 60
+    assert queries.off_reactor > 0  # with lease blocks, a few per slot rather than per request
     stats = crawler.stats.get_stats()  # type: ignore[union-attr]
     assert stats["pharox/leases/acquired"] == stats["pharox/leases/released"]
     assert stats["pharox/moved/ban"] >= 1 and stats["pharox/moved/failure"] >= 3
