@@ -1,19 +1,29 @@
 """The off-loop bridge: acquisition steps in a worker thread, safe against cancellation.
 
-An acquisition is a generator of waits (`LeaseBroker._acquire_steps`): the sync form
-sleeps between steps, the async form awaits `asyncio.sleep`, and a storage that blocks
-runs each step in a worker thread.  Cancelling the awaiting task cannot stop that
-thread, so a lease it obtains for a task that is gone is released, not lost.
+An acquisition is a generator of waits (`Selection.waits`): the sync form sleeps between
+steps, an event loop awaits its `Waiter`'s sleep (asyncio's here, Twisted's in
+`scrapy_support`), and a storage that blocks runs each step in a worker thread.
+Cancelling the awaiting task cannot stop that thread, so a lease it obtains for a task
+that is gone is released, not lost.
 """
 
 from __future__ import annotations
 
 import asyncio
 import threading
-from collections.abc import Callable, Generator
-from typing import Any, TypeVar
+from collections.abc import Awaitable, Callable, Generator
+from typing import Any, Protocol, TypeVar
 
 T = TypeVar("T")
+
+
+class Waiter(Protocol):
+    """How an event loop waits between acquisition steps and runs a blocking call off
+    itself; `orphaned` gets a result whose awaiting task was cancelled meanwhile."""
+
+    def sleep(self, seconds: float) -> Awaitable[object]: ...
+
+    def in_thread(self, fn: Callable[[], T], orphaned: Callable[[T], object]) -> Awaitable[T]: ...
 
 
 def step(steps: Generator[float, None, T]) -> tuple[bool, Any]:
@@ -52,14 +62,31 @@ async def in_thread(fn: Callable[[], T], orphaned: Callable[[T], object]) -> T:
         raise
 
 
-async def step_off_loop(steps: Generator[float, None, T], release: Callable[[T], object]) -> tuple[bool, Any]:
+class _Asyncio:
+    """asyncio's `Waiter`."""
+
+    @staticmethod
+    def sleep(seconds: float) -> Awaitable[None]:
+        return asyncio.sleep(seconds)
+
+    @staticmethod
+    def in_thread(fn: Callable[[], T], orphaned: Callable[[T], object]) -> Awaitable[T]:
+        return in_thread(fn, orphaned)
+
+
+ASYNCIO: Waiter = _Asyncio()
+
+
+async def step_off_loop(
+    steps: Generator[float, None, T], release: Callable[[T], object], waiter: Waiter = ASYNCIO
+) -> tuple[bool, Any]:
     """One acquisition step in a worker thread; a lease nobody receives goes to `release`."""
 
     def orphaned(result: tuple[bool, Any]) -> None:
         if result[0]:
             release(result[1])
 
-    return await in_thread(lambda: step(steps), orphaned)
+    return await waiter.in_thread(lambda: step(steps), orphaned)
 
 
 async def run(blocking: bool, fn: Callable[..., T], *args: Any) -> T:

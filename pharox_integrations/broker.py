@@ -291,8 +291,10 @@ class LeaseBroker:
         timeout: float | None = None,
         avoid: Collection[UUID] = (),
         site: str | None = None,
+        waiter: bridge.Waiter = bridge.ASYNCIO,
     ) -> ProxyLease:
-        """`acquire` for asyncio: waits with `asyncio.sleep`, blocking storages off the loop."""
+        """`acquire` for an event loop: waits with `waiter.sleep` (asyncio's, or Twisted's
+        from the Scrapy door), a blocking storage's steps in a worker thread."""
         if site is None and url is not None:
             site = self.sites.site_of(url)
         if session is None and not avoid:
@@ -302,12 +304,12 @@ class LeaseBroker:
         steps = self._waits(pool, filters, session, protocols, timeout, avoid, site)
         while True:
             if self.storage_blocks:
-                finished, value = await bridge.step_off_loop(steps, self.release)
+                finished, value = await bridge.step_off_loop(steps, self.release, waiter)
             else:
                 finished, value = bridge.step(steps)
             if finished:
                 return value  # type: ignore[no-any-return]
-            await asyncio.sleep(value)
+            await waiter.sleep(value)
 
     def acquire_nowait(
         self,

@@ -176,25 +176,15 @@ class Exchange:
             raise self._no_proxy(exc) from None
         return self.current
 
-    def try_lease(self) -> ProxyLease | None:
-        """A lease without waiting (the prepared one, or a free proxy right now), or None:
-        for event loops, which must not wait, nor call a storage that blocks (there only
-        a slot of the lease block is lent inline)."""
-        if self._next is not None:
-            return self.lease()
-        if self.session is not None:
-            return None
-        self.current = self.broker.acquire_nowait(
-            pool=self.pool, filters=self.filters, protocols=self.protocols, site=self.site, inline=True
-        )
-        return self.current
-
-    async def lease_async(self) -> ProxyLease:
-        """`lease()` for asyncio: waits without blocking the loop."""
+    async def lease_async(self, waiter: bridge.Waiter = bridge.ASYNCIO) -> ProxyLease:
+        """`lease()` for an event loop (asyncio's unless `waiter` says): waits without
+        blocking the loop."""
         if self._next is not None:
             return self.lease()
         try:
-            self.current = await self.broker.acquire_async(self.url, timeout=self._wait_limit(), **self._choices())
+            self.current = await self.broker.acquire_async(
+                self.url, timeout=self._wait_limit(), waiter=waiter, **self._choices()
+            )
         except NoProxyAvailable as exc:
             raise self._no_proxy(exc) from None
         return self.current
@@ -295,14 +285,20 @@ class Exchange:
         return Step.RAISE
 
     async def answered_async(
-        self, status_code: int, response: Any = None, *, verdict: Verdict | None = None, **kwargs: Any
+        self,
+        status_code: int,
+        response: Any = None,
+        *,
+        verdict: Verdict | None = None,
+        waiter: bridge.Waiter = bridge.ASYNCIO,
+        **kwargs: Any,
     ) -> Step:
         """`answered` without blocking the loop: judged inline; the storage write and a
         move's lease go to a worker thread only when they may block or wait."""
         if verdict is None:
             verdict = self.judge(status_code, response)
         if self.may_block(verdict, streaming=kwargs.get("streaming", False)):
-            return await self._off_loop(self.answered, status_code, response, verdict=verdict, **kwargs)
+            return await self._off_loop(waiter, self.answered, status_code, response, verdict=verdict, **kwargs)
         return self.answered(status_code, response, verdict=verdict, **kwargs)
 
     def may_block(self, verdict: Verdict | None = None, *, streaming: bool = False) -> bool:
@@ -325,16 +321,16 @@ class Exchange:
             return self._next is not None
         return error is not None or deferred is None or not self.broker.quiet(lease, deferred[1])
 
-    async def failed_async(self, error: BaseException, **kwargs: Any) -> Step:
+    async def failed_async(self, error: BaseException, waiter: bridge.Waiter = bridge.ASYNCIO, **kwargs: Any) -> Step:
         """`failed` without blocking the loop (a failure may move, and a move may wait)."""
         if self.may_block():
-            return await self._off_loop(self.failed, error, **kwargs)
+            return await self._off_loop(waiter, self.failed, error, **kwargs)
         return self.failed(error, **kwargs)
 
-    async def _off_loop(self, fn: Any, *args: Any, **kwargs: Any) -> Step:
+    async def _off_loop(self, waiter: bridge.Waiter, fn: Any, *args: Any, **kwargs: Any) -> Step:
         """`fn` in a worker thread; cancelled meanwhile, whatever the exchange holds is
         released by that thread (the loop may be gone by then)."""
-        step: Step = await bridge.in_thread(lambda: fn(*args, **kwargs), lambda _: self.close())
+        step: Step = await waiter.in_thread(lambda: fn(*args, **kwargs), lambda _: self.close())
         return step
 
     def judge(self, status_code: int, response: Any = None) -> Verdict:

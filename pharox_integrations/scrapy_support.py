@@ -20,6 +20,7 @@ from scrapy.utils.defer import deferred_from_coro, maybe_deferred_to_future
 from scrapy.utils.misc import load_object
 from twisted.internet import defer, task, threads
 
+from . import bridge
 from .broker import LeaseBroker
 from .errors import ConfigurationError
 from .exchange import Exchange, Step
@@ -60,56 +61,58 @@ async def off_reactor(blocking: bool, fn: Callable[..., T], *args: Any) -> T:
 # ---------------------------------------------------------------------- the exchange off the reactor
 
 
-async def first_lease(exchange: Exchange) -> ProxyLease:
-    """The exchange's first lease, waited for without blocking the reactor.
+class _Twisted:
+    """`bridge.Waiter` on a Twisted reactor without asyncio: a wait is a `deferLater`, so
+    a request waiting for a lease holds no worker thread (a reactor has 10, and requests
+    waiting in them queued past their timeout)."""
 
-    On asyncio the core waits with `asyncio.sleep` (blocking storages in a worker
-    thread).  On another reactor a free proxy is taken inline when the storage allows,
-    and any wait happens in a Twisted worker thread.
-    """
-    if asyncio_running():
-        return await exchange.lease_async()
-    lease = exchange.try_lease()
-    return lease if lease is not None else await _in_thread(exchange, exchange.lease)
+    @staticmethod
+    def sleep(seconds: float) -> defer.Deferred[None]:
+        from twisted.internet import reactor  # the one Scrapy installed, at call time
+
+        return task.deferLater(reactor, seconds, lambda: None)
+
+    @staticmethod
+    def in_thread(fn: Callable[[], T], orphaned: Callable[[T], object]) -> defer.Deferred[T]:
+        """`fn` in a Twisted worker thread; a result arriving after the caller was
+        cancelled (download cancelled, spider closing) goes to `orphaned`, in a thread."""
+        result: defer.Deferred[T] = defer.Deferred()
+
+        def arrived(value: T) -> None:
+            if result.called:
+                threads.deferToThread(orphaned, value)
+            else:
+                result.callback(value)
+
+        def went_wrong(failure: Any) -> None:
+            if not result.called:
+                result.errback(failure)
+
+        threads.deferToThread(fn).addCallbacks(arrived, went_wrong)
+        return result
+
+
+TWISTED: bridge.Waiter = _Twisted()
+
+
+def waiter() -> bridge.Waiter:
+    """The running loop's: asyncio's on the asyncio reactor, else Twisted's."""
+    return bridge.ASYNCIO if asyncio_running() else TWISTED
+
+
+async def first_lease(exchange: Exchange) -> ProxyLease:
+    """The exchange's first lease, waited for without blocking the reactor."""
+    return await exchange.lease_async(waiter())
 
 
 async def answered(exchange: Exchange, status: int, response: Any, *, verdict: Verdict | None, **kwargs: Any) -> Step:
     """`exchange.answered` without blocking the reactor (a move may wait for a lease)."""
-    if asyncio_running():
-        return await exchange.answered_async(status, response, verdict=verdict, **kwargs)
-    if verdict is None:
-        verdict = exchange.judge(status, response)
-    if not exchange.may_block(verdict):
-        return exchange.answered(status, response, verdict=verdict, **kwargs)
-    return await _in_thread(exchange, lambda: exchange.answered(status, response, verdict=verdict, **kwargs))
+    return await exchange.answered_async(status, response, verdict=verdict, waiter=waiter(), **kwargs)
 
 
 async def failed(exchange: Exchange, error: BaseException, **kwargs: Any) -> Step:
     """`exchange.failed` without blocking the reactor."""
-    if asyncio_running():
-        return await exchange.failed_async(error, **kwargs)
-    if not exchange.may_block():
-        return exchange.failed(error, **kwargs)
-    return await _in_thread(exchange, lambda: exchange.failed(error, **kwargs))
-
-
-def _in_thread(exchange: Exchange, fn: Callable[[], T]) -> defer.Deferred[T]:
-    """`fn` in a Twisted worker thread; when the caller was cancelled meanwhile (download
-    cancelled, spider closing), whatever the exchange leased is released, not lost."""
-    result: defer.Deferred[T] = defer.Deferred()
-
-    def arrived(value: T) -> None:
-        if result.called:
-            threads.deferToThread(exchange.close)
-        else:
-            result.callback(value)
-
-    def went_wrong(failure: Any) -> None:
-        if not result.called:
-            result.errback(failure)
-
-    threads.deferToThread(fn).addCallbacks(arrived, went_wrong)
-    return result
+    return await exchange.failed_async(error, waiter=waiter(), **kwargs)
 
 
 # ---------------------------------------------------------------------- per request

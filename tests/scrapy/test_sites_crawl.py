@@ -57,13 +57,12 @@ async def test_site_delay_spaces_one_site_and_not_the_other(
     broker = LeaseBroker.from_proxies([p.url for p in proxies], acquire_timeout=15, site_delay=0.5)
     brokers.append(broker)
     # A request waiting for its site's next polite slot holds one of Scrapy's
-    # CONCURRENT_REQUESTS.  On Twisted's default reactor (not asyncio) each such wait
-    # also holds one of the reactor's 10 worker threads: with more waiting than threads
-    # the waits queue behind each other and time out (measured with 16: most requests
-    # ignored after their 10 s).  8 stays under the pool on either reactor.
+    # CONCURRENT_REQUESTS, and no thread: 16 waiting at once is more than Twisted's 10
+    # worker threads, where these waits once queued behind each other and timed out on
+    # its default reactor (the full test run uses that reactor; tests/scrapy alone, asyncio).
     crawler = await crawl(
         Urls,
-        {"PHAROX_BROKER": scrapy_brokers.use(broker), "CONCURRENT_REQUESTS": 8},
+        {"PHAROX_BROKER": scrapy_brokers.use(broker), "CONCURRENT_REQUESTS": 16},
         requests=interleaved(site_a.url, 10, site_b.url, 10),
     )
     spider = crawler.spider
