@@ -311,6 +311,32 @@ class LeaseBlock:
             self._release(releasing)
 
 
+class Blocks:
+    """A broker's lease blocks, one per (pool, filters) (the broker has one selector),
+    made by `make` for the first request that needs one."""
+
+    def __init__(self, make: Callable[[str, ProxyFilters | None], LeaseBlock], lock: threading.RLock) -> None:
+        self._make = make
+        self._lock = lock
+        self._by_key: dict[tuple[str, int], LeaseBlock] = {}  # filters by identity (kept by the block)
+
+    def find(self, pool: str, filters: ProxyFilters | None) -> LeaseBlock | None:
+        block = self._by_key.get((pool, id(filters)))
+        return block if block is not None and block.filters is filters else None
+
+    def get(self, pool: str, filters: ProxyFilters | None) -> LeaseBlock:
+        block = self.find(pool, filters)
+        if block is None:
+            with self._lock:
+                block = self.find(pool, filters)
+                if block is None:
+                    block = self._by_key[(pool, id(filters))] = self._make(pool, filters)
+        return block
+
+    def all(self) -> list[LeaseBlock]:
+        return list(self._by_key.values())
+
+
 def supports_blocks(storage: object) -> bool:
     """Storages that can renew and release many leases in one statement (ours, SQL)."""
     return all(callable(getattr(storage, name, None)) for name in ("renew_leases", "release_leases", "acquire_lease"))

@@ -8,7 +8,8 @@ clause instead of calling it on every candidate; any other storage just calls it
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Collection, Iterable
+from typing import Any
 
 from pharox import Proxy, ProxyFilters, ProxyProtocol
 
@@ -64,3 +65,33 @@ def protocol_filter_of(filters: ProxyFilters | None) -> ProtocolFilter | None:
     if filters is not None and isinstance(filters.predicate, ProtocolFilter):
         return filters.predicate
     return None
+
+
+class EffectiveFilters:
+    """`with_protocols`, built once per combination: a pydantic model per request would
+    cost more than a memory lease itself."""
+
+    def __init__(self) -> None:
+        self._cache: dict[tuple[int, int], tuple[Any, Any, ProxyFilters | None]] = {}
+        self._last: tuple[Any, Any, ProxyFilters | None] = (object(), object(), None)
+
+    def __call__(
+        self, filters: ProxyFilters | None, protocols: Collection[ProxyProtocol | str] | None
+    ) -> ProxyFilters | None:
+        if protocols is None:
+            return filters
+        last = self._last
+        if last[0] is filters and last[1] is protocols:
+            return last[2]
+        # Keyed by identity: callers pass the same filters and protocol set (a module
+        # constant) on every request; the kept references make a stale id impossible.
+        key = (id(filters), id(protocols))
+        cached = self._cache.get(key)
+        if cached is None or cached[0] is not filters or cached[1] is not protocols:
+            allowed = frozenset(ProxyProtocol(p) for p in protocols)
+            cached = (filters, protocols, with_protocols(filters, allowed))
+            if len(self._cache) >= 256:
+                self._cache.clear()
+            self._cache[key] = cached
+        self._last = cached  # a door passes the same pair on every request
+        return cached[2]

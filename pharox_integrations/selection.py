@@ -16,7 +16,6 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable, Collection, Generator
 from datetime import datetime, timezone
-from typing import Any
 from uuid import UUID
 
 from pharox import (
@@ -33,8 +32,8 @@ from pharox import (
     SelectorStrategy,
 )
 
-from .blocks import LeaseBlock, Slot, supports_blocks
-from .filters import with_protocols
+from .blocks import Blocks, LeaseBlock, Slot, supports_blocks
+from .filters import EffectiveFilters
 from .internals import DEFAULT_CONSUMER, has_acquire_listeners, has_release_listeners, notify_acquire
 from .lease import LeaseHandle, ProxyLease
 from .ledger import HealthLedger
@@ -86,17 +85,14 @@ class Selection:
         self.sessions: OrderedDict[tuple[str, str], UUID] = OrderedDict()
         self._consumer_ready = consumer is None
         self._default_consumer_ready = False
-        self._filter_cache: dict[tuple[int, int], tuple[Any, Any, ProxyFilters | None]] = {}
-        self._last_filters: tuple[Any, Any, ProxyFilters | None] = (object(), object(), None)
+        self.effective_filters = EffectiveFilters()  # the caller's filters plus its protocols
         # The storage's find-and-lease in one step (ours have it), for the common acquire;
         # the memory storage also passes over proxies to avoid as it walks.
         one_step = getattr(storage, "acquire_lease", None)
         self._one_step = one_step if callable(one_step) else None
         self._excludes = self._one_step is not None and "exclude" in inspect.signature(self._one_step).parameters
         # A shared storage: leases taken a few at a time and lent locally (see blocks.py).
-        self._blocks: dict[tuple[str, int, SelectorStrategy], LeaseBlock] | None = (
-            {} if lease_blocks and supports_blocks(storage) else None
-        )
+        self._blocks = Blocks(self._new_block, lock) if lease_blocks and supports_blocks(storage) else None
 
     def waits(
         self,
@@ -168,11 +164,10 @@ class Selection:
         a site refresh is due, a politeness claim is needed, the proxy's endpoint is not
         known yet).  An event loop on a shared storage calls this inline and goes off the
         loop only on None: with blocks, most requests never leave the loop."""
-        blocks = self._blocks
-        if not blocks:
+        if self._blocks is None:
             return None
-        block = blocks.get((pool, id(filters := self.effective_filters(filters, protocols)), self.selector))
-        if block is None or block.filters is not filters or self._ledger.due(pool):
+        block = self._blocks.find(pool, self.effective_filters(filters, protocols))
+        if block is None or self._ledger.due(pool):
             return None
         avoid: Collection[UUID] = ()
         if site is not None:
@@ -253,29 +248,6 @@ class Selection:
             return None if found is None else self._wrap(found[0], pool, session, found[1], site)
         return None
 
-    def effective_filters(
-        self, filters: ProxyFilters | None, protocols: Collection[ProxyProtocol | str] | None
-    ) -> ProxyFilters | None:
-        """Caller filters plus the protocol restriction, built once per combination
-        (a pydantic model per request would cost more than the memory lease itself)."""
-        if protocols is None:
-            return filters
-        last = self._last_filters
-        if last[0] is filters and last[1] is protocols:
-            return last[2]
-        # Keyed by identity: callers pass the same filters and protocol set (a module
-        # constant) on every request; the kept references make a stale id impossible.
-        key = (id(filters), id(protocols))
-        cached = self._filter_cache.get(key)
-        if cached is None or cached[0] is not filters or cached[1] is not protocols:
-            allowed = frozenset(ProxyProtocol(p) for p in protocols)
-            cached = (filters, protocols, with_protocols(filters, allowed))
-            if len(self._filter_cache) >= 256:
-                self._filter_cache.clear()
-            self._filter_cache[key] = cached
-        self._last_filters = cached  # a door passes the same pair on every request
-        return cached[2]
-
     def ensure_consumer(self) -> None:
         if not self._consumer_ready and self.consumer:
             self.storage.ensure_consumer(self.consumer)
@@ -293,7 +265,7 @@ class Selection:
         """
         watched = has_acquire_listeners(self.lease_manager)
         if self._blocks is not None and not watched and not has_release_listeners(self.lease_manager):
-            return self._block(pool, filters).take(avoid)
+            return self._blocks.get(pool, filters).take(avoid)
         one_step = self._one_step
         if one_step is None:
             if watched:
@@ -332,28 +304,15 @@ class Selection:
         )
         return lease
 
-    def _block(self, pool: str, filters: ProxyFilters | None) -> LeaseBlock:
-        key = (pool, id(filters), self.selector)
-        assert self._blocks is not None
-        block = self._blocks.get(key)
-        if block is None or block.filters is not filters:
-            with self._lock:
-                block = self._blocks.get(key)
-                if block is None or block.filters is not filters:
-                    self.ensure_consumer()
-                    block = self._blocks[key] = LeaseBlock(
-                        self.storage,
-                        self.consumer or DEFAULT_CONSUMER,
-                        self.lease_seconds,
-                        pool,
-                        filters,
-                        self.selector,
-                        self._ledger.benched_now,
-                    )
-        return block
+    def _new_block(self, pool: str, filters: ProxyFilters | None) -> LeaseBlock:
+        self.ensure_consumer()
+        consumer = self.consumer or DEFAULT_CONSUMER
+        return LeaseBlock(
+            self.storage, consumer, self.lease_seconds, pool, filters, self.selector, self._ledger.benched_now
+        )
 
     def blocks(self) -> list[LeaseBlock]:
-        return list(self._blocks.values()) if self._blocks else []
+        return self._blocks.all() if self._blocks else []
 
     def _find_and_lease(
         self, pool: str, consumer: str, duration: int, filters: ProxyFilters | None, selector: SelectorStrategy
