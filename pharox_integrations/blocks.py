@@ -114,17 +114,24 @@ class LeaseBlock:
         """A free slot without any I/O (an event loop may call this inline), or None
         when the block would rather grow or has none free: then `take`, off the loop."""
         with self._lock:
-            if len(self._free) + len(self._lent) < self.spread and time.monotonic() >= self._contended_until:
-                return None
-            for _ in range(len(self._free)):
-                slot = self._free.popleft()
-                if slot.proxy_id in avoid:
-                    self._free.append(slot)
-                    continue
-                self._lent.add(slot)
-                self.counters["slots_lent"] += 1
+            slot = None if self._growing() else self._pop_free(avoid)
+            if slot is not None:
                 self.counters["slots_lent_inline"] += 1
-                return slot
+        return slot
+
+    def _growing(self) -> bool:
+        return len(self._free) + len(self._lent) < self.spread and time.monotonic() >= self._contended_until
+
+    def _pop_free(self, avoid: Collection[UUID]) -> Slot | None:
+        """The oldest free slot this request may use, now lent (caller holds the lock)."""
+        for _ in range(len(self._free)):
+            slot = self._free.popleft()
+            if slot.proxy_id in avoid:
+                self._free.append(slot)
+                continue
+            self._lent.add(slot)
+            self.counters["slots_lent"] += 1
+            return slot
         return None
 
     def unlend(self, slot: Slot) -> None:
@@ -142,22 +149,20 @@ class LeaseBlock:
         rotates over several proxies (the storage's selector picks them)."""
         self.maintain()
         with self._lock:
-            grow = len(self._free) + len(self._lent) < self.spread and time.monotonic() >= self._contended_until
-            for _ in range(0 if grow else len(self._free)):
-                slot = self._free.popleft()
-                if slot.proxy_id in avoid:
-                    self._free.append(slot)
-                    continue
-                self._lent.add(slot)
-                self.counters["slots_lent"] += 1
-                return slot
+            grow = self._growing()
+            free = None if grow else self._pop_free(avoid)
+        if free is not None:
+            return free
         for _ in range(4):  # the storage's pick may be one this request avoids: keep it for others
             lease = self.storage.acquire_lease(
                 self.pool, self.consumer, self.lease_seconds, self.filters, self.selector
             )
             if lease is None:
                 self._contended_until = time.monotonic() + _CONTENDED_SECONDS
-                return self._lend_free(avoid) if grow else None
+                if not grow:
+                    return None
+                with self._lock:
+                    return self._pop_free(avoid)
             limited, proxy = self._limited.get(lease.proxy_id), None
             if limited is None:  # a proxy new here: read once, for its limit and its endpoint
                 proxy = self._read(lease.proxy_id)
@@ -171,16 +176,6 @@ class LeaseBlock:
                 self._lent.add(slot)
                 self.counters["slots_lent"] += 1
                 return slot
-        return None
-
-    def _lend_free(self, avoid: Collection[UUID]) -> Slot | None:
-        with self._lock:
-            for slot in self._free:
-                if slot.proxy_id not in avoid:
-                    self._free.remove(slot)
-                    self._lent.add(slot)
-                    self.counters["slots_lent"] += 1
-                    return slot
         return None
 
     def give_back(self, slot: Slot) -> None:
