@@ -4,6 +4,13 @@
     python benchmarks/bench_fleet.py --quick    # 300 pages per process, 1 run per cell
     python benchmarks/bench_fleet.py --per-request  # the SQL rows with PHAROX_LEASE_BLOCKS off
 
+Diagnosis aids (environment variables of a run): PXI_BENCH_COUNT=1 prints, per crawler,
+its storage calls by method, the broker's and blocks' counters and the garbage
+collector's runs and milliseconds by generation (between go and stop);
+PXI_BENCH_PROFILE=DIR saves a yappi CPU profile of every thread per crawler (pip install
+yappi); PXI_BENCH_FREEZE=1 calls gc.freeze() at go, so the collector no longer walks the
+objects made at start-up.
+
 The measurement issue 18 asks for.  Table 1, for K = 1 and 4 crawler processes running
 at once, each crawling `--pages` pages (CONCURRENT_REQUESTS=32 and _PER_DOMAIN=32, no
 delays, cookies off) through `PharoxProxyMiddleware`:
@@ -58,7 +65,7 @@ import tempfile
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -104,6 +111,10 @@ def crawl_child(spec: dict[str, Any]) -> None:
                     raise SystemExit("no go")
                 await asyncio.sleep(0.002)
             marks["go_seen"] = time.time()
+            if os.environ.get("PXI_BENCH_FREEZE"):  # diagnosis: start-up objects out of the collector's walks
+                import gc
+
+                gc.freeze()
             marks["cpu_go"] = time.process_time()
             meta = {"proxy": spec["static"]} if spec.get("static") else {}
             for i in range(pages):
@@ -140,16 +151,34 @@ def crawl_child(spec: dict[str, Any]) -> None:
     def stopped() -> None:
         marks["stopped"] = time.time()
         marks["cpu_stopped"] = time.process_time()
+        if calls is not None:  # PXI_BENCH_COUNT: the broker's and its blocks' counters too
+            assert crawler.engine is not None
+            for mw in crawler.engine.downloader.middleware.middlewares:
+                broker = getattr(mw, "broker", None)
+                if broker is not None:
+                    calls.update({f"broker.{k}": v for k, v in broker.counters.items() if v})
+                    for block in broker._selection.blocks():
+                        calls.update({f"block.{k}": v for k, v in block.counters.items()})
 
     crawler.signals.connect(opened, signal=signals.spider_opened)
     crawler.signals.connect(stopped, signal=signals.engine_stopped)
-    calls = _count_storage_calls() if os.environ.get("PXI_BENCH_COUNT") else None
+    calls = (
+        _count_storage_calls(lambda: "cpu_go" in marks and "cpu_stopped" not in marks)
+        if os.environ.get("PXI_BENCH_COUNT")
+        else None
+    )
     process.crawl(crawler)
-    profile_to = os.environ.get("PXI_BENCH_PROFILE")  # a directory: one cProfile dump per crawler
-    if profile_to:
-        import cProfile
+    profile_to = os.environ.get("PXI_BENCH_PROFILE")  # a directory: one profile per crawler
+    if profile_to:  # every thread's CPU time, by function (yappi: pip install yappi)
+        import yappi
 
-        cProfile.runctx("process.start()", globals(), {"process": process}, f"{profile_to}/{os.getpid()}.prof")
+        yappi.set_clock_type("cpu")
+        yappi.start()
+        process.start()
+        yappi.stop()
+        yappi.get_func_stats().save(f"{profile_to}/{os.getpid()}.prof", type="pstat")
+        with open(f"{profile_to}/{os.getpid()}.threads", "w") as out:
+            yappi.get_thread_stats().print_all(out=out)
     else:
         process.start()
     assert crawler.stats is not None
@@ -168,15 +197,31 @@ def crawl_child(spec: dict[str, Any]) -> None:
     )
 
 
-def _count_storage_calls() -> dict[str, int]:
+def _count_storage_calls(window: Callable[[], bool]) -> dict[str, int]:
     """Debug aid (PXI_BENCH_COUNT=1): count the SQL storages' and site stores' calls by
-    method, in every thread, into the dict returned (printed in the child's JSON line)."""
+    method, in every thread, into the dict returned (printed in the child's JSON line),
+    and the garbage collector's runs and milliseconds by generation while `window()`."""
     import functools
+    import gc
+
+    calls: dict[str, int] = {}
+    started: list[float] = []
+
+    def on_gc(phase: str, info: dict[str, int]) -> None:
+        if not window():
+            started.clear()
+        elif phase == "start":
+            started.append(time.process_time())
+        elif started:
+            key = f"gc.gen{info['generation']}"
+            calls[key] = calls.get(key, 0) + 1
+            calls[key + ".ms"] = calls.get(key + ".ms", 0) + round((time.process_time() - started.pop()) * 1000)
+
+    gc.callbacks.append(on_gc)
 
     from pharox_integrations.storage.sql import SqlStorage
     from pharox_integrations.storage.sql_sites import SqlSiteStore
 
-    calls: dict[str, int] = {}
     for cls in (SqlStorage, SqlSiteStore):
         for name, fn in list(vars(cls).items()):
             if name.startswith("_") or not callable(fn):
