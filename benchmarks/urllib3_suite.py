@@ -100,6 +100,11 @@ def main() -> int:
             if done.returncode:
                 print(done.stdout[-2000:], done.stderr[-2000:], file=sys.stderr)
                 return 1
+    else:  # a kept venv: this project as it is now, not as it was when the venv was built
+        done = run([str(py), "-m", "pip", "install", "-q", "--no-deps", "--force-reinstall", str(HERE)])
+        if done.returncode:
+            print(done.stdout[-2000:], done.stderr[-2000:], file=sys.stderr)
+            return 1
     source = work / f"urllib3-{version}"
     if not source.exists():
         with tarfile.open(work / f"urllib3-{version}.tar.gz") as tar:

@@ -553,7 +553,8 @@ def describe_error(error: BaseException) -> str:
     """
     chosen = error
     for cause in causes(error):
-        if isinstance(cause, (OSError, ssl.SSLError, TimeoutError)) and not _is_wrapper(cause):
+        telling = isinstance(cause, (OSError, ssl.SSLError, TimeoutError)) or type(cause).__name__ in _TLS_ERRORS
+        if telling and not _is_wrapper(cause):
             chosen = cause
     text = str(chosen).splitlines()[0] if str(chosen) else ""
     text = _REPR.sub("", text)
@@ -561,6 +562,11 @@ def describe_error(error: BaseException) -> str:
         text = text[:157] + "..."
     text = mask_credentials(text)
     return f"{type(chosen).__name__}: {text}" if text else type(chosen).__name__
+
+
+# urllib3's own TLS verdicts (a fingerprint or a hostname that does not match) are not
+# `ssl.SSLError`s, yet they are the reason a caller needs to read.
+_TLS_ERRORS = ("SSLError", "CertificateError")
 
 
 def _is_wrapper(exc: BaseException) -> bool:

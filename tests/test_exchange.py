@@ -266,3 +266,16 @@ def test_errors_are_described_in_one_short_line() -> None:
     assert text.startswith("ConnectionRefusedError: [Errno 111]"), text
     assert "object at 0x" not in text
     assert describe_error(OSError("http://user:pw@host:1 failed")) == "OSError: http://***@host:1 failed"
+
+
+def test_a_tls_verdict_of_urllib3_is_the_reason_given() -> None:
+    """urllib3's fingerprint and hostname checks raise its own errors (not ssl.SSLError),
+    wrapped as urllib3 wraps them on a request through an HTTPS proxy."""
+    from urllib3.exceptions import MaxRetryError, ProxyError, SSLError
+    from urllib3.util.ssl_match_hostname import CertificateError
+
+    hostname = CertificateError("hostname 'example.com' doesn't match 'localhost'")
+    wrapped = MaxRetryError(None, "/", ProxyError("Unable to connect to proxy", SSLError(hostname)))  # type: ignore[arg-type]
+    assert describe_error(wrapped) == "CertificateError: hostname 'example.com' doesn't match 'localhost'"
+    fingerprint = MaxRetryError(None, "/", SSLError('Fingerprints did not match. Expected "4a", got "4b"'))  # type: ignore[arg-type]
+    assert describe_error(fingerprint) == 'SSLError: Fingerprints did not match. Expected "4a", got "4b"'
