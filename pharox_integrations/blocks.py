@@ -129,10 +129,14 @@ class LeaseBlock:
             if slot.proxy_id in avoid:
                 self._free.append(slot)
                 continue
-            self._lent.add(slot)
-            self.counters["slots_lent"] += 1
-            return slot
+            return self._lend(slot)
         return None
+
+    def _lend(self, slot: Slot) -> Slot:
+        """`slot`, now lent to one request (caller holds the lock)."""
+        self._lent.add(slot)
+        self.counters["slots_lent"] += 1
+        return slot
 
     def unlend(self, slot: Slot) -> None:
         """A slot `lend` gave out that its request could not use: first in line again."""
@@ -173,15 +177,13 @@ class LeaseBlock:
                 if lease.proxy_id in avoid:
                     self._free.append(slot)
                     continue
-                self._lent.add(slot)
-                self.counters["slots_lent"] += 1
-                return slot
+                return self._lend(slot)
         return None
 
     def give_back(self, slot: Slot) -> None:
         """A request is done with its slot: kept for the next one, or released.  No I/O
-        unless the slot's proxy has a `max_concurrency` (its slot is released at once):
-        the upkeep runs on the next `take` or on the block's timer."""
+        unless `quiet` says otherwise (the slot is then released at once): the upkeep
+        runs on the next `take` or on the block's timer."""
         now = time.monotonic()
         urgent = not self.quiet(slot)  # another process may be waiting for this proxy
         with self._lock:
@@ -196,10 +198,7 @@ class LeaseBlock:
             else:
                 self._free.append(slot)
             if self._timer is None:
-                # Requests may stop here: the slot must still go back after `idle_seconds`.
-                self._timer = threading.Timer(self.idle_seconds + _MAINTAIN_SECONDS, self._on_timer)
-                self._timer.daemon = True
-                self._timer.start()
+                self._arm_timer()  # requests may stop here: the slot must still go back when idle
         if urgent:
             self.maintain(force=True)
 
@@ -223,17 +222,20 @@ class LeaseBlock:
         except Exception:  # the storage is down: the next request's upkeep tries again
             logger.exception("lease block of pool %(pool)s: giving back idle slots failed", {"pool": self.pool})
         with self._lock:
-            again = bool(self._free or self._to_release) and self._timer is None
-            if again:
-                self._timer = threading.Timer(self.idle_seconds + _MAINTAIN_SECONDS, self._on_timer)
-                self._timer.daemon = True
-                self._timer.start()
+            if (self._free or self._to_release) and self._timer is None:
+                self._arm_timer()
+
+    def _arm_timer(self) -> None:
+        """The block's upkeep in `idle_seconds`, from a timer thread (caller holds the lock)."""
+        self._timer = threading.Timer(self.idle_seconds + _MAINTAIN_SECONDS, self._on_timer)
+        self._timer.daemon = True
+        self._timer.start()
 
     # ------------------------------------------------------------------ upkeep
 
     def maintain(self, *, force: bool = False) -> None:
         """Idle slots back, releases written, leases renewed, benched proxies dropped:
-        at most every few ms, on the requests' own path (no thread of its own)."""
+        at most every few ms, on a `take` (off an event loop) or the block's timer."""
         now = time.monotonic()
         if not force and now < self._next_maintain:
             return

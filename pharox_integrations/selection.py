@@ -178,10 +178,10 @@ class Selection:
         if slot is None:
             return None
         state = self._ledger.states.get(slot.proxy_id)
-        if state is None or state.endpoint is None:
-            block.unlend(slot)  # its first lease here reads the proxy: off the loop
+        if slot.proxy is None and (state is None or state.endpoint is None):
+            block.unlend(slot)  # its endpoint is read from the storage: off the loop
             return None
-        return self._wrap(slot, pool, None, None, site)
+        return self._wrap(slot, pool, None, _read_with(slot), site)
 
     def try_lease(
         self,

@@ -1,6 +1,10 @@
-"""Shared by the core's tests: a memory broker over three proxies, and the leak check."""
+"""Shared by the tests: a memory broker over three proxies, the leak check, and a
+bounded wait for what another thread does."""
 
 from __future__ import annotations
+
+import time
+from collections.abc import Callable
 
 from pharox_integrations import LeaseBroker
 
@@ -34,3 +38,14 @@ def give_back_kept_slots(broker: LeaseBroker) -> None:
     storage), so the storage's counts show only leases still in use or lost."""
     for block in broker._selection.blocks():
         block.close()
+
+
+def wait_for(check: Callable[[], bool], timeout: float = 5.0) -> bool:
+    """Whether `check()` became true within `timeout` s (a release done by a closer or
+    reaper thread after GC or `close()`)."""
+    deadline = time.monotonic() + timeout
+    while not check():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.01)
+    return True

@@ -10,14 +10,14 @@ import base64
 import contextlib
 import gc
 import logging
-import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable, Iterator
 from typing import Any
 from urllib.parse import quote
 
 import psutil
 import pytest
 import requests
+from brokerhelpers import wait_for
 
 from pharox_integrations import AllProxiesFailed, HealthPolicy, LeaseBroker, NoProxyAvailable
 from pharox_integrations.requests import (
@@ -81,16 +81,6 @@ def open_connections_to(port: int) -> int:
         for c in psutil.Process().net_connections(kind="tcp")
         if c.raddr and c.raddr.port == port and c.status == psutil.CONN_ESTABLISHED
     )
-
-
-def wait_for(check: Callable[[], bool], timeout: float = 5.0) -> bool:
-    """For releases done by the adapter's reaper thread (GC, raw.close())."""
-    deadline = time.monotonic() + timeout
-    while not check():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.01)
-    return True
 
 
 class Door:

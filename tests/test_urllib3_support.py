@@ -10,12 +10,11 @@ from __future__ import annotations
 import gc
 import io
 import pickle
-import time
-from collections.abc import Callable
 from typing import Any
 
 import pytest
 import requests
+from brokerhelpers import wait_for
 from pharox import ProxyProtocol
 from urllib3 import HTTPResponse, Timeout
 from urllib3.exceptions import HTTPError, MaxRetryError, ProtocolError
@@ -44,15 +43,6 @@ class Recorder:
 
 def streamed(n: int = 100) -> HTTPResponse:
     return HTTPResponse(body=io.BytesIO(b"x" * n), preload_content=False, status=200)
-
-
-def wait_for(check: Callable[[], bool], timeout: float = 5.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while not check():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.01)
-    return True
 
 
 @pytest.fixture(autouse=True)
