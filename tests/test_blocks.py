@@ -115,6 +115,37 @@ def test_slots_are_reused_and_go_back_when_idle(url: str) -> None:
         broker.close()
 
 
+def test_one_upkeep_thread_per_block_started_by_a_take_and_ended_when_nothing_is_held(url: str) -> None:
+    """A give-back may run on an event loop, so it starts no thread: the block's upkeep
+    thread is started by the `take` that leases from the storage, gives the idle slots
+    back, and ends once the block holds nothing; the next `take` starts another."""
+    seed(url)
+    broker = blocked(url)
+
+    def upkeep_threads() -> list[threading.Thread]:
+        return [t for t in threading.enumerate() if t.name == f"pharox-block-{broker.pool}" and t.is_alive()]
+
+    def wait_until(done: Any) -> bool:
+        deadline = time.monotonic() + 5
+        while not done() and time.monotonic() < deadline:
+            time.sleep(0.02)
+        return bool(done())
+
+    try:
+        assert wait_until(lambda: not upkeep_threads())  # another test's block, if any, has ended
+        for _ in range(20):
+            with broker.lease():
+                pass
+        assert len(upkeep_threads()) == 1 and leased(broker) >= 1
+        assert wait_until(lambda: leased(broker) == 0)  # given back once idle, by that thread...
+        assert wait_until(lambda: not upkeep_threads())  # ...which then ends
+        with broker.lease():
+            assert len(upkeep_threads()) == 1  # the next storage lease starts another
+        assert wait_until(lambda: leased(broker) == 0 and not upkeep_threads())
+    finally:
+        broker.close()
+
+
 def test_close_gives_back_every_slot(url: str) -> None:
     seed(url)
     broker = blocked(url)
