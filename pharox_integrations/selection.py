@@ -173,7 +173,7 @@ class Selection:
         if site is not None:
             if not self.sites.quiet():
                 return None
-            avoid = self.sites.holds(site)
+            avoid = self.sites.holds(site, inline=True)
         slot = block.lend(avoid)
         if slot is None:
             return None

@@ -89,3 +89,38 @@ def test_a_ban_in_one_process_keeps_another_off_that_pair_within_a_second(shared
         health = observer.health(site="shop.example")
         assert (health.site_banned, health.site_usable) == (1, 2)
         observer.storage.close()  # type: ignore[attr-defined]
+
+
+def test_an_event_loop_leaves_a_due_refresh_to_one_request_and_reads_no_store_inline(shared_url: str) -> None:
+    """On an event loop, the first request that finds the site cache due goes off the
+    loop and refreshes it; the requests after it are served inline from the cache as it
+    was (no I/O on the loop), and see another process's ban once that refresh lands.  A
+    claim whose request never refreshes lapses after a tenth of a second."""
+    broker = LeaseBroker.from_proxies([], storage=shared_url, acquire_timeout=1)
+    other = LeaseBroker.from_proxies([], storage=shared_url)
+    book = broker.sites
+    book.refresh = 0.3  # public: how old the cache may get; shorter here to keep the test short
+    try:
+        assert book.holds("shop.example") == {}  # the first refresh
+        assert book.quiet()
+        with other.lease(SITE_A) as lease:  # another broker, its own connections: a ban there
+            banned = lease.proxy_id
+            other.report(lease, status_code=403)
+        time.sleep(0.35)  # the cache is due
+        assert not book.quiet()  # the first request to see it goes off the loop...
+        claimed = time.monotonic()
+        stayed = [book.quiet() for _ in range(50)]  # ...the next ones stay on it
+        if time.monotonic() - claimed < 0.09:  # (unless this process stalled past the claim)
+            assert all(stayed)
+        assert banned not in book.holds("shop.example", inline=True)  # with the cache as it was
+        assert banned in book.holds("shop.example")  # the off-loop request refreshed it
+        assert book.quiet()
+        time.sleep(0.35)
+        assert not book.quiet()  # due again; this claim is never followed by a refresh...
+        time.sleep(0.15)
+        assert not book.quiet()  # ...so it lapses and the next request takes it
+    finally:
+        other.close()
+        broker.close()
+        other.storage.close()  # type: ignore[attr-defined]
+        broker.storage.close()  # type: ignore[attr-defined]
