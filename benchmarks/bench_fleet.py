@@ -9,11 +9,20 @@ its storage calls by method, the broker's and blocks' counters and the garbage
 collector's runs and milliseconds by generation (between go and stop);
 PXI_BENCH_PROFILE=DIR saves a yappi CPU profile of every thread per crawler (pip install
 yappi); PXI_BENCH_FREEZE=1 calls gc.freeze() at go, so the collector no longer walks the
-objects made at start-up.
+objects made at start-up; PXI_BENCH_STALL=SECONDS stalls each crawler's event loop once,
+a quarter into its pages (a slow callback, a long collection), to show how the crawl's
+pace depends on the rhythm of its loop (see docs/benchmarks.md).  With PXI_BENCH_COUNT
+the loop's turns and the callbacks they ran are counted too.
 
 The measurement issue 18 asks for.  Table 1, for K = 1 and 4 crawler processes running
 at once, each crawling `--pages` pages (CONCURRENT_REQUESTS=32 and _PER_DOMAIN=32, no
-delays, cookies off) through `PharoxProxyMiddleware`:
+delays, cookies off) through `PharoxProxyMiddleware`.  The spider crawls as a crawl that
+follows its links does (`--feed frontier`, the default): start() yields 64 requests and
+every page yields the next, so the downloader always has 32 requests to send.  (Fed only
+from start(), `--feed start`, Scrapy reads start() one request per engine turn, and how
+many requests are in flight then depends on the crawler's pace: the memory crawler ran
+with about 8 in flight, the SQL ones with 32, so the rows did not measure the same crawl.
+The "in flight" column shows it.)  The rows:
 
 - static:     no middleware, the spider sets `meta["proxy"]` to one entry (reference);
 - memory:     `PHAROX_PROXIES_FILE` with the 100 entries, memory storage: K processes
@@ -88,6 +97,8 @@ PAGE = b"<!DOCTYPE html><html><head><title>page</title></head><body><h1>page</h1
 
 
 BLOCKS = True  # PHAROX_LEASE_BLOCKS (the default); --per-request turns it off
+FEED = "frontier"  # how the spider's requests come: --feed
+CONCURRENCY = 32  # CONCURRENT_REQUESTS (and _PER_DOMAIN)
 
 
 def crawl_child(spec: dict[str, Any]) -> None:
@@ -98,11 +109,20 @@ def crawl_child(spec: dict[str, Any]) -> None:
     from scrapy.crawler import CrawlerProcess
 
     pages, target, go_file = spec["pages"], spec["target"], Path(spec["go"])
+    stall = float(os.environ.get("PXI_BENCH_STALL") or 0)
     marks: dict[str, float] = {}
+
+    frontier = spec.get("feed", "frontier") == "frontier"
+    inflight = [0, 0]  # requests in the downloader, summed over the pages / the most
 
     class Fleet(Spider):
         name = "fleet"
         seen = 0
+        issued = 0
+
+        def page(self, meta: dict[str, Any]) -> Request:
+            type(self).issued += 1
+            return Request(f"{target}/page/{self.issued - 1}", meta=dict(meta), dont_filter=True)
 
         async def start(self) -> Any:
             deadline = time.monotonic() + 300  # the parent died: do not wait forever
@@ -116,17 +136,28 @@ def crawl_child(spec: dict[str, Any]) -> None:
 
                 gc.freeze()
             marks["cpu_go"] = time.process_time()
-            meta = {"proxy": spec["static"]} if spec.get("static") else {}
-            for i in range(pages):
-                yield Request(f"{target}/page/{i}", meta=dict(meta), dont_filter=True)
+            # frontier: a crawl's own links keep 2 x CONCURRENT_REQUESTS requests waiting,
+            # each page yields the next; start: every request from start(), which Scrapy
+            # reads one per engine turn (then far fewer than 32 may be in flight).
+            for _ in range(min(pages, 2 * CONCURRENCY) if frontier else pages):
+                yield self.page(self.meta)
 
-        def parse(self, response: Any) -> None:
+        meta: dict[str, Any] = {"proxy": spec["static"]} if spec.get("static") else {}
+
+        def parse(self, response: Any) -> Any:
             type(self).seen += 1
+            active = len(crawler.engine.downloader.active) if crawler.engine else 0
+            inflight[0] += active
+            inflight[1] = max(inflight[1], active)
+            if stall and type(self).seen == pages // 4:  # diagnosis: one stall of the loop
+                time.sleep(stall)
             marks["last_page"] = time.time()
+            if frontier and self.issued < pages:
+                yield self.page(self.meta)
 
     settings: dict[str, Any] = {
-        "CONCURRENT_REQUESTS": 32,
-        "CONCURRENT_REQUESTS_PER_DOMAIN": 32,
+        "CONCURRENT_REQUESTS": CONCURRENCY,
+        "CONCURRENT_REQUESTS_PER_DOMAIN": CONCURRENCY,
         "DOWNLOAD_DELAY": 0,
         "COOKIES_ENABLED": False,
         "TELNETCONSOLE_ENABLED": False,
@@ -157,6 +188,7 @@ def crawl_child(spec: dict[str, Any]) -> None:
                 broker = getattr(mw, "broker", None)
                 if broker is not None:
                     calls.update({f"broker.{k}": v for k, v in broker.counters.items() if v})
+                    calls["broker.peak_held"] = broker.peak_held  # the crawl's real concurrency
                     for block in broker._selection.blocks():
                         calls.update({f"block.{k}": v for k, v in block.counters.items()})
 
@@ -187,6 +219,8 @@ def crawl_child(spec: dict[str, Any]) -> None:
         json.dumps(
             {
                 "pages": Fleet.seen,
+                "inflight_mean": inflight[0] / max(1, Fleet.seen),
+                "inflight_max": inflight[1],
                 "errors": stats.get("log_count/ERROR", 0),
                 "exceptions": stats.get("downloader/exception_count", 0),
                 **({"storage_calls": calls} if calls is not None else {}),
@@ -218,6 +252,18 @@ def _count_storage_calls(window: Callable[[], bool]) -> dict[str, int]:
             calls[key + ".ms"] = calls.get(key + ".ms", 0) + round((time.process_time() - started.pop()) * 1000)
 
     gc.callbacks.append(on_gc)
+
+    import asyncio.base_events
+
+    turn = asyncio.base_events.BaseEventLoop._run_once
+
+    def counted_turn(loop: Any) -> None:  # the loop's turns, and the callbacks each ran
+        if window():
+            calls["loop.turns"] = calls.get("loop.turns", 0) + 1
+            calls["loop.callbacks"] = calls.get("loop.callbacks", 0) + len(loop._ready)
+        turn(loop)
+
+    asyncio.base_events.BaseEventLoop._run_once = counted_turn  # type: ignore[method-assign]
 
     from pharox_integrations.storage.sql import SqlStorage
     from pharox_integrations.storage.sql_sites import SqlSiteStore
@@ -500,6 +546,7 @@ class Crawl:
     stmts: float | None = None  # statements per page (MariaDB)
     busy_db: bool = False  # another client was busy on the database meanwhile
     cpu_ms: float | None = None  # the crawler processes' CPU time per page (all threads)
+    inflight: float | None = None  # requests in the downloader when a page came back (mean)
     failed: str = ""
 
 
@@ -507,7 +554,7 @@ def run_crawl(storage: str, k: int, pages: int, target: str, port: int, work: Pa
     """K crawler processes at once; one Crawl."""
     run_dir = Path(tempfile.mkdtemp(dir=work))
     go = run_dir / "go"
-    base: dict[str, Any] = {"pages": pages, "target": target, "go": str(go), "blocks": BLOCKS}
+    base: dict[str, Any] = {"pages": pages, "target": target, "go": str(go), "blocks": BLOCKS, "feed": FEED}
     shared = storage not in ("static", "memory")
     with fresh_pool(urls[storage], port) if shared else nullcontext() as pool:
         if storage == "static":
@@ -557,6 +604,7 @@ def run_crawl(storage: str, k: int, pages: int, target: str, port: int, work: Pa
                 lost=pages * k - scraped,
                 errors=sum(int(r["errors"]) + int(r["exceptions"]) for r in done),
             )
+            crawl.inflight = statistics.mean(float(r["inflight_mean"]) for r in done)
             if scraped and all("cpu_stopped" in r and "cpu_go" in r for r in done):
                 cpu = sum(float(r["cpu_stopped"]) - float(r["cpu_go"]) for r in done)
                 crawl.cpu_ms = cpu * 1000 / scraped
@@ -614,10 +662,10 @@ class Cells:
 
 
 def _crawl_row(
-    k: int, storage: str, rate: str, ratio: str, cpu: str, tx: str, stmts: str, lost: object, errors: object
+    k: int, storage: str, rate: str, ratio: str, cpu: str, busy: str, tx: str, stmts: str, lost: object, errors: object
 ) -> str:
     return (
-        f"| {k} | {storage:<10} | {rate:>7} | {ratio:>9} | {cpu:>11} | {tx:>10} | {stmts:>10} "
+        f"| {k} | {storage:<10} | {rate:>7} | {ratio:>9} | {cpu:>11} | {busy:>9} | {tx:>10} | {stmts:>10} "
         f"| {lost:>4} | {errors:>6} |"
     )
 
@@ -639,11 +687,19 @@ def main() -> None:
         action="store_true",
         help="the SQL rows (crawls and doors) without lease blocks: one lease and one release per request",
     )
+    parser.add_argument(
+        "--feed",
+        choices=("frontier", "start"),
+        default="frontier",
+        help="frontier (default): 64 requests from start(), then each page yields the next, as a crawl "
+        "following its links keeps CONCURRENT_REQUESTS busy; start: every request from start()",
+    )
     parser.add_argument("--no-doors", action="store_true", help="leave the requests/httpx table out")
     parser.add_argument("--child", nargs=2, metavar=("KIND", "SPEC"), help=argparse.SUPPRESS)
     args = parser.parse_args()
-    global BLOCKS
+    global BLOCKS, FEED
     BLOCKS = not args.per_request
+    FEED = args.feed
     if args.child:
         kind, spec = args.child
         (crawl_child if kind == "crawl" else door_child)(json.loads(spec))
@@ -720,13 +776,29 @@ def main() -> None:
 
     elapsed = time.perf_counter() - began
     print(
-        f"\nCrawl: Scrapy, CONCURRENT_REQUESTS=32, {POOL_SIZE}-entry pool on one local pproxy, {pages} pages per "
-        f"process, K processes at once; SQL rows {'with lease blocks' if BLOCKS else 'per request (no blocks)'}; "
+        f"\nCrawl: Scrapy, CONCURRENT_REQUESTS={CONCURRENCY}, fed by {FEED}, {POOL_SIZE}-entry pool on one local "
+        f"pproxy, {pages} pages per process, K processes at once; "
+        f"SQL rows {'with lease blocks' if BLOCKS else 'per request (no blocks)'}; "
         f"median of {repeats} (load average {load0:.1f} -> "
         f"{os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs)\n"
     )
-    print("| K | storage    | pages/s | vs memory | CPU ms/page | db tx/page | stmts/page | lost | errors |")
-    print("|--:|------------|--------:|----------:|------------:|-----------:|-----------:|-----:|-------:|")
+    print(
+        _crawl_row(
+            0,
+            "storage",
+            "pages/s",
+            "vs memory",
+            "CPU ms/page",
+            "in flight",
+            "db tx/page",
+            "stmts/page",
+            "lost",
+            "errors",
+        ).replace("| 0 |", "| K |")
+    )
+    print(
+        "|--:|------------|--------:|----------:|------------:|----------:|-----------:|-----------:|-----:|-------:|"
+    )
     odd: list[str] = []
     for k in ks:
         ok = {s: [c for c in crawls.runs.get((k, s), []) if not c.failed] for s in storages}
@@ -738,7 +810,7 @@ def main() -> None:
                 odd.append(f"K={k} {storage}: {failed} of {len(runs)} runs failed")
             rate = _median([c.rate for c in got_runs])
             if rate is None:
-                print(_crawl_row(k, storage, "failed", "-", "-", "-", "-", "-", "-"))
+                print(_crawl_row(k, storage, "failed", "-", "-", "-", "-", "-", "-", "-"))
                 continue
             ratio = f"{rate / memory:.2f}x" if memory else "-"
             tx = _median([c.tx for c in got_runs if c.tx is not None])
@@ -749,11 +821,14 @@ def main() -> None:
             lost, errors = sum(c.lost for c in got_runs), sum(c.errors for c in got_runs)
             cpu = _median([c.cpu_ms for c in got_runs if c.cpu_ms is not None])
             cpu_s = f"{cpu:.2f}" if cpu is not None else "-"
-            print(_crawl_row(k, storage, f"{rate:.0f}", ratio, cpu_s, tx_s, stmts_s, lost, errors))
+            busy_m = _median([c.inflight for c in got_runs if c.inflight is not None])
+            busy_s = f"{busy_m:.1f}" if busy_m is not None else "-"
+            print(_crawl_row(k, storage, f"{rate:.0f}", ratio, cpu_s, busy_s, tx_s, stmts_s, lost, errors))
     print(
         "\nmemory with K processes = K independent in-memory pools (one per process); sqlite/postgresql/mariadb = "
         "the K processes share one pool.\npages/s = all K processes' pages / (go -> last engine stopped).  "
         "CPU ms/page: the crawlers' own CPU time (all threads) from go to engine stopped, per page.\n"
+        "in flight: requests in Scrapy's downloader when a page came back (mean over the pages).\n"
         "db tx/page: PostgreSQL pg_stat_database xact_commit+xact_rollback of the database;\nMariaDB SHOW GLOBAL "
         "STATUS Com_commit (stmts = Questions), server-wide.  lost/errors: summed over the runs.\n"
         "* = another client was busy on the database during the run: the figure includes its transactions."
