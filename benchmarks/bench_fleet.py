@@ -20,9 +20,9 @@ delays, cookies off) through `PharoxProxyMiddleware`.  The spider crawls as a cr
 follows its links does (`--feed frontier`, the default): start() yields 64 requests and
 every page yields the next, so the downloader always has 32 requests to send.  (Fed only
 from start(), `--feed start`, Scrapy reads start() one request per engine turn, and how
-many requests are in flight then depends on the crawler's pace: the memory crawler ran
-with about 8 in flight, the SQL ones with 32, so the rows did not measure the same crawl.
-The "in flight" column shows it.)  The rows:
+many requests are in flight then depends on the crawler's pace: the memory and static
+crawlers ran with 4 in flight on average (10 at most), the SQL ones with 31, so the rows
+did not measure the same crawl.  The "in flight" column shows it.)  The rows:
 
 - static:     no middleware, the spider sets `meta["proxy"]` to one entry (reference);
 - memory:     `PHAROX_PROXIES_FILE` with the 100 entries, memory storage: K processes
