@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 from collections.abc import Awaitable, Callable, Generator
 from typing import Any, Protocol, TypeVar
 
@@ -94,3 +95,25 @@ async def run(blocking: bool, fn: Callable[..., T], *args: Any) -> T:
     if blocking:
         return await asyncio.to_thread(fn, *args)
     return fn(*args)
+
+
+class Claim:
+    """Upkeep an event loop found due (a refresh, a revival scan), left to the first
+    request that finds it: that one goes off the loop and does it, the requests after
+    it stay on the loop.  Should the first never do it, the claim lapses after `seconds`
+    and the next request takes it.  Without this, every request of a busy loop went off
+    the loop until a worker thread got round to the work."""
+
+    __slots__ = ("_until", "seconds")
+
+    def __init__(self, seconds: float = 0.1) -> None:
+        self.seconds = seconds
+        self._until = 0.0
+
+    def take(self) -> bool:
+        """True for the request that goes off the loop to do the work, False meanwhile."""
+        now = time.monotonic()
+        if now < self._until:
+            return False
+        self._until = now + self.seconds
+        return True

@@ -21,6 +21,7 @@ from uuid import UUID
 
 from pharox import HealthCheckResult, IStorage, PharoxError, Proxy, ProxyPool, ProxyProtocol, ProxyStatus
 
+from .bridge import Claim
 from .health import BENCHED, HealthPolicy, Verdict, strikes_from_records
 from .lease import _Endpoint
 
@@ -120,6 +121,7 @@ class HealthLedger:
         self.states: dict[UUID, ProxyState] = {}
         self._revivals: list[tuple[float, UUID, str]] = []  # (wall time, proxy id, pool) heap
         self._last_scan: dict[str, float] = {}
+        self._due_claimed: dict[str, Claim] = {}  # a due revival or scan left to one request
 
     # ------------------------------------------------------------------ per lease
 
@@ -269,6 +271,17 @@ class HealthLedger:
             return True
         last = self._last_scan.get(pool)
         return last is None or time.monotonic() - last >= self.revive_scan_seconds
+
+    def due_inline(self, pool: str) -> bool:
+        """`due`, for an event loop's inline lease: True for the first request that finds
+        it due (it goes off the loop, where `revive_due` does the work), False for the
+        requests after it, which go on inline (`bridge.Claim`)."""
+        if not self.due(pool):
+            return False
+        claim = self._due_claimed.get(pool)
+        if claim is None:
+            claim = self._due_claimed.setdefault(pool, Claim())
+        return claim.take()
 
     def revive_due(self, pool: str, *, scan: bool = False) -> None:
         """Bring back proxies whose cool-down is over.

@@ -167,7 +167,7 @@ class Selection:
         if self._blocks is None:
             return None
         block = self._blocks.find(pool, self.effective_filters(filters, protocols))
-        if block is None or self._ledger.due(pool):
+        if block is None or self._ledger.due_inline(pool):
             return None
         avoid: Collection[UUID] = ()
         if site is not None:

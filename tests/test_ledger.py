@@ -141,3 +141,26 @@ def test_routine_successes_do_not_grow_storage_or_memory() -> None:
     for lease in leases:
         broker.release(lease)
 
+
+def test_a_due_revival_scan_is_left_to_the_first_inline_request() -> None:
+    """An event loop leases inline unless a revival or scan is due; then the first
+    request goes off the loop (where `revive_due` does the work) and the requests after
+    it stay inline; a claim never followed by the work lapses after a tenth of a second."""
+    broker = LeaseBroker.from_proxies(URLS, revive_scan_seconds=0.2)
+    ledger, pool = broker._ledger, broker.pool
+    ledger.revive_due(pool, scan=True)  # scanned just now
+    assert not ledger.due(pool) and not ledger.due_inline(pool)
+    time.sleep(0.25)
+    assert ledger.due(pool)
+    assert ledger.due_inline(pool)  # the first request goes off the loop...
+    claimed = time.monotonic()
+    later = [ledger.due_inline(pool) for _ in range(20)]  # ...the next ones stay on it
+    if time.monotonic() - claimed < 0.09:  # (unless this process stalled past the claim)
+        assert not any(later)
+    ledger.revive_due(pool)  # the first request's attempt off the loop scans
+    assert not ledger.due(pool) and not ledger.due_inline(pool)
+    time.sleep(0.25)
+    assert ledger.due_inline(pool)  # due again; this claim is never followed by a scan...
+    time.sleep(0.15)
+    assert ledger.due_inline(pool)  # ...so it lapses and the next request takes it
+    broker.close()
