@@ -143,7 +143,6 @@ class Selection:
         effective = self.effective_filters(filters, protocols)
         self._ledger.revive_due(pool)
         if site is not None:  # the site's holds to pass over, a politeness slot to claim
-            self.sites.maintain()
             return self.try_lease(pool, effective, None, (), site)
         self.ensure_consumer()
         try:
@@ -196,6 +195,7 @@ class Selection:
         nothing is free.  With a politeness delay the pair's visit slot is claimed too."""
         self.ensure_consumer()
         if site is not None:
+            self.sites.maintain()  # the minute's purge: an event loop's inline leases wait for it
             held = self.sites.holds(site)
             if held:
                 if session is not None:

@@ -339,7 +339,7 @@ class SiteBook:
         # visits thousands), and this process's own writes at once.
         self._mirror = store if store.local else MemorySiteStore()
         self._next_refresh = 0.0
-        self._refreshing = Claim()  # a due refresh is left to one request (see `quiet`)
+        self._upkeep = Claim()  # a due refresh or purge is left to one request (see `quiet`)
         self._next_purge = time.monotonic() + _PURGE_SECONDS
 
     def site_of(self, url: str | None) -> str | None:
@@ -365,13 +365,15 @@ class SiteBook:
         """Whether leasing for a site now needs no I/O here, so an event loop may do it
         inline: no politeness claim to write, no refresh or purge of the store due.
 
-        A due refresh is left to the first request that sees it (False: it goes off the
-        loop and refreshes); the requests after it go on inline with the mirror as it is
-        (`bridge.Claim`: 47 requests of a 3,000-page crawl went off the loop without it)."""
-        now = time.monotonic()
-        if self.delay or now >= self._next_purge:
+        A due refresh or purge is left to the first request that sees it (False: it goes
+        off the loop, where `holds` refreshes and `maintain` purges); the requests after
+        it go on inline with the mirror as it is (`bridge.Claim`: 47 requests of a
+        3,000-page crawl went off the loop without it)."""
+        if self.delay:
             return False
-        return not self.refresh or now < self._next_refresh or not self._refreshing.take()
+        now = time.monotonic()
+        due = now >= self._next_purge or (self.refresh > 0 and now >= self._next_refresh)
+        return not due or not self._upkeep.take()
 
     def _refresh(self) -> None:
         self._next_refresh = time.monotonic() + self.refresh  # first: one refresh at a time

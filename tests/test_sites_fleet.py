@@ -4,6 +4,7 @@ on SQLite, PostgreSQL and MariaDB.  Nothing is sent: the proxies are addresses o
 
 from __future__ import annotations
 
+import asyncio
 import json
 import subprocess
 import sys
@@ -123,4 +124,33 @@ def test_an_event_loop_leaves_a_due_refresh_to_one_request_and_reads_no_store_in
         other.close()
         broker.close()
         other.storage.close()  # type: ignore[attr-defined]
+        broker.storage.close()  # type: ignore[attr-defined]
+
+
+def test_an_event_loop_still_leases_inline_once_the_minutes_purge_is_due(shared_url: str) -> None:
+    """The site book forgets pairs that are over once a minute.  On an event loop the
+    first request that finds that due goes off the loop, where the attempt purges; the
+    requests after it are lent inline again (before, none was after the first minute:
+    the inline check kept saying "due" and the off-loop attempt never purged)."""
+    broker = LeaseBroker.from_proxies([], storage=shared_url, acquire_timeout=1)
+
+    async def lease_many(n: int) -> None:
+        for _ in range(n):
+            lease = await broker.acquire_async(SITE_A)
+            await broker.report_async(lease, status_code=200)
+            await broker.release_async(lease)
+
+    def inline() -> int:
+        return sum(b.counters["slots_lent_inline"] for b in broker._selection.blocks())
+
+    try:
+        asyncio.run(lease_many(20))  # the block has grown; the site cache is warm
+        broker.sites._next_purge = 0.0  # a minute has passed (the purge is due)
+        before = inline()
+        asyncio.run(lease_many(50))
+        assert inline() - before >= 40, inline() - before  # measured: 49 of 50
+        assert broker.sites.quiet()  # the purge ran, off the loop
+        assert broker.held == 0
+    finally:
+        broker.close()
         broker.storage.close()  # type: ignore[attr-defined]
