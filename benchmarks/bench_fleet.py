@@ -152,6 +152,7 @@ def crawl_child(spec: dict[str, Any]) -> None:
             if stall and type(self).seen == pages // 4:  # diagnosis: one stall of the loop
                 time.sleep(stall)
             marks["last_page"] = time.time()
+            marks.setdefault("first_page", marks["last_page"])
             if frontier and self.issued < pages:
                 yield self.page(self.meta)
 
@@ -547,6 +548,7 @@ class Crawl:
     busy_db: bool = False  # another client was busy on the database meanwhile
     cpu_ms: float | None = None  # the crawler processes' CPU time per page (all threads)
     inflight: float | None = None  # requests in the downloader when a page came back (mean)
+    edges: str = ""  # go -> first page, last page -> engine stopped (slowest child), for the run's line
     failed: str = ""
 
 
@@ -605,6 +607,10 @@ def run_crawl(storage: str, k: int, pages: int, target: str, port: int, work: Pa
                 errors=sum(int(r["errors"]) + int(r["exceptions"]) for r in done),
             )
             crawl.inflight = statistics.mean(float(r["inflight_mean"]) for r in done)
+            if all("first_page" in r and "stopped" in r for r in done):
+                first = max(float(r["first_page"]) for r in done) - go_at
+                tail = max(float(r["stopped"]) - float(r["last_page"]) for r in done)
+                crawl.edges = f", first page {first * 1000:.0f} ms, close {tail * 1000:.0f} ms"
             if scraped and all("cpu_stopped" in r and "cpu_go" in r for r in done):
                 cpu = sum(float(r["cpu_stopped"]) - float(r["cpu_go"]) for r in done)
                 crawl.cpu_ms = cpu * 1000 / scraped
@@ -746,6 +752,7 @@ def main() -> None:
                             continue
                         extra = f", {got.tx:.2f} tx/page" if got.tx is not None else ""
                         extra += f", {got.cpu_ms:.2f} CPU ms/page" if got.cpu_ms is not None else ""
+                        extra += got.edges
                         print(
                             f"  run {repeat + 1}: K={k} {storage:<10} {got.rate:5.0f} pages/s{extra}"
                             f" (lost {got.lost}, errors {got.errors}; {time.perf_counter() - t0:.0f} s)",

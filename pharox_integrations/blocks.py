@@ -17,9 +17,12 @@ process uses:
   do without blocks;
 - a slot whose proxy another process benched goes back within `status_seconds`.
 
-Releases are written in batches (one transaction for many).  `close()` gives back
-everything.  Health is not here: the ledger already writes routine successes at most once
-a minute per proxy, and every status change at once.
+Growth is batched too: takes that find no free slot at the same moment wait for one of
+them, which leases a proxy for each in one transaction (`acquire_leases`, proxies without
+a limit only), so a crawl's first burst of 32 requests costs a few transactions, not 32
+leases and 32 reads.  Releases are written in batches (one transaction for many).
+`close()` gives back everything.  Health is not here: the ledger already writes routine
+successes at most once a minute per proxy, and every status change at once.
 """
 
 from __future__ import annotations
@@ -40,6 +43,7 @@ _MAINTAIN_SECONDS = 0.05
 _BATCH_SECONDS = 0.25  # releases written together at most this often...
 _BATCH_MAX = 16  # ...unless this many wait
 _CONTENDED_SECONDS = 5.0  # after a refused lease, slots go back as their requests end
+_GROW_MAX = 32  # storage leases taken at once, at most
 logger = logging.getLogger("pharox_integrations")
 
 
@@ -105,13 +109,18 @@ class LeaseBlock:
         self._armed = threading.Event()
         self._closed = threading.Event()
         self._upkeeping = False
+        # Growth: one take at a time leases, for all takes waiting (`_waiting`) at once.
+        self._many = getattr(storage, "acquire_leases", None)
+        self._leasing = False
+        self._leased = threading.Condition(self._lock)
+        self._waiting = 0
         now = time.monotonic()
         self._next_maintain = now + _MAINTAIN_SECONDS
         self._next_batch = now
         self._next_renew = now + lease_seconds / 3
         self._next_status = now + status_seconds
         self.counters = dict.fromkeys(
-            ("slots_taken", "slots_lent", "slots_lent_inline", "slots_released", "release_batches"), 0
+            ("slots_taken", "storage_takes", "slots_lent", "slots_lent_inline", "slots_released", "release_batches"), 0
         )
 
     # ------------------------------------------------------------------ requests
@@ -154,39 +163,77 @@ class LeaseBlock:
 
     def take(self, avoid: Collection[UUID]) -> Slot | None:
         """A slot for one request: a free one of the block (oldest first, so requests
-        rotate over the block), else a new storage lease; None when the pool has none.
+        rotate over the block), else new storage leases; None when the pool has none.
         Below `spread` slots the block grows first, so even one request at a time
-        rotates over several proxies (the storage's selector picks them)."""
+        rotates over several proxies (the storage's selector picks them).
+
+        One take at a time leases from the storage, for every take waiting then: a
+        crawl's first 32 requests cost a few transactions, not 32 leases and 32 reads.
+        """
         self.maintain()
         with self._lock:
-            grow = self._growing()
-            free = None if grow else self._pop_free(avoid)
-        if free is not None:
-            return free
-        for _ in range(4):  # the storage's pick may be one this request avoids: keep it for others
-            lease = self.storage.acquire_lease(
-                self.pool, self.consumer, self.lease_seconds, self.filters, self.selector
-            )
-            if lease is None:
-                self._contended_until = time.monotonic() + _CONTENDED_SECONDS
-                if not grow:
-                    return None
-                with self._lock:
-                    return self._pop_free(avoid)
-            limited, proxy = self._limited.get(lease.proxy_id), None
-            if limited is None:  # a proxy new here: read once, for its limit and its endpoint
-                proxy = self._read(lease.proxy_id)
-                limited = self._limited[lease.proxy_id] = proxy is None or proxy.max_concurrency is not None
-            slot = Slot(lease, self, limited, proxy)
+            self._waiting += 1
+            try:
+                while True:
+                    grow = self._growing()
+                    slot = None if grow else self._pop_free(avoid)
+                    if slot is not None:
+                        return slot
+                    if not self._leasing:
+                        break
+                    self._leased.wait(1.0)  # the take leasing for everyone waiting
+                self._leasing = True
+            finally:
+                self._waiting -= 1
+        try:
+            return self._grow(avoid, grow)
+        finally:
             with self._lock:
-                self.counters["slots_taken"] += 1
+                self._leasing = False
+                self._leased.notify_all()
+
+    def _grow(self, avoid: Collection[UUID], grow: bool) -> Slot | None:
+        """New storage leases: one for this take and each take waiting for it, at once
+        where the storage can (proxies without a limit), else one; the first this
+        request may use is lent to it, the others are left free for the waiting takes."""
+        for attempt in range(4):  # the storage's pick may be one this request avoids: keep it for others
+            with self._lock:
+                want = 1 if attempt else min(_GROW_MAX, self._waiting + 1)
+            many = self._many if want > 1 and time.monotonic() >= self._contended_until else None
+            got = many(self.pool, self.consumer, self.lease_seconds, want, self.filters, self.selector) if many else []
+            if not got:
+                lease = self.storage.acquire_lease(
+                    self.pool, self.consumer, self.lease_seconds, self.filters, self.selector
+                )
+                if lease is None:
+                    self._contended_until = time.monotonic() + _CONTENDED_SECONDS
+                    if not grow:
+                        return None
+                    with self._lock:
+                        return self._pop_free(avoid)
+                limited, proxy = self._limited.get(lease.proxy_id), None
+                if limited is None:  # a proxy new here: read once, for its limit and its endpoint
+                    proxy = self._read(lease.proxy_id)
+                    limited = self._limited[lease.proxy_id] = proxy is None or proxy.max_concurrency is not None
+                got = [(lease, proxy)]
+            else:
+                for lease, proxy in got:
+                    self._limited[lease.proxy_id] = proxy.max_concurrency is not None
+            with self._lock:
+                self.counters["slots_taken"] += len(got)
+                self.counters["storage_takes"] += 1
                 if not self._upkeeping:
                     self._upkeeping = True
                     threading.Thread(target=self._upkeep, name=f"pharox-block-{self.pool}", daemon=True).start()
-                if lease.proxy_id in avoid:
-                    self._free.append(slot)
-                    continue
-                return self._lend(slot)
+                mine = None
+                for lease, proxy in got:
+                    slot = Slot(lease, self, self._limited[lease.proxy_id], proxy)
+                    if mine is None and lease.proxy_id not in avoid:
+                        mine = self._lend(slot)
+                    else:
+                        self._free.append(slot)  # for the takes waiting (or the next request)
+                if mine is not None:
+                    return mine
         return None
 
     def give_back(self, slot: Slot) -> None:

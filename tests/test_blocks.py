@@ -115,6 +115,78 @@ def test_slots_are_reused_and_go_back_when_idle(url: str) -> None:
         broker.close()
 
 
+def test_acquire_leases_takes_distinct_unlimited_proxies_in_one_transaction(url: str) -> None:
+    """The block's growth statement: up to `count` proxies without a max_concurrency, in
+    the selector's order, each counted once; limited proxies are left to single leases."""
+    LeaseBroker.from_proxies(PROXIES[:3], storage=url).storage.close()  # type: ignore[attr-defined]
+    limited = LeaseBroker.from_proxies(["http://10.66.0.9:3128"], storage=url, max_concurrency=1)
+    storage: Any = limited.storage
+    try:
+        got = storage.acquire_leases("default", "grower", 30, 10, None, limited.selector)
+        hosts = sorted(str(proxy.host) for _, proxy in got)
+        assert hosts == ["10.66.0.1", "10.66.0.2", "10.66.0.3"]  # 10.66.0.9 has a limit
+        assert len({lease.id for lease, _ in got}) == 3
+        assert all(lease.proxy_id == proxy.id and lease.pool_name == "default" for lease, proxy in got)
+        assert {p.host: p.current_leases for p in limited.proxies()} == {
+            "10.66.0.1": 1,
+            "10.66.0.2": 1,
+            "10.66.0.3": 1,
+            "10.66.0.9": 0,
+        }
+        assert storage.count_active_leases("default") == 3
+        # Round robin: the next batch starts with the proxies picked least recently.
+        again = storage.acquire_leases("default", "grower", 30, 1, None, limited.selector)
+        assert str(again[0][1].host) == hosts_in_pick_order(got)[0]
+        storage.release_leases([lease for lease, _ in got + again])
+        assert leased(limited) == 0 and storage.count_active_leases("default") == 0
+    finally:
+        storage.close()
+
+
+def hosts_in_pick_order(got: list[Any]) -> list[str]:
+    return [str(proxy.host) for _, proxy in got]
+
+
+def test_takes_waiting_at_once_share_one_storage_lease(url: str) -> None:
+    """Eight threads ask for a slot at once: the take that leases from the storage
+    leases for every take waiting then, in one statement, and each gets its own proxy."""
+    LeaseBroker.from_proxies([f"http://10.66.1.{i}:3128" for i in range(1, 13)], storage=url).storage.close()  # type: ignore[attr-defined]
+    broker = blocked(url)
+    storage: Any = broker.storage
+    first = broker.acquire()  # makes the block; its slot stays lent below
+    block = broker._selection.blocks()[0]
+    calls: list[int] = []
+
+    def gated(real: Any, many: bool) -> Any:
+        def call(*args: Any) -> Any:
+            # Timing made deterministic (not a fault): the first storage call waits until
+            # the seven other takes wait for it, as a burst of requests does on a busy
+            # machine; the growth after it then leases for all seven at once.
+            deadline = time.monotonic() + 10
+            while not calls and block._waiting < 7 and time.monotonic() < deadline:
+                time.sleep(0.001)
+            calls.append(args[3] if many else 1)
+            return real(*args)
+
+        return call
+
+    block._many = gated(storage.acquire_leases, True)
+    storage.acquire_lease = gated(storage.acquire_lease, False)
+    leases: list[Any] = []
+    try:
+        with ThreadPoolExecutor(8) as pool:
+            leases = list(pool.map(lambda _: broker.acquire(), range(8)))
+        assert sum(calls) == 8 and len(calls) <= 2, calls  # was one storage lease per take
+        hosts = [lease.host for lease in [first, *leases]]
+        assert len(set(hosts)) == 9, hosts
+        assert leased(broker) == 9
+    finally:
+        for lease in [first, *leases]:
+            broker.release(lease)
+        broker.close()
+    assert leased(broker) == 0
+
+
 def test_one_upkeep_thread_per_block_started_by_a_take_and_ended_when_nothing_is_held(url: str) -> None:
     """A give-back may run on an event loop, so it starts no thread: the block's upkeep
     thread is started by the `take` that leases from the storage, gives the idle slots

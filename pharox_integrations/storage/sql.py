@@ -369,6 +369,10 @@ class _Counts:
     active: bool
 
 
+class _Moved(Exception):
+    """A row changed between its pick and its update (only without row locks)."""
+
+
 _bp = sa.bindparam
 
 
@@ -398,6 +402,11 @@ class _Sql:
             .values(current_leases=c.current_leases - 1)
         )
         self.up_stamp_plain = up_stamp  # callers that locked the row know the counts
+        self.up_many = (  # a block's growth: rows the caller locked
+            sa.update(proxies)
+            .where(c.id.in_(sa.bindparam("b_pids", expanding=True)), c.status == _ACTIVE, free)
+            .values(current_leases=c.current_leases + 1, pick_stamp=_bp("b_stamp"))
+        )
         if returning:
             up, up_stamp, down = (s.returning(*counts) for s in (up, up_stamp, down))
         self.up, self.up_stamp, self.down = up, up_stamp, down
@@ -1290,33 +1299,54 @@ class SqlStorage(IStorage):
         *,
         lock: bool,
     ) -> RowMapping | None:
+        rows = self._picks(conn, pool_name, filters, selector, lock=lock)
+        return rows[0] if rows else None
+
+    def _picks(
+        self,
+        conn: Connection,
+        pool_name: str,
+        filters: ProxyFilters | None,
+        selector: SelectorStrategy | None,
+        *,
+        lock: bool,
+        limit: int = 1,
+        unlimited: bool = False,
+    ) -> list[RowMapping]:
+        """Up to `limit` available proxies in selector order (`unlimited`: only those
+        without a `max_concurrency`)."""
         params = {"b_pool": pool_name}
         protocols = self._simple_filters(filters)
         if protocols is not None:
-            key = (selector, protocols, lock)
+            key = (selector, protocols, lock, limit, unlimited)
             stmt = self._q.picks.get(key)
             if stmt is None:
                 stmt, _ = self._candidates(filters, selector)
-                stmt = stmt.limit(1)
+                if unlimited:
+                    stmt = stmt.where(proxies.c.max_concurrency.is_(None))
+                stmt = stmt.limit(limit)
                 if lock:
                     stmt = stmt.with_for_update(skip_locked=self._q.skip_locked)
                 self._q.picks[key] = stmt
-            return conn.execute(stmt, params).mappings().first()
+            return list(conn.execute(stmt, params).mappings().all())
         stmt, needs_python = self._candidates(filters, selector)
-        batch = _CANDIDATE_BATCH if needs_python else 1
+        if unlimited:
+            stmt = stmt.where(proxies.c.max_concurrency.is_(None))
+        batch = _CANDIDATE_BATCH if needs_python else limit
         offset = 0
+        found: list[RowMapping] = []
         while True:
             page = stmt.limit(batch).offset(offset)
             if lock:
                 page = page.with_for_update(skip_locked=self._q.skip_locked)
             rows = conn.execute(page, params).mappings().all()
             for row in rows:
-                if not needs_python or filters is None:
-                    return row
-                if filters.matches(self._proxy_from_row(row)):
-                    return row
+                if not needs_python or filters is None or filters.matches(self._proxy_from_row(row)):
+                    found.append(row)
+                    if len(found) == limit:
+                        return found
             if len(rows) < batch:
-                return None
+                return found
             offset += batch
 
     # ------------------------------------------------------------------ leasing
@@ -1485,6 +1515,86 @@ class SqlStorage(IStorage):
                 lease = self._insert_lease(conn, row["id"], counts.pool_id, consumer_id, duration_seconds)
         self._count_lease(counts, +1)
         return lease
+
+    @_guarded
+    def acquire_leases(
+        self,
+        pool_name: str,
+        consumer_name: str,
+        duration_seconds: int,
+        count: int,
+        filters: ProxyFilters | None = None,
+        selector: SelectorStrategy | None = None,
+    ) -> list[tuple[Lease, Proxy]]:
+        """Lease up to `count` distinct proxies without a `max_concurrency`, in selector
+        order, in ONE transaction, each with its proxy as read (extension: a lease block
+        grows by the requests waiting for it at once, not by one round trip each).
+
+        Proxies with a limit are left out: a lease of one kept without a request would
+        keep other processes off it.  Fewer (or none) come back when fewer are free.
+        """
+        if duration_seconds <= 0:
+            raise InvalidLeaseError("duration_seconds must be positive.")
+        if count < 1:
+            return []
+        self.cleanup_expired_leases()
+        consumer_id = self.ensure_consumer(consumer_name)
+        try:
+            taken = self._lease_rows(pool_name, consumer_id, duration_seconds, count, filters, selector)
+        except _Moved:  # only without row locks (old MySQL): the caller leases one at a time
+            return []
+        for _, counts, _ in taken:
+            self._count_lease(counts, +1)
+        return [(lease, proxy) for lease, _, proxy in taken]
+
+    def _lease_rows(
+        self,
+        pool_name: str,
+        consumer_id: UUID,
+        duration_seconds: int,
+        count: int,
+        filters: ProxyFilters | None,
+        selector: SelectorStrategy | None,
+    ) -> list[tuple[Lease, _Counts, Proxy]]:
+        taken: list[tuple[Lease, _Counts, Proxy]] = []
+        with self._tx() as conn:
+            self._durable(conn)
+            rows = self._picks(conn, pool_name, filters, selector, lock=True, limit=count, unlimited=True)
+            if not rows:
+                return []
+            ids = [row["id"] for row in rows]
+            if conn.execute(self._q.up_many, {"b_pids": ids, "b_stamp": _stamp()}).rowcount != len(ids):
+                raise _Moved  # rolls the transaction back
+            acquired = _now()
+            expires = acquired + timedelta(seconds=duration_seconds)
+            values = []
+            for row in rows:
+                lease = Lease(
+                    id=uuid4(),
+                    proxy_id=row["id"],
+                    consumer_id=consumer_id,
+                    pool_id=row["pool_id"],
+                    pool_name=self._pool_name(conn, row["pool_id"]),
+                    acquired_at=acquired,
+                    expires_at=expires,
+                )
+                values.append(
+                    {
+                        "id": lease.id,
+                        "proxy_id": lease.proxy_id,
+                        "pool_id": lease.pool_id,
+                        "consumer_id": consumer_id,
+                        "status": _LEASE_ACTIVE,
+                        "acquired_at": acquired,
+                        "expires_at": expires,
+                    }
+                )
+                # The rows are locked (or SQLite's write lock is ours): their counts are current.
+                counts = _Counts(row["pool_id"], int(row["current_leases"]) + 1, None, row["status"] == _ACTIVE)
+                proxy = self._proxy_from_row({**row, "current_leases": counts.current})
+                taken.append((lease, counts, proxy))
+            conn.execute(self._q.insert_lease, values)
+        return taken
 
     @_guarded
     def release_lease(self, lease: Lease) -> None:
