@@ -190,6 +190,9 @@ def crawl_child(spec: dict[str, Any]) -> None:
                 if broker is not None:
                     calls.update({f"broker.{k}": v for k, v in broker.counters.items() if v})
                     calls["broker.peak_held"] = broker.peak_held  # the crawl's real concurrency
+                    import gc
+
+                    calls["gc.objects"] = len(gc.get_objects())  # what a full collection walks
                     for block in broker._selection.blocks():
                         calls.update({f"block.{k}": v for k, v in block.counters.items()})
 

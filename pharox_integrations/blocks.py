@@ -114,6 +114,10 @@ class LeaseBlock:
         self._leasing = False
         self._leased = threading.Condition(self._lock)
         self._waiting = 0
+        # Takes an event loop announced (`lend` had no slot, the request went off the
+        # loop) that have not started yet: they queue for a worker thread, and the
+        # growth before them leases for them too.
+        self._coming = 0
         now = time.monotonic()
         self._next_maintain = now + _MAINTAIN_SECONDS
         self._next_batch = now
@@ -132,7 +136,15 @@ class LeaseBlock:
             slot = None if self._growing() else self._pop_free(avoid)
             if slot is not None:
                 self.counters["slots_lent_inline"] += 1
+            else:
+                self._coming += 1  # its `take` follows: the next growth leases for it too
         return slot
+
+    def announce(self, takes: int) -> None:
+        """`takes` requests are on their way to `take` (sent off an event loop before
+        this block existed): the first growth leases for them too."""
+        with self._lock:
+            self._coming += takes
 
     def _growing(self) -> bool:
         return len(self._free) + len(self._lent) < self.spread and time.monotonic() >= self._contended_until
@@ -173,6 +185,8 @@ class LeaseBlock:
         self.maintain()
         with self._lock:
             self._waiting += 1
+            if self._coming:
+                self._coming -= 1  # this take was announced by `lend`
             try:
                 while True:
                     grow = self._growing()
@@ -198,7 +212,7 @@ class LeaseBlock:
         request may use is lent to it, the others are left free for the waiting takes."""
         for attempt in range(4):  # the storage's pick may be one this request avoids: keep it for others
             with self._lock:
-                want = 1 if attempt else min(_GROW_MAX, self._waiting + 1)
+                want = 1 if attempt else min(_GROW_MAX, self._waiting + 1 + self._coming)
             many = self._many if want > 1 and time.monotonic() >= self._contended_until else None
             got = many(self.pool, self.consumer, self.lease_seconds, want, self.filters, self.selector) if many else []
             if not got:
@@ -220,6 +234,9 @@ class LeaseBlock:
                 for lease, proxy in got:
                     self._limited[lease.proxy_id] = proxy.max_concurrency is not None
             with self._lock:
+                # The extra slots serve the takes waiting, then the announced ones.  (An
+                # announced take that never comes costs one idle slot, once.)
+                self._coming = max(0, self._coming - max(0, len(got) - 1 - self._waiting))
                 self.counters["slots_taken"] += len(got)
                 self.counters["storage_takes"] += 1
                 if not self._upkeeping:

@@ -93,6 +93,7 @@ class Selection:
         self._excludes = self._one_step is not None and "exclude" in inspect.signature(self._one_step).parameters
         # A shared storage: leases taken a few at a time and lent locally (see blocks.py).
         self._blocks = Blocks(self._new_block, lock) if lease_blocks and supports_blocks(storage) else None
+        self._early = 0  # requests an event loop sent off it before any block existed
 
     def waits(
         self,
@@ -166,7 +167,10 @@ class Selection:
         if self._blocks is None:
             return None
         block = self._blocks.find(pool, self.effective_filters(filters, protocols))
-        if block is None or self._ledger.due_inline(pool):
+        if block is None:
+            self._early += 1  # a crawl's first burst: the block, once made, leases for it at once
+            return None
+        if self._ledger.due_inline(pool):
             return None
         avoid: Collection[UUID] = ()
         if site is not None:
@@ -307,9 +311,12 @@ class Selection:
     def _new_block(self, pool: str, filters: ProxyFilters | None) -> LeaseBlock:
         self.ensure_consumer()
         consumer = self.consumer or DEFAULT_CONSUMER
-        return LeaseBlock(
+        block = LeaseBlock(
             self.storage, consumer, self.lease_seconds, pool, filters, self.selector, self._ledger.benched_now
         )
+        block.announce(self._early)
+        self._early = 0
+        return block
 
     def blocks(self) -> list[LeaseBlock]:
         return self._blocks.all() if self._blocks else []

@@ -1678,21 +1678,23 @@ class SqlStorage(IStorage):
             .where(leases.c.id.in_(ids), leases.c.status == _LEASE_ACTIVE)
             .with_for_update(skip_locked=self._q.skip_locked)
         ).all()
-        closed: Counter[UUID] = Counter()
-        for lease_id, proxy_id in rows:
-            # Row by row so a lease released meanwhile is never counted twice.
-            done = conn.execute(
-                sa.update(leases)
-                .where(leases.c.id == lease_id, leases.c.status == _LEASE_ACTIVE)
-                .values(status=_LEASE_RELEASED, released_at=now)
-            ).rowcount
-            if done == 1:
-                closed[proxy_id] += 1
+        if not rows:
+            return 0
+        # The rows are ours until commit (FOR UPDATE, or SQLite's write lock taken by
+        # BEGIN IMMEDIATE): each is still active and is released once, by this statement.
+        conn.execute(
+            sa.update(leases)
+            .where(leases.c.id.in_([lease_id for lease_id, _ in rows]), leases.c.status == _LEASE_ACTIVE)
+            .values(status=_LEASE_RELEASED, released_at=now)
+        )
+        closed: Counter[UUID] = Counter(proxy_id for _, proxy_id in rows)
+        by_count: dict[int, list[UUID]] = {}
         for proxy_id in sorted(closed):  # fixed order: no deadlock between writers
-            n = closed[proxy_id]
+            by_count.setdefault(closed[proxy_id], []).append(proxy_id)
+        for n, ids_ in by_count.items():  # one statement per distinct count (usually one)
             conn.execute(
                 sa.update(proxies)
-                .where(proxies.c.id == proxy_id)
+                .where(proxies.c.id.in_(ids_))
                 .values(
                     current_leases=sa.case(
                         (proxies.c.current_leases >= n, proxies.c.current_leases - n),
