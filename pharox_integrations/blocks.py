@@ -111,6 +111,7 @@ class LeaseBlock:
         self._upkeeping = False
         # Growth: one take at a time leases, for all takes waiting (`_waiting`) at once.
         self._many = getattr(storage, "acquire_leases", None)
+        self._sweep = getattr(storage, "cleanup_expired_leases", None)
         self._leasing = False
         self._leased = threading.Condition(self._lock)
         self._waiting = 0
@@ -295,6 +296,8 @@ class LeaseBlock:
             self._armed.clear()  # a give-back from now on arms it again
             try:
                 self.maintain(force=True)
+                if self._sweep is not None:
+                    self._sweep()  # expired leases of dead processes back (rate-limited by the storage)
             except Exception:  # the storage is down: the next request's upkeep tries again
                 logger.exception("lease block of pool %(pool)s: giving back idle slots failed", {"pool": self.pool})
             with self._lock:

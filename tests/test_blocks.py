@@ -404,3 +404,36 @@ def test_an_event_loops_burst_is_leased_in_a_few_statements(url: str) -> None:
             broker.release(lease)
         broker.close()
     assert leased(broker) == 0
+
+
+def test_a_running_block_sweeps_a_killed_processs_leases(url: str, tmp_path: Path) -> None:
+    """No observer forcing a sweep: the live process's block, busy on an event loop
+    (its growths lease in one statement and do not sweep), returns the dead process's
+    lease from its upkeep thread once `lease_seconds` are over."""
+    seed(url)
+    child = spawn(url, tmp_path / "unused", threads=1, seconds=0, hold=0, mode="kill")
+    assert child.stdout is not None and child.stdout.readline().strip() == "holding"
+    os.kill(child.pid, signal.SIGKILL)
+    child.wait(timeout=10)
+    killed_at = time.monotonic()
+    broker = blocked(url)
+    observer = LeaseBroker.from_proxies([], storage=url)
+    swept_by_then: list[int] = []
+
+    async def busy() -> None:
+        async def worker() -> None:
+            while time.monotonic() < killed_at + 3.5:  # the child's lease_seconds=2, then sweeps
+                lease = await broker.acquire_async()
+                await asyncio.sleep(0.005)
+                await broker.release_async(lease)
+
+        await asyncio.gather(*(worker() for _ in range(3)))
+        block = broker._selection.blocks()[0]
+        swept_by_then.append(leased(observer) - block.holds())  # leases nobody alive holds
+
+    try:
+        asyncio.run(busy())
+        assert swept_by_then == [0]
+    finally:
+        broker.close()
+        observer.storage.close()  # type: ignore[attr-defined]

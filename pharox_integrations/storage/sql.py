@@ -1532,12 +1532,14 @@ class SqlStorage(IStorage):
 
         Proxies with a limit are left out: a lease of one kept without a request would
         keep other processes off it.  Fewer (or none) come back when fewer are free.
+        No expired-lease sweep first, unlike `acquire_lease`: an expired lease only
+        keeps a limited proxy off, and those are not leased here (the block's upkeep
+        thread sweeps, off the request's path).
         """
         if duration_seconds <= 0:
             raise InvalidLeaseError("duration_seconds must be positive.")
         if count < 1:
             return []
-        self.cleanup_expired_leases()
         consumer_id = self.ensure_consumer(consumer_name)
         try:
             taken = self._lease_rows(pool_name, consumer_id, duration_seconds, count, filters, selector)
