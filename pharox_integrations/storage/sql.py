@@ -1242,15 +1242,17 @@ class SqlStorage(IStorage):
         self,
         filters: ProxyFilters | None,
         selector: SelectorStrategy | None,
+        *,
+        unlimited: bool = False,
     ) -> tuple[sa.Select[Any], bool]:
-        """Available proxies of pool `b_pool`, in selector order; plus "needs Python"."""
+        """Available proxies of pool `b_pool` (`unlimited`: only those without a
+        `max_concurrency`), in selector order; plus "needs Python"."""
         c = proxies.c
         pool_id = self._q.pool_id.scalar_subquery()
-        stmt = sa.select(proxies).where(
-            c.pool_id == pool_id,
-            c.status == _ACTIVE,
-            sa.or_(c.max_concurrency.is_(None), c.current_leases < c.max_concurrency),
-        )
+        free: ColumnElement[bool] = c.max_concurrency.is_(None)
+        if not unlimited:
+            free = sa.or_(free, c.current_leases < c.max_concurrency)
+        stmt = sa.select(proxies).where(c.pool_id == pool_id, c.status == _ACTIVE, free)
         needs_python = False
         if filters is not None:
             clause, exact = self._filter_clause(filters)
@@ -1321,17 +1323,13 @@ class SqlStorage(IStorage):
             key = (selector, protocols, lock, limit, unlimited)
             stmt = self._q.picks.get(key)
             if stmt is None:
-                stmt, _ = self._candidates(filters, selector)
-                if unlimited:
-                    stmt = stmt.where(proxies.c.max_concurrency.is_(None))
+                stmt, _ = self._candidates(filters, selector, unlimited=unlimited)
                 stmt = stmt.limit(limit)
                 if lock:
                     stmt = stmt.with_for_update(skip_locked=self._q.skip_locked)
                 self._q.picks[key] = stmt
             return list(conn.execute(stmt, params).mappings().all())
-        stmt, needs_python = self._candidates(filters, selector)
-        if unlimited:
-            stmt = stmt.where(proxies.c.max_concurrency.is_(None))
+        stmt, needs_python = self._candidates(filters, selector, unlimited=unlimited)
         batch = _CANDIDATE_BATCH if needs_python else limit
         offset = 0
         found: list[RowMapping] = []
