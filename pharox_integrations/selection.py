@@ -252,6 +252,14 @@ class Selection:
             return None if found is None else self._wrap(found[0], pool, session, found[1], site)
         return None
 
+    def prepare(self) -> None:
+        """At start-up, the I/O a shared storage's first request would otherwise wait
+        for: the consumer's row (a crawl's first burst waited 25-45 ms for it)."""
+        self.ensure_consumer()
+        if self.consumer is None and not self._default_consumer_ready:
+            self.storage.ensure_consumer(DEFAULT_CONSUMER)
+            self._default_consumer_ready = True
+
     def ensure_consumer(self) -> None:
         if not self._consumer_ready and self.consumer:
             self.storage.ensure_consumer(self.consumer)
