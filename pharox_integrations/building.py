@@ -81,7 +81,7 @@ def from_settings(
             f"{mask_credentials(settings.storage_url)!r} (pools there: {pools}); "
             "seed it with PHAROX_PROXIES / PHAROX_PROXIES_FILE or `pharox-integrations pool import`"
         )
-    broker._selection.prepare()  # start-up I/O here, not on the first request's path
+    broker._selection.prepare(settings.pool)  # start-up I/O here, not on the first requests' path
     return broker
 
 

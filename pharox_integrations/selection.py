@@ -252,13 +252,17 @@ class Selection:
             return None if found is None else self._wrap(found[0], pool, session, found[1], site)
         return None
 
-    def prepare(self) -> None:
-        """At start-up, the I/O a shared storage's first request would otherwise wait
-        for: the consumer's row (a crawl's first burst waited 25-45 ms for it)."""
+    def prepare(self, pool: str) -> None:
+        """At start-up, the I/O a shared storage's first requests would otherwise wait
+        for (25-45 ms each in a crawl's first burst, 4 crawlers starting at once): the
+        consumer's row and the first revival scan of `pool`.  (Not the site book's first
+        refresh: its mirror would then be a refresh older when the first request reads
+        it, and a ban another process records meanwhile is seen at once today.)"""
         self.ensure_consumer()
         if self.consumer is None and not self._default_consumer_ready:
             self.storage.ensure_consumer(DEFAULT_CONSUMER)
             self._default_consumer_ready = True
+        self._ledger.revive_due(pool)
 
     def ensure_consumer(self) -> None:
         if not self._consumer_ready and self.consumer:

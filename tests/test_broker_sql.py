@@ -153,9 +153,10 @@ def test_a_database_without_the_schema_says_how_to_create_it(sql_url: str) -> No
 
 
 @pytest.mark.parametrize("consumer", [None, "crawler-7"])
-def test_a_broker_from_settings_registers_its_consumer_at_start_up(sql_url: str, consumer: str | None) -> None:
-    """The consumer's row is written when the broker is built (a crawl's start-up), not
-    by the first request: a crawl's first burst waited 25-45 ms for it."""
+def test_a_broker_from_settings_does_its_start_up_io_at_start_up(sql_url: str, consumer: str | None) -> None:
+    """The consumer's row and the first revival scan happen when the broker is built (a
+    crawl's start-up), not on the first requests' path: a crawl's first burst waited
+    25-45 ms for each."""
     import sqlalchemy as sa
 
     from pharox_integrations.internals import DEFAULT_CONSUMER
@@ -171,6 +172,7 @@ def test_a_broker_from_settings_registers_its_consumer_at_start_up(sql_url: str,
             names = set(conn.exec_driver_sql("SELECT name FROM pxi_consumers").scalars())
         engine.dispose()
         assert (consumer or DEFAULT_CONSUMER) in names, names
+        assert not broker._ledger.due(broker.pool)  # scanned for benched proxies already
     finally:
         broker.close()
         broker.storage.close()  # type: ignore[attr-defined]
