@@ -259,15 +259,19 @@ class Selection:
         refresh: its mirror would then be a refresh older when the first request reads
         it, and a ban another process records meanwhile is seen at once today.)"""
         self.ensure_consumer()
-        if self.consumer is None and not self._default_consumer_ready:
-            self.storage.ensure_consumer(DEFAULT_CONSUMER)
-            self._default_consumer_ready = True
+        if self.consumer is None:
+            self._ensure_default_consumer()
         self._ledger.revive_due(pool)
 
     def ensure_consumer(self) -> None:
         if not self._consumer_ready and self.consumer:
             self.storage.ensure_consumer(self.consumer)
             self._consumer_ready = True
+
+    def _ensure_default_consumer(self) -> None:
+        if not self._default_consumer_ready:
+            self.storage.ensure_consumer(DEFAULT_CONSUMER)
+            self._default_consumer_ready = True
 
     def take(
         self, pool: str, filters: ProxyFilters | None, avoid: Collection[UUID] = ()
@@ -339,9 +343,8 @@ class Selection:
         """pharox's manager steps without its event payloads and pool-stats calls, used
         when nobody listens to them (they cost more than the lease itself on a memory
         storage)."""
-        if consumer == DEFAULT_CONSUMER and not self._default_consumer_ready:
-            self.storage.ensure_consumer(consumer)
-            self._default_consumer_ready = True
+        if consumer == DEFAULT_CONSUMER:
+            self._ensure_default_consumer()
         self.storage.cleanup_expired_leases()
         proxy = self.storage.find_available_proxy(pool, filters, selector)
         return self.storage.create_lease(proxy, consumer, duration) if proxy is not None else None

@@ -1399,29 +1399,44 @@ class SqlStorage(IStorage):
         consumer_id: UUID,
         duration_seconds: int,
     ) -> Lease:
+        return self._insert_leases(conn, [(proxy_id, pool_id)], consumer_id, duration_seconds)[0]
+
+    def _insert_leases(
+        self,
+        conn: Connection,
+        targets: Sequence[tuple[UUID, UUID]],
+        consumer_id: UUID,
+        duration_seconds: int,
+    ) -> list[Lease]:
+        """Insert one lease per (proxy id, pool id) of `targets`, in one statement."""
         acquired = _now()
-        lease = Lease(
-            id=uuid4(),
-            proxy_id=proxy_id,
-            consumer_id=consumer_id,
-            pool_id=pool_id,
-            pool_name=self._pool_name(conn, pool_id),
-            acquired_at=acquired,
-            expires_at=acquired + timedelta(seconds=duration_seconds),
-        )
-        conn.execute(
-            self._q.insert_lease,
+        expires = acquired + timedelta(seconds=duration_seconds)
+        made = [
+            Lease(
+                id=uuid4(),
+                proxy_id=proxy_id,
+                consumer_id=consumer_id,
+                pool_id=pool_id,
+                pool_name=self._pool_name(conn, pool_id),
+                acquired_at=acquired,
+                expires_at=expires,
+            )
+            for proxy_id, pool_id in targets
+        ]
+        values = [
             {
                 "id": lease.id,
-                "proxy_id": proxy_id,
-                "pool_id": pool_id,
+                "proxy_id": lease.proxy_id,
+                "pool_id": lease.pool_id,
                 "consumer_id": consumer_id,
                 "status": _LEASE_ACTIVE,
-                "acquired_at": lease.acquired_at,
-                "expires_at": lease.expires_at,
-            },
-        )
-        return lease
+                "acquired_at": acquired,
+                "expires_at": expires,
+            }
+            for lease in made
+        ]
+        conn.execute(self._q.insert_lease, values[0] if len(values) == 1 else values)
+        return made
 
     @_guarded
     def find_available_proxy(
@@ -1565,35 +1580,12 @@ class SqlStorage(IStorage):
             ids = [row["id"] for row in rows]
             if conn.execute(self._q.up_many, {"b_pids": ids, "b_stamp": _stamp()}).rowcount != len(ids):
                 raise _Moved  # rolls the transaction back
-            acquired = _now()
-            expires = acquired + timedelta(seconds=duration_seconds)
-            values = []
-            for row in rows:
-                lease = Lease(
-                    id=uuid4(),
-                    proxy_id=row["id"],
-                    consumer_id=consumer_id,
-                    pool_id=row["pool_id"],
-                    pool_name=self._pool_name(conn, row["pool_id"]),
-                    acquired_at=acquired,
-                    expires_at=expires,
-                )
-                values.append(
-                    {
-                        "id": lease.id,
-                        "proxy_id": lease.proxy_id,
-                        "pool_id": lease.pool_id,
-                        "consumer_id": consumer_id,
-                        "status": _LEASE_ACTIVE,
-                        "acquired_at": acquired,
-                        "expires_at": expires,
-                    }
-                )
+            targets = [(row["id"], row["pool_id"]) for row in rows]
+            made = self._insert_leases(conn, targets, consumer_id, duration_seconds)
+            for row, lease in zip(rows, made, strict=True):
                 # The rows are locked (or SQLite's write lock is ours): their counts are current.
                 counts = _Counts(row["pool_id"], int(row["current_leases"]) + 1, None, row["status"] == _ACTIVE)
-                proxy = self._proxy_from_row({**row, "current_leases": counts.current})
-                taken.append((lease, counts, proxy))
-            conn.execute(self._q.insert_lease, values)
+                taken.append((lease, counts, self._proxy_from_row({**row, "current_leases": counts.current})))
         return taken
 
     @_guarded
