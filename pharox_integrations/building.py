@@ -39,6 +39,7 @@ def from_proxies(
     store = storage if isinstance(storage, IStorage) else storage_from_url(storage or "memory://")
     broker = cls(ProxyManager(store), pool=pool, **options)
     broker.add_proxies(specs, max_concurrency=max_concurrency)
+    broker._selection.prepare(pool)  # start-up I/O here, not on the first requests' path
     return broker
 
 

@@ -152,8 +152,9 @@ def test_a_database_without_the_schema_says_how_to_create_it(sql_url: str) -> No
         LeaseBroker.from_proxies(URLS, storage=storage_from_url(sql_url))
 
 
+@pytest.mark.parametrize("built_by", ["from_settings", "from_proxies"])
 @pytest.mark.parametrize("consumer", [None, "crawler-7"])
-def test_a_broker_from_settings_does_its_start_up_io_at_start_up(sql_url: str, consumer: str | None) -> None:
+def test_a_broker_does_its_start_up_io_at_start_up(sql_url: str, consumer: str | None, built_by: str) -> None:
     """The consumer's row and the first revival scan happen when the broker is built (a
     crawl's start-up), not on the first requests' path: a crawl's first burst waited
     25-45 ms for each."""
@@ -165,7 +166,10 @@ def test_a_broker_from_settings_does_its_start_up_io_at_start_up(sql_url: str, c
     settings = {"PHAROX_STORAGE_URL": sql_url, "PHAROX_PROXIES": ["http://10.66.3.1:3128"]}
     if consumer is not None:
         settings["PHAROX_CONSUMER"] = consumer
-    broker = LeaseBroker.from_settings(settings)
+    if built_by == "from_settings":
+        broker = LeaseBroker.from_settings(settings)
+    else:
+        broker = LeaseBroker.from_proxies(settings["PHAROX_PROXIES"], storage=sql_url, consumer=consumer)
     try:
         engine = sa.create_engine(sql_url)
         with engine.connect() as conn:
