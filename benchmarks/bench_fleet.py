@@ -8,8 +8,9 @@ Diagnosis aids (environment variables of a run): PXI_BENCH_COUNT=1 prints, per c
 its storage calls by method, the broker's and blocks' counters and the garbage
 collector's runs and milliseconds by generation (between go and stop);
 PXI_BENCH_PROFILE=DIR saves a yappi CPU profile of every thread per crawler (pip install
-yappi); PXI_BENCH_FREEZE=1 calls gc.freeze() at go, so the collector no longer walks the
-objects made at start-up; PXI_BENCH_STALL=SECONDS stalls each crawler's event loop once,
+yappi); PXI_BENCH_NO_FREEZE=1 runs the crawlers with PHAROX_GC_FREEZE off, so the
+collector walks the objects made at start-up on every full collection, as before the
+middleware froze them; PXI_BENCH_STALL=SECONDS stalls each crawler's event loop once,
 a quarter into its pages (a slow callback, a long collection), to show how the crawl's
 pace depends on the rhythm of its loop (see docs/benchmarks.md).  With PXI_BENCH_COUNT
 the loop's turns and the callbacks they ran are counted too.
@@ -131,10 +132,6 @@ def crawl_child(spec: dict[str, Any]) -> None:
                     raise SystemExit("no go")
                 await asyncio.sleep(0.002)
             marks["go_seen"] = time.time()
-            if os.environ.get("PXI_BENCH_FREEZE"):  # diagnosis: start-up objects out of the collector's walks
-                import gc
-
-                gc.freeze()
             marks["cpu_go"] = time.process_time()
             # frontier: a crawl's own links keep 2 x CONCURRENT_REQUESTS requests waiting,
             # each page yields the next; start: every request from start(), which Scrapy
@@ -168,6 +165,8 @@ def crawl_child(spec: dict[str, Any]) -> None:
     if not spec.get("static"):
         settings["DOWNLOADER_MIDDLEWARES"] = {"pharox_integrations.scrapy.PharoxProxyMiddleware": 610}
         settings["PHAROX_LOGSTATS_INTERVAL"] = 0
+        if os.environ.get("PXI_BENCH_NO_FREEZE"):  # diagnosis: the collector walks the start-up heap
+            settings["PHAROX_GC_FREEZE"] = False
         if spec.get("entries_file"):
             settings["PHAROX_PROXIES_FILE"] = spec["entries_file"]
         else:

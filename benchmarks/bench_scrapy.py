@@ -10,6 +10,8 @@ default 8 per slot), no delays, cookies off:
 - static:             the spider sets `meta["proxy"]` to one entry; no proxy middleware;
 - pharox N:           `PharoxProxyMiddleware` with N entries in `PHAROX_PROXIES_FILE`
                       (memory storage, round robin, one download slot per entry);
+- pharox-unfrozen N:  the same with `PHAROX_GC_FREEZE` off: the middleware's own cost,
+                      without the collector's saving the others do not have;
 - rotating-proxies N: scrapy-rotating-proxies 0.6 (`pip install -e .[bench]`) with the same
                       file as `ROTATING_PROXY_LIST_PATH`.
 
@@ -93,9 +95,10 @@ def crawl(variant: str, target: str, entries_file: str, pages: int) -> dict[str,
         "ROBOTSTXT_OBEY": False,
         "LOG_LEVEL": "ERROR",
     }
-    if variant == "pharox":
+    if variant.startswith("pharox"):
         settings["DOWNLOADER_MIDDLEWARES"] = {"pharox_integrations.scrapy.PharoxProxyMiddleware": 610}
         settings.update(PHAROX_PROXIES_FILE=entries_file, PHAROX_LOGSTATS_INTERVAL=0)
+        settings["PHAROX_GC_FREEZE"] = variant == "pharox"
     elif variant == "rotating":
         settings["DOWNLOADER_MIDDLEWARES"] = {
             "rotating_proxies.middlewares.RotatingProxyMiddleware": 610,
@@ -189,10 +192,11 @@ def main() -> None:
     try:
         import rotating_proxies  # noqa: F401
 
-        rows = [("static", 1), ("pharox", 10), ("pharox", 10_000), ("rotating", 10), ("rotating", 10_000)]
+        rows = [("static", 1), ("pharox", 10), ("pharox", 10_000), ("pharox-unfrozen", 10)]
+        rows += [("rotating", 10), ("rotating", 10_000)]
     except ImportError:
         print("scrapy-rotating-proxies not installed (pip install -e '.[bench]'): its rows are skipped")
-        rows = [("static", 1), ("pharox", 10), ("pharox", 10_000)]
+        rows = [("static", 1), ("pharox", 10), ("pharox", 10_000), ("pharox-unfrozen", 10)]
     target_proc, target = start_target(_PAGE, "text/html")
     proxy_proc, port = start_proxy(args.proxy)
     runs: dict[tuple[str, int], list[tuple[float, float]]] = {row: [] for row in rows}
@@ -208,14 +212,19 @@ def main() -> None:
                     rate, cpu = run_child(variant, target, files[n], pages)
                     runs[(variant, n)].append((rate, cpu))
                     print(
-                        f"  run {repeat + 1}: {variant:<9} {n:>6} entries: {rate:4.0f} pages/s, {cpu:5.1f} ms CPU/100",
+                        f"  run {repeat + 1}: {variant:<15} {n:>6} entries: {rate:4.0f} pages/s, {cpu:5.1f} ms CPU/100",
                         flush=True,
                     )
     finally:
         for proc in (proxy_proc, target_proc):
             proc.kill()
             proc.wait()
-    names = {"static": "static meta['proxy']", "pharox": "PharoxProxyMiddleware", "rotating": "scrapy-rotating-proxies"}
+    names = {
+        "static": "static meta['proxy']",
+        "pharox": "PharoxProxyMiddleware",
+        "pharox-unfrozen": "  PHAROX_GC_FREEZE off",
+        "rotating": "scrapy-rotating-proxies",
+    }
     medians = {
         row: (statistics.median(r for r, _ in got), statistics.median(c for _, c in got)) for row, got in runs.items()
     }

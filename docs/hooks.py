@@ -42,6 +42,7 @@ SETTINGS_META: dict[str, tuple[str, str]] = {
     "PHAROX_BAN_POLICY": ("import path", "myproject.bans.CaptchaPolicy"),
     "PHAROX_LOGSTATS_INTERVAL": ("float (s)", "0"),
     "PHAROX_DOWNLOAD_SLOT": ("bool", "false"),
+    "PHAROX_GC_FREEZE": ("bool", "false"),
 }
 
 #: Keys whose default is not a field of `PharoxSettings` of the same name.

@@ -39,6 +39,7 @@ from .scrapy_support import (
     custom_verdict,
     failed,
     first_lease,
+    freeze_start_up,
     httpproxy_after,
     load_ban_policy,
     meta_filters,
@@ -46,6 +47,7 @@ from .scrapy_support import (
     off_reactor,
     slot_key,
     tunnel_status,
+    unfreeze_start_up,
 )
 from .settings import PharoxSettings
 
@@ -86,6 +88,8 @@ class PharoxProxyMiddleware:
         self.download_timeout = crawler.settings.getfloat("DOWNLOAD_TIMEOUT")
         self.close_on_exhausted = settings.on_exhausted == "close_spider"
         self.per_proxy_slot = settings.download_slot
+        self.gc_freeze = settings.gc_freeze
+        self._frozen = False  # this crawl counts in freeze_start_up's freeze
         self.ban_policy = load_ban_policy(settings.ban_policy, crawler)
         self.header_by_scrapy = httpproxy_after(crawler.settings, type(self))
         self._slots: dict[UUID, str] = {}  # proxy id -> its download slot name
@@ -327,6 +331,8 @@ class PharoxProxyMiddleware:
     # ------------------------------------------------------------------ life cycle
 
     def _spider_opened(self) -> None:
+        if self.gc_freeze:  # start-up is over: what exists now lives as long as the crawl
+            self._frozen = freeze_start_up()
         self._health_log.start()
         if self.orphan_sweep_seconds > 0:
             self._sweeper.start(self.orphan_sweep_seconds, now=False).addErrback(
@@ -376,6 +382,9 @@ class PharoxProxyMiddleware:
         await self._release_all("engine stop")
 
     async def _release_all(self, when: str) -> None:
+        if self._frozen:  # first, so a failing release below cannot keep the process frozen
+            self._frozen = False
+            unfreeze_start_up()
         left = list(self._held)
         await self._close_each(left)
         if left:

@@ -7,6 +7,7 @@ Kept apart from `scrapy.py` so the middleware reads as the life cycle of one req
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import re
 import time
@@ -283,3 +284,44 @@ def close_spider(crawler: Any, reason: str) -> None:
         deferred_from_coro(closer(reason=reason))
     elif crawler.spider is not None:  # Scrapy 2.13
         engine.close_spider(crawler.spider, reason)
+
+
+# ---------------------------------------------------------------- the collector
+
+_frozen_by_crawls = 0  # crawls of this process running under our freeze (all on the reactor thread)
+
+
+def freeze_start_up() -> bool:
+    """Keep every object alive now out of the garbage collector's walks until the crawl ends.
+
+    Why: a crawl keeps hundreds of requests, responses and callbacks alive across young
+    collections, so the collector runs a full collection every few hundred pages, and
+    each walks every object of the process: Scrapy's, Twisted's and, with a shared
+    storage, SQLAlchemy's and the database driver's, none of which ever becomes garbage.
+    Measured in `benchmarks/bench_fleet.py`: that walk was most of what a crawler on a
+    SQL storage paid over one on memory, and frozen, every crawl ran about a quarter
+    faster.  Garbage the crawl makes is collected as before; a cycle among objects that
+    existed at the freeze and is dropped during the crawl waits for `unfreeze_start_up`.
+    `gc.freeze()` moves lists, it walks nothing, so it costs the spider's opening nothing.
+
+    Crawls of one process share the freeze: the first to open takes it, the last to
+    close gives it back.  Returns False, and does nothing, when the process manages its
+    collector itself (collector disabled, or objects frozen by someone else).
+    """
+    global _frozen_by_crawls
+    if _frozen_by_crawls == 0:
+        if not gc.isenabled() or gc.get_freeze_count():
+            return False
+        gc.freeze()
+    _frozen_by_crawls += 1
+    return True
+
+
+def unfreeze_start_up() -> None:
+    """One crawl that `freeze_start_up` counted has ended; the last one unfreezes."""
+    global _frozen_by_crawls
+    if _frozen_by_crawls == 0:
+        return
+    _frozen_by_crawls -= 1
+    if _frozen_by_crawls == 0:
+        gc.unfreeze()

@@ -282,6 +282,10 @@ SETTINGS_DOC: dict[str, str] = {
     "PHAROX_BAN_POLICY": "Scrapy: import path of a ban policy object/class (response_is_ban / exception_is_ban)",
     "PHAROX_LOGSTATS_INTERVAL": "Scrapy: seconds between pool-health log lines (default 60; 0 disables)",
     "PHAROX_DOWNLOAD_SLOT": "Scrapy: give each proxy its own download slot (default true)",
+    "PHAROX_GC_FREEZE": (
+        "Scrapy: keep the objects that exist when the spider opens out of the garbage collector's walks "
+        "until it closes (default true)"
+    ),
 }
 
 
@@ -313,6 +317,7 @@ class PharoxSettings:
     ban_policy: str | None = None
     logstats_interval: float = 60.0
     download_slot: bool = True
+    gc_freeze: bool = True
     explicit: frozenset[str] = frozenset()
 
     @property
@@ -377,6 +382,7 @@ class PharoxSettings:
             ban_policy=reader.text("PHAROX_BAN_POLICY"),
             logstats_interval=reader.number("PHAROX_LOGSTATS_INTERVAL", 60.0, minimum=0.0),
             download_slot=reader.boolean("PHAROX_DOWNLOAD_SLOT", True),
+            gc_freeze=reader.boolean("PHAROX_GC_FREEZE", True),
             explicit=explicit,
         )
 

@@ -79,12 +79,13 @@ def test_settings_from_dict_with_every_type() -> None:
             "PHAROX_MAX_FAILURES": 5,
             "PHAROX_SLOW_MS": "1500",
             "PHAROX_DOWNLOAD_SLOT": "false",
+            "PHAROX_GC_FREEZE": "no",
         }
     )
     assert s.pool == "shop" and s.selector is SelectorStrategy.LEAST_USED
     assert s.filters is not None and s.filters.country == "US"
     assert (s.lease_seconds, s.acquire_timeout, s.max_failures, s.slow_ms) == (60, 2.5, 5, 1500)
-    assert s.ban_codes == (403, 429, 503) and s.download_slot is False
+    assert s.ban_codes == (403, 429, 503) and s.download_slot is False and s.gc_freeze is False
     assert [p.safe_url for p in s.proxies] == ["http://a:1", "http://b:2"]
 
 
@@ -135,6 +136,7 @@ def test_the_old_name_of_max_moves_warns_and_still_works() -> None:
         ({"PHAROX_PROXIES": ["a:1"], "PHAROX_PROXIES_FILE": "f"}, r"both set"),
         ({"PHAROX_PROXIES_FILE": "/nonexistent/list.txt"}, r"PHAROX_PROXIES_FILE='/nonexistent/list.txt': cannot read"),
         ({"PHAROX_DOWNLOAD_SLOT": "maybe"}, r"expected true or false"),
+        ({"PHAROX_GC_FREEZE": "sometimes"}, r"PHAROX_GC_FREEZE='sometimes': expected true or false"),
     ],
 )
 def test_bad_settings_name_key_value_and_expectation(settings: dict[str, object], message: str) -> None:

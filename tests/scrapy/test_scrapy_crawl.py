@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import gc
+import weakref
 from collections import Counter
 from typing import Any
 
@@ -19,6 +21,7 @@ from servers import TargetServer
 from pharox_integrations import HealthPolicy, LeaseBroker
 from pharox_integrations.exchange import Exchange
 from pharox_integrations.scrapy import PharoxProxyMiddleware
+from pharox_integrations.scrapy_support import freeze_start_up, unfreeze_start_up
 
 pytestmark = pytest.mark.filterwarnings("error::scrapy.exceptions.ScrapyDeprecationWarning")
 
@@ -475,3 +478,92 @@ async def test_scrapys_retry_middleware_still_handles_target_errors(
     assert echo(spider.responses[0])["peer_ip"] == by_port[order[2]].outbound_ip
     assert all(p.status == ProxyStatus.ACTIVE for p in broker.proxies())
     assert_no_leases(broker)
+
+
+class _Cycle:
+    """A reference cycle: only the collector can free it."""
+
+    def __init__(self) -> None:
+        self.me = self
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_crawl_keeps_its_start_up_objects_out_of_the_collector_until_it_closes(
+    crawl: Crawl, target: Any, proxy_trio: Any, brokers: list[LeaseBroker]
+) -> None:
+    assert gc.get_freeze_count() == 0
+    before = _Cycle()  # exists when the spider opens
+    before_ref = weakref.ref(before)
+    seen: dict[str, Any] = {}
+
+    class Watching(Pages):
+        def parse(self, response: Response) -> Any:
+            if len(self.items) == 5:
+                nonlocal before
+                before = None  # type: ignore[assignment]  # now garbage, in a cycle
+                during = _Cycle()
+                during_ref = weakref.ref(during)
+                del during
+                gc.collect()
+                seen.update(frozen=gc.get_freeze_count(), before=before_ref() is not None, during=during_ref())
+            yield from super().parse(response)
+
+    broker = LeaseBroker.from_proxies([p.url for p in proxy_trio])
+    brokers.append(broker)
+    crawler = await crawl(Watching, {"PHAROX_BROKER": scrapy_brokers.use(broker)}, base=target.url, n=30)
+    assert isinstance(crawler.spider, Pages) and len(crawler.spider.items) == 30
+    assert seen["frozen"] > 0
+    assert seen["before"] is True  # frozen: the collector did not walk it during the crawl
+    assert seen["during"] is None  # what the crawl makes is collected as before
+    assert gc.get_freeze_count() == 0  # given back at close
+    gc.collect()
+    assert before_ref() is None
+
+
+@pytest_twisted.ensureDeferred
+async def test_gc_freeze_off_or_a_process_that_froze_itself_is_left_alone(
+    crawl: Crawl, target: Any, proxy_trio: Any, brokers: list[LeaseBroker]
+) -> None:
+    counts: list[int] = []
+
+    class Counting(Pages):
+        def parse(self, response: Response) -> Any:
+            counts.append(gc.get_freeze_count())
+            yield from super().parse(response)
+
+    broker = LeaseBroker.from_proxies([p.url for p in proxy_trio])
+    brokers.append(broker)
+    settings = {"PHAROX_BROKER": scrapy_brokers.use(broker)}
+    await crawl(Counting, {**settings, "PHAROX_GC_FREEZE": "false"}, base=target.url, n=10)
+    assert counts and set(counts) == {0}
+    counts.clear()
+    gc.freeze()  # the process manages its collector itself
+    try:
+        own = gc.get_freeze_count()
+        await crawl(Counting, settings, base=target.url, n=10)
+        # Not frozen further (that would add the crawl's thousands of objects; frozen
+        # objects freed by their reference counts leave), and not unfrozen at close.
+        assert counts and max(counts) <= own
+        assert 0 < gc.get_freeze_count() <= own
+    finally:
+        gc.unfreeze()
+
+
+def test_crawls_of_one_process_share_the_freeze_and_the_last_gives_it_back() -> None:
+    assert gc.get_freeze_count() == 0
+    try:
+        assert freeze_start_up() and freeze_start_up()  # two crawls open
+        frozen = gc.get_freeze_count()
+        assert frozen > 0
+        unfreeze_start_up()  # the first closes
+        assert gc.get_freeze_count() == frozen
+        unfreeze_start_up()  # the last closes
+        assert gc.get_freeze_count() == 0
+        unfreeze_start_up()  # one close too many changes nothing
+        assert gc.get_freeze_count() == 0
+        gc.disable()
+        assert not freeze_start_up()  # the process runs its collector itself
+        assert gc.get_freeze_count() == 0
+    finally:
+        gc.enable()
+        gc.unfreeze()
