@@ -125,7 +125,16 @@ class LeaseBlock:
         self._next_renew = now + lease_seconds / 3
         self._next_status = now + status_seconds
         self.counters = dict.fromkeys(
-            ("slots_taken", "storage_takes", "slots_lent", "slots_lent_inline", "slots_released", "release_batches"), 0
+            (
+                "slots_taken",
+                "storage_takes",
+                "slots_lent",
+                "slots_lent_inline",
+                "slots_released",
+                "release_batches",
+                "refused",  # storage leases refused: the pool counts as contended for a while
+            ),
+            0,
         )
 
     # ------------------------------------------------------------------ requests
@@ -222,6 +231,7 @@ class LeaseBlock:
                 )
                 if lease is None:
                     self._contended_until = time.monotonic() + _CONTENDED_SECONDS
+                    self.counters["refused"] += 1
                     if not grow:
                         return None
                     with self._lock:
