@@ -553,10 +553,9 @@ def test_crawls_of_one_process_share_the_freeze_and_the_last_gives_it_back() -> 
     assert gc.get_freeze_count() == 0
     try:
         assert freeze_start_up() and freeze_start_up()  # two crawls open
-        frozen = gc.get_freeze_count()
-        assert frozen > 0
-        unfreeze_start_up()  # the first closes
-        assert gc.get_freeze_count() == frozen
+        assert gc.get_freeze_count() > 0
+        unfreeze_start_up()  # the first closes: still frozen (the count drops only by the
+        assert gc.get_freeze_count() > 0  # frozen objects freed by their reference counts)
         unfreeze_start_up()  # the last closes
         assert gc.get_freeze_count() == 0
         unfreeze_start_up()  # one close too many changes nothing
